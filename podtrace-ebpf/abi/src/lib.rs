@@ -1,0 +1,142 @@
+//! The ABI between podtrace's eBPF programs and its userspace: map keys/values and the event
+//! record, all `#[repr(C)]` and free of padding holes the verifier or userspace could trip on.
+//!
+//! Byte order: IPv4 addresses are kept exactly as they are on the wire (network order, read as
+//! a native `u32`), so `u32::from_ne_bytes(ip.octets())` in userspace gives the value to store.
+//! Ports are host order.
+#![no_std]
+
+/// Where flannel's VXLAN carries pod traffic (Linux's default is 4789; flannel uses 8472).
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+
+/// Event kinds.
+pub const KIND_TC: u8 = 1;
+pub const KIND_DROP: u8 = 2;
+pub const KIND_FIB: u8 = 3;
+pub const KIND_XMIT: u8 = 4;
+
+/// tc hook direction.
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+
+/// `Filter::flags`: the filter is configured (without it every program stays silent).
+pub const FILTER_ENABLED: u8 = 1;
+/// `Filter::flags`: emit an event for every matched packet (not only count it).
+pub const FILTER_EMIT: u8 = 2;
+
+/// `Counters` slots (a per-CPU array of u64).
+pub const CNT_TC_SEEN: u32 = 0;
+pub const CNT_TC_MATCHED: u32 = 1;
+pub const CNT_DROP_MATCHED: u32 = 2;
+pub const CNT_FIB_MATCHED: u32 = 3;
+pub const CNT_XMIT_MATCHED: u32 = 4;
+/// Events that did not fit in the ring buffer (lost before userspace could read them).
+pub const CNT_LOST: u32 = 5;
+pub const CNT_SLOTS: u32 = 8;
+
+/// Per-hop packet counters (`HOP_STATS`, per-CPU, keyed by hop id).
+pub const MAX_HOPS: u32 = 256;
+
+/// What to trace: packets between `addr_a` and `addr_b` (either direction), optionally
+/// narrowed to one protocol and one port. Applies to the inner packet of a VXLAN frame.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// The pod's address (network order); 0 matches any.
+    pub addr_a: u32,
+    /// The peer's address (network order); 0 matches any.
+    pub addr_b: u32,
+    /// Source or destination port (host order); 0 matches any.
+    pub port: u16,
+    /// IP protocol number; 0 matches any.
+    pub proto: u8,
+    /// `FILTER_*` bits.
+    pub flags: u8,
+    /// UDP destination port of VXLAN on the underlay (host order).
+    pub vxlan_port: u16,
+    pub _pad: u16,
+}
+
+/// Identity of a hop as the tc programs see it: the interface and its network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HopKey {
+    pub netns_cookie: u64,
+    pub ifindex: u32,
+    pub _pad: u32,
+}
+
+/// Kernel structure offsets for the tracing programs, read by userspace from the running
+/// kernel's BTF (so one object works across kernel builds without CO-RE).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub skb_head: u32,
+    pub skb_len: u32,
+    pub skb_network_header: u32,
+    pub skb_dev: u32,
+    pub dev_ifindex: u32,
+    pub dev_nd_net: u32,
+    pub net_cookie: u32,
+    /// Non-zero once userspace filled the offsets in.
+    pub valid: u32,
+}
+
+/// The packet a probe saw, reduced to what correlation needs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowInfo {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// 1 when the packet was found inside VXLAN (then `outer_*` are the VTEPs).
+    pub encap: u8,
+    /// IPv4 identification field.
+    pub ip_id: u16,
+    /// IPv4 total length (of the inner packet when encapsulated).
+    pub ip_len: u16,
+    /// TCP flags, or the ICMP type.
+    pub flags: u8,
+    pub _pad: u8,
+    /// TCP sequence number, or ICMP (id << 16 | sequence).
+    pub seq: u32,
+    pub outer_saddr: u32,
+    pub outer_daddr: u32,
+}
+
+/// One record in the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()`: monotonic, the same clock in every namespace.
+    pub ts_ns: u64,
+    pub netns_cookie: u64,
+    pub kind: u8,
+    pub dir: u8,
+    pub _pad: u16,
+    /// The hop id userspace gave this (netns, ifindex), or `u32::MAX` when unknown.
+    pub hop_id: u32,
+    pub ifindex: u32,
+    /// `skb->len` at the probe.
+    pub skb_len: u32,
+    /// Drop reason (`enum skb_drop_reason`) for drops; FIB lookup error for FIB events.
+    pub reason: u32,
+    /// FIB: table id; xmit: return code.
+    pub aux: u32,
+    /// FIB: output ifindex.
+    pub aux2: u32,
+    /// FIB: gateway (network order).
+    pub aux3: u32,
+    pub flow: FlowInfo,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern is valid.
+    unsafe impl aya::Pod for super::Filter {}
+    unsafe impl aya::Pod for super::HopKey {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::Event {}
+}

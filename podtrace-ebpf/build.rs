@@ -1,0 +1,9 @@
+use which::which;
+
+/// Rebuild the eBPF object when bpf-linker changes (a new bpf-linker may produce a different
+/// object from the same source).
+fn main() {
+    if let Ok(bpf_linker) = which("bpf-linker") {
+        println!("cargo:rerun-if-changed={}", bpf_linker.display());
+    }
+}

@@ -1,0 +1,77 @@
+//! The hop probes: tc programs on every interface of a pod's path.
+use aya_ebpf::{
+    bindings::TC_ACT_UNSPEC, helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext,
+};
+use podtrace_abi::{
+    Event, CNT_TC_MATCHED, CNT_TC_SEEN, DIR_EGRESS, DIR_INGRESS, FILTER_EMIT, KIND_TC,
+};
+
+use crate::{
+    maps::{bump, bump_hop, emit, filter, hop_id},
+    packet::{matches, parse_eth, Reader},
+};
+
+/// The cookie of the network namespace this copy of the program serves, set by userspace at
+/// load time. tc programs cannot learn their device's namespace themselves
+/// (`bpf_get_netns_cookie` answers for the skb's *socket*, which veth keeps across namespaces),
+/// so userspace loads one copy per namespace and the copies share every map.
+#[unsafe(no_mangle)]
+static NETNS_COOKIE: u64 = 0;
+
+struct SkbReader<'a>(&'a TcContext);
+
+impl Reader for SkbReader<'_> {
+    #[inline(always)]
+    fn load<T: Copy>(&self, offset: usize) -> Option<T> {
+        self.0.load::<T>(offset).ok()
+    }
+}
+
+/// Ingress hook. Returns `TC_ACT_UNSPEC` (== `TCX_NEXT`): the packet goes on unchanged to the
+/// next program or the default action.
+#[classifier]
+pub fn hop_ingress(ctx: TcContext) -> i32 {
+    track(&ctx, DIR_INGRESS);
+    TC_ACT_UNSPEC
+}
+
+/// Egress hook; see [`hop_ingress`].
+#[classifier]
+pub fn hop_egress(ctx: TcContext) -> i32 {
+    track(&ctx, DIR_EGRESS);
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn track(ctx: &TcContext, dir: u8) {
+    bump(CNT_TC_SEEN);
+    let Some(f) = filter() else { return };
+    let Some(flow) = parse_eth(&SkbReader(ctx), 0, f.vxlan_port) else {
+        return;
+    };
+    if !matches(f, &flow) {
+        return;
+    }
+    bump(CNT_TC_MATCHED);
+    // SAFETY: a plain read of a global; volatile so the load-time value is used.
+    let netns_cookie = unsafe { core::ptr::read_volatile(&NETNS_COOKIE) };
+    // SAFETY: `ctx.skb.skb` is the kernel's `__sk_buff`, readable for the program's lifetime.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let hop = hop_id(netns_cookie, ifindex);
+    bump_hop(hop, dir);
+    if f.flags & FILTER_EMIT == 0 {
+        return;
+    }
+    let ev = Event {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        netns_cookie,
+        kind: KIND_TC,
+        dir,
+        hop_id: hop,
+        ifindex,
+        skb_len: ctx.len(),
+        flow,
+        ..Event::default()
+    };
+    emit(&ev);
+}

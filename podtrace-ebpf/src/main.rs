@@ -1,0 +1,36 @@
+//! podtrace's eBPF programs. One data path, as in pwru: filter → track → emit.
+//!
+//! - `hop_ingress` / `hop_egress` (tc, TCX or clsact): on every interface of the pod's path.
+//!   They parse the packet (looking inside VXLAN), apply the `FILTER`, count the packet for its
+//!   hop in `HOP_STATS` and emit an [`Event`] to `EVENTS`. They never change or drop a packet
+//!   and always hand it on to the next program (`TC_ACT_UNSPEC` / `TCX_NEXT`).
+//! - `drop_kfree_skb` (tp_btf `skb:kfree_skb`): a filtered packet freed with a drop reason.
+//!
+//! Maps and the event layout are in `podtrace-abi`, shared with userspace.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod hop;
+#[cfg(target_arch = "bpf")]
+mod kernel;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod packet;
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+/// Built for the host (clippy, `cargo check --workspace`) this crate is empty; the programs
+/// exist only for the BPF target, which podtrace's build.rs builds.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

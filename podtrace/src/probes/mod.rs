@@ -1,0 +1,472 @@
+//! podtrace's eBPF programs from userspace: load the embedded object, configure its filter,
+//! attach the tc hop probes on interfaces in any namespace and the kernel tracing probes, and
+//! read what they counted and emitted.
+//!
+//! Attachment rules: tc programs go through TCX links (kernel ≥ 6.6) placed first in the
+//! chain, so a CNI's own programs keep running after ours; older kernels get a clsact filter.
+//! Both are detached when [`Probes`] is dropped (TCX links die with their fd, even on
+//! SIGKILL; clsact filters are removed explicitly inside their namespace).
+pub mod btf;
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        links::LinkOrder,
+        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcAttachType},
+        BtfTracePoint, SchedClassifier,
+    },
+    util::KernelVersion,
+    Ebpf, EbpfLoader,
+};
+use podtrace_abi::{
+    Event, Filter, HopKey, KernelOffsets, CNT_SLOTS, DEFAULT_VXLAN_PORT, DIR_EGRESS, DIR_INGRESS,
+    FILTER_EMIT, FILTER_ENABLED,
+};
+
+use crate::netns;
+
+/// The eBPF object built by build.rs from ../podtrace-ebpf.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podtrace"));
+
+/// How a tc hop probe is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcMode {
+    /// A TCX link (kernel ≥ 6.6), first in the interface's chain.
+    Tcx,
+    /// A clsact qdisc filter through netlink (older kernels).
+    Clsact,
+}
+
+/// An interface to put hop probes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HopTarget {
+    /// The interface's namespace; `None` for the caller's own.
+    pub netns: Option<PathBuf>,
+    pub ifname: String,
+    /// The id events and counters carry for this hop (< `podtrace_abi::MAX_HOPS`).
+    pub hop_id: u32,
+}
+
+/// Packets a hop's probes matched, per direction.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct HopCounts {
+    pub ingress: u64,
+    pub egress: u64,
+}
+
+/// Global counters (`CNT_*` in podtrace-abi).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    pub tc_seen: u64,
+    pub tc_matched: u64,
+    pub drops_matched: u64,
+    pub fib_matched: u64,
+    pub xmit_matched: u64,
+    /// Events that found the ring buffer full.
+    pub lost: u64,
+}
+
+/// What to trace, in userspace terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilterSpec {
+    pub a: Option<Ipv4Addr>,
+    pub b: Option<Ipv4Addr>,
+    pub proto: Option<u8>,
+    pub port: Option<u16>,
+    /// Emit an event per matched packet (otherwise only count).
+    pub emit: bool,
+    pub vxlan_port: u16,
+}
+
+impl Default for FilterSpec {
+    fn default() -> Self {
+        Self {
+            a: None,
+            b: None,
+            proto: None,
+            port: None,
+            emit: true,
+            vxlan_port: DEFAULT_VXLAN_PORT,
+        }
+    }
+}
+
+impl FilterSpec {
+    fn to_abi(self) -> Filter {
+        let addr = |a: Option<Ipv4Addr>| a.map(|a| u32::from_ne_bytes(a.octets())).unwrap_or(0);
+        Filter {
+            addr_a: addr(self.a),
+            addr_b: addr(self.b),
+            port: self.port.unwrap_or(0),
+            proto: self.proto.unwrap_or(0),
+            flags: FILTER_ENABLED | if self.emit { FILTER_EMIT } else { 0 },
+            vxlan_port: self.vxlan_port,
+            _pad: 0,
+        }
+    }
+}
+
+/// Names of the kernel's drop reasons (`enum skb_drop_reason`), read from BTF.
+#[derive(Debug, Default, Clone)]
+pub struct DropReasons(HashMap<u32, String>);
+
+impl DropReasons {
+    fn from_btf(btf: &btf::Btf) -> Self {
+        let mut map = HashMap::new();
+        for (name, value) in btf.enum_values("skb_drop_reason").unwrap_or_default() {
+            let short = name
+                .strip_prefix("SKB_DROP_REASON_")
+                .or_else(|| name.strip_prefix("SKB_"))
+                .unwrap_or(&name);
+            map.insert(value as u32, short.to_owned());
+        }
+        Self(map)
+    }
+
+    /// `NETFILTER_DROP` for the kernel's value of `SKB_DROP_REASON_NETFILTER_DROP`.
+    pub fn name(&self, reason: u32) -> String {
+        self.0
+            .get(&reason)
+            .cloned()
+            .unwrap_or_else(|| format!("reason {reason}"))
+    }
+
+    /// The kernel's value for a reason name (without the `SKB_DROP_REASON_` prefix).
+    pub fn value(&self, name: &str) -> Option<u32> {
+        self.0.iter().find(|(_, n)| *n == name).map(|(v, _)| *v)
+    }
+}
+
+const PROG_INGRESS: &str = "hop_ingress";
+const PROG_EGRESS: &str = "hop_egress";
+const PROG_KFREE_SKB: &str = "drop_kfree_skb";
+
+/// The maps every copy of the object shares with the primary one.
+const SHARED_MAPS: [&str; 6] = ["FILTER", "HOPS", "HOP_STATS", "COUNTERS", "OFFSETS", "EVENTS"];
+
+/// Where bpffs is (or gets) mounted; pins live there only while a copy loads.
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// The tc programs for one network namespace: a copy of the object whose `NETNS_COOKIE`
+/// is that namespace's, sharing the primary object's maps.
+struct NsPrograms {
+    netns: Option<PathBuf>,
+    bpf: Ebpf,
+}
+
+struct NlAttachment {
+    ns_index: usize,
+    program: &'static str,
+    link: SchedClassifierLinkId,
+}
+
+/// The loaded programs and maps. Dropping it detaches everything.
+pub struct Probes {
+    /// Owns the maps and the tracing programs.
+    bpf: Ebpf,
+    /// One copy per namespace with hops in it.
+    per_ns: Vec<NsPrograms>,
+    reasons: DropReasons,
+    nl_links: Vec<NlAttachment>,
+    hops: Vec<HopTarget>,
+}
+
+/// Reads the offsets the tracing programs need from the kernel's BTF.
+fn kernel_offsets(btf: &btf::Btf) -> Result<KernelOffsets> {
+    Ok(KernelOffsets {
+        skb_head: btf.member_offset("sk_buff", "head")?,
+        skb_len: btf.member_offset("sk_buff", "len")?,
+        skb_network_header: btf.member_offset("sk_buff", "network_header")?,
+        skb_dev: btf.member_offset("sk_buff", "dev")?,
+        dev_ifindex: btf.member_offset("net_device", "ifindex")?,
+        dev_nd_net: btf.member_offset("net_device", "nd_net")?,
+        net_cookie: btf.member_offset("net", "net_cookie")?,
+        valid: 1,
+    })
+}
+
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid struct. Kernels ≥ 5.11 account BPF memory to the
+    // cgroup and ignore this; older ones need it.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}
+
+impl Probes {
+    /// Loads the embedded eBPF object (nothing is attached yet; the filter is off).
+    pub fn load() -> Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            bail!("this podtrace was built without its eBPF programs (PODTRACE_SKIP_EBPF); rebuild without it");
+        }
+        raise_memlock();
+        let kbtf = btf::Btf::from_sys_fs()?;
+        let offsets = kernel_offsets(&kbtf)?;
+        let reasons = DropReasons::from_btf(&kbtf);
+        let bpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .context("loading podtrace's eBPF object")?;
+        let mut probes = Self {
+            bpf,
+            per_ns: Vec::new(),
+            reasons,
+            nl_links: Vec::new(),
+            hops: Vec::new(),
+        };
+        let mut off: Array<_, KernelOffsets> = Array::try_from(probes.map_mut("OFFSETS")?)?;
+        off.set(0, offsets, 0)?;
+        Ok(probes)
+    }
+
+    /// The index in `per_ns` of the copy serving `ns`, loading it on first use.
+    fn ns_programs(&mut self, ns: Option<&Path>) -> Result<usize> {
+        if let Some(i) = self.per_ns.iter().position(|p| p.netns.as_deref() == ns) {
+            return Ok(i);
+        }
+        let cookie = netns::cookie_of(ns)?;
+        ensure_bpffs()?;
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = Path::new(BPFFS).join(format!(
+            "podtrace-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let loaded = (|| -> Result<Ebpf> {
+            let mut loader = EbpfLoader::new();
+            loader.override_global("NETNS_COOKIE", &cookie, true);
+            let paths: Vec<(&str, PathBuf)> =
+                SHARED_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
+            for (name, path) in &paths {
+                self.map(name)?
+                    .pin(path)
+                    .with_context(|| format!("pinning {name} at {}", path.display()))?;
+                loader.map_pin_path(name, path.as_path());
+            }
+            Ok(loader.load(EBPF_OBJECT)?)
+        })();
+        // The pins only carried the maps over; the fds keep them alive.
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut bpf = loaded.context("loading podtrace's tc programs")?;
+        for name in [PROG_INGRESS, PROG_EGRESS] {
+            let prog: &mut SchedClassifier = bpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("eBPF program {name} missing from the object"))?
+                .try_into()?;
+            prog.load().with_context(|| format!("loading {name}"))?;
+        }
+        self.per_ns.push(NsPrograms {
+            netns: ns.map(Path::to_path_buf),
+            bpf,
+        });
+        Ok(self.per_ns.len() - 1)
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.bpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("eBPF map {name} missing from the object"))
+    }
+
+    fn map(&self, name: &str) -> Result<&aya::maps::Map> {
+        self.bpf
+            .map(name)
+            .ok_or_else(|| anyhow!("eBPF map {name} missing from the object"))
+    }
+
+    fn classifier(&mut self, ns_index: usize, name: &str) -> Result<&mut SchedClassifier> {
+        let prog = self.per_ns[ns_index]
+            .bpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("eBPF program {name} missing from the object"))?;
+        Ok(prog.try_into()?)
+    }
+
+    /// The drop reason names of the running kernel.
+    pub fn drop_reasons(&self) -> &DropReasons {
+        &self.reasons
+    }
+
+    /// Sets (or replaces) what the programs trace. Until called, every program stays silent.
+    pub fn set_filter(&mut self, spec: FilterSpec) -> Result<()> {
+        let mut filter: Array<_, Filter> = Array::try_from(self.map_mut("FILTER")?)?;
+        filter.set(0, spec.to_abi(), 0)?;
+        Ok(())
+    }
+
+    /// Puts the ingress and egress hop probes on an interface. The interface is found by name
+    /// inside its namespace; a missing one is an error naming it.
+    pub fn attach_hop(&mut self, target: &HopTarget) -> Result<TcMode> {
+        if target.hop_id >= podtrace_abi::MAX_HOPS {
+            bail!("hop id {} out of range", target.hop_id);
+        }
+        let ns = target.netns.as_deref();
+        let ns_index = self.ns_programs(ns).with_context(|| where_(target))?;
+        let cookie = netns::cookie_of(ns)?;
+        let ifname = target.ifname.as_str();
+        let ifindex = netns::run_in(ns, || {
+            nix::net::if_::if_nametoindex(ifname)
+                .with_context(|| format!("interface {ifname} not found"))
+        })
+        .with_context(|| where_(target))?;
+        let mut hops: BpfHashMap<_, HopKey, u32> = BpfHashMap::try_from(self.map_mut("HOPS")?)?;
+        hops.insert(
+            HopKey {
+                netns_cookie: cookie,
+                ifindex,
+                _pad: 0,
+            },
+            target.hop_id,
+            0,
+        )?;
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        for (name, attach_type) in [
+            (PROG_INGRESS, TcAttachType::Ingress),
+            (PROG_EGRESS, TcAttachType::Egress),
+        ] {
+            let prog = self.classifier(ns_index, name)?;
+            let link = netns::run_in(ns, || {
+                if tcx {
+                    Ok(prog.attach_with_options(
+                        ifname,
+                        attach_type,
+                        TcAttachOptions::TcxOrder(LinkOrder::first()),
+                    )?)
+                } else {
+                    // EEXIST: a clsact qdisc is there already (a CNI's, or ours).
+                    let _ = tc::qdisc_add_clsact(ifname);
+                    Ok(prog.attach_with_options(
+                        ifname,
+                        attach_type,
+                        TcAttachOptions::Netlink(NlOptions::default()),
+                    )?)
+                }
+            })
+            .with_context(|| format!("attaching {name} to {}", where_(target)))?;
+            if !tcx {
+                self.nl_links.push(NlAttachment {
+                    ns_index,
+                    program: name,
+                    link,
+                });
+            }
+        }
+        self.hops.push(target.clone());
+        Ok(if tcx { TcMode::Tcx } else { TcMode::Clsact })
+    }
+
+    /// The hops attached so far.
+    pub fn hops(&self) -> &[HopTarget] {
+        &self.hops
+    }
+
+    /// Attaches the drop probe (`skb:kfree_skb` through tp_btf).
+    pub fn attach_drops(&mut self) -> Result<()> {
+        let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        let prog: &mut BtfTracePoint = self
+            .bpf
+            .program_mut(PROG_KFREE_SKB)
+            .ok_or_else(|| anyhow!("eBPF program {PROG_KFREE_SKB} missing"))?
+            .try_into()?;
+        prog.load("kfree_skb", &btf)
+            .context("loading the tp_btf skb:kfree_skb program")?;
+        prog.attach().context("attaching tp_btf skb:kfree_skb")?;
+        Ok(())
+    }
+
+    /// Packets the hop's probes matched so far.
+    pub fn hop_counts(&self, hop_id: u32) -> Result<HopCounts> {
+        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map("HOP_STATS")?)?;
+        let sum = |dir: u8| -> Result<u64> {
+            Ok(stats
+                .get(&(hop_id * 2 + dir as u32), 0)?
+                .iter()
+                .sum::<u64>())
+        };
+        Ok(HopCounts {
+            ingress: sum(DIR_INGRESS)?,
+            egress: sum(DIR_EGRESS)?,
+        })
+    }
+
+    /// The global counters.
+    pub fn counters(&self) -> Result<Counters> {
+        let cnt: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map("COUNTERS")?)?;
+        let mut v = [0u64; CNT_SLOTS as usize];
+        for (i, slot) in v.iter_mut().enumerate() {
+            *slot = cnt.get(&(i as u32), 0)?.iter().sum();
+        }
+        Ok(Counters {
+            tc_seen: v[podtrace_abi::CNT_TC_SEEN as usize],
+            tc_matched: v[podtrace_abi::CNT_TC_MATCHED as usize],
+            drops_matched: v[podtrace_abi::CNT_DROP_MATCHED as usize],
+            fib_matched: v[podtrace_abi::CNT_FIB_MATCHED as usize],
+            xmit_matched: v[podtrace_abi::CNT_XMIT_MATCHED as usize],
+            lost: v[podtrace_abi::CNT_LOST as usize],
+        })
+    }
+
+    /// Takes the event ring buffer (once); read it with [`read_event`].
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .bpf
+            .take_map("EVENTS")
+            .ok_or_else(|| anyhow!("the event ring buffer was taken already"))?;
+        Ok(RingBuf::try_from(map)?)
+    }
+}
+
+/// Decodes one ring buffer record.
+pub fn read_event(bytes: &[u8]) -> Option<Event> {
+    if bytes.len() < std::mem::size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: length checked; Event is plain old data, read unaligned.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
+}
+
+/// Mounts bpffs on /sys/fs/bpf unless one is there (as bpftool does).
+fn ensure_bpffs() -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    if nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC) {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        BPFFS,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        Some("mode=0700"),
+    )
+    .with_context(|| format!("mounting bpffs on {BPFFS}"))
+}
+
+fn where_(t: &HopTarget) -> String {
+    match &t.netns {
+        Some(ns) => format!("{} in {}", t.ifname, ns.display()),
+        None => t.ifname.clone(),
+    }
+}
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        // clsact filters outlive us unless removed, and must be removed from inside their
+        // namespace (netlink acts on the caller's namespace).
+        for att in std::mem::take(&mut self.nl_links) {
+            let ns = self.per_ns[att.ns_index].netns.clone();
+            let Ok(prog) = self.classifier(att.ns_index, att.program) else {
+                continue;
+            };
+            let _ = netns::run_in(ns.as_deref(), || Ok(prog.detach(att.link)?));
+        }
+    }
+}

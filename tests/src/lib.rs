@@ -1,0 +1,141 @@
+//! Helpers for podtrace's privileged integration tests: network namespaces with Drop guards,
+//! unique name prefixes so tests run side by side, and small command runners.
+//!
+//! Every guard cleans up in `Drop`, so a failing or panicking test leaves nothing behind.
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+/// Fails the test at once, with a clear message, unless it runs as root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "podtrace's integration tests load eBPF programs and create namespaces: run them as root \
+         (cargo xtask test)"
+    );
+}
+
+/// A short name prefix unique to this process and call, e.g. `t4821a-`.
+pub fn unique_prefix(tag: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tag: String = tag.chars().filter(char::is_ascii_alphanumeric).take(4).collect();
+    format!("t{}{}{tag}-", std::process::id() % 100_000, n)
+}
+
+/// A named network namespace, deleted on drop.
+pub struct Netns {
+    name: String,
+    path: PathBuf,
+}
+
+impl Netns {
+    /// Creates `/run/netns/{name}`.
+    pub fn new(name: &str) -> Self {
+        require_root();
+        let path = podtrace::netns::create(name)
+            .unwrap_or_else(|e| panic!("creating netns {name}: {e:#}"));
+        let ns = Self {
+            name: name.to_owned(),
+            path,
+        };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `ip -n NAME ARGS...` and panics if it fails (test fixtures only; podtrace itself
+    /// never runs `ip`).
+    pub fn ip(&self, args: &[&str]) {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        run_ok("ip", &full);
+    }
+
+    /// Runs a command inside the namespace and returns its output (whatever its status).
+    pub fn exec(&self, cmd: &[&str]) -> Output {
+        let mut full = vec!["netns", "exec", self.name.as_str()];
+        full.extend_from_slice(cmd);
+        Command::new("ip")
+            .args(&full)
+            .output()
+            .unwrap_or_else(|e| panic!("running {cmd:?} in {}: {e}", self.name))
+    }
+
+    /// Like [`Netns::exec`], panicking unless the command succeeds.
+    pub fn exec_ok(&self, cmd: &[&str]) -> Output {
+        let out = self.exec(cmd);
+        assert!(
+            out.status.success(),
+            "{cmd:?} in {} failed: {}{}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = podtrace::netns::delete(&self.name) {
+            eprintln!("cleanup: deleting netns {}: {e:#}", self.name);
+        }
+    }
+}
+
+/// Two namespaces joined by a veth pair: `a` holds `veth-a` with 10.99.N.1/24 and `b` holds
+/// `veth-b` with 10.99.N.2/24. Tests running side by side pick different N, so that probes
+/// that see the whole kernel (the drop probe) do not see each other's packets.
+pub struct VethPair {
+    pub a: Netns,
+    pub b: Netns,
+    pub a_ip: Ipv4Addr,
+    pub b_ip: Ipv4Addr,
+}
+
+impl VethPair {
+    pub const A_IF: &'static str = "veth-a";
+    pub const B_IF: &'static str = "veth-b";
+
+    pub fn new(prefix: &str, subnet: u8) -> Self {
+        let a_ip = Ipv4Addr::new(10, 99, subnet, 1);
+        let b_ip = Ipv4Addr::new(10, 99, subnet, 2);
+        let a = Netns::new(&format!("{prefix}a"));
+        let b = Netns::new(&format!("{prefix}b"));
+        a.ip(&[
+            "link", "add", Self::A_IF, "type", "veth", "peer", "name", Self::B_IF, "netns",
+            b.name(),
+        ]);
+        a.ip(&["addr", "add", &format!("{a_ip}/24"), "dev", Self::A_IF]);
+        b.ip(&["addr", "add", &format!("{b_ip}/24"), "dev", Self::B_IF]);
+        a.ip(&["link", "set", Self::A_IF, "up"]);
+        b.ip(&["link", "set", Self::B_IF, "up"]);
+        Self { a, b, a_ip, b_ip }
+    }
+}
+
+/// Runs a program and panics unless it succeeds.
+pub fn run_ok(program: &str, args: &[&str]) -> Output {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program} {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
