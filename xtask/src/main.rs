@@ -1,1 +1,98 @@
-fn main(){}
+//! `cargo xtask`: the project's tasks.
+//!
+//! - `setup`: install what a fresh Debian 12 machine lacks to build and test podtrace
+//!   (idempotent; a no-op in seconds when everything is there).
+//! - `test`: setup, then rustfmt, clippy (-D warnings), and every test, the privileged ones
+//!   included (run as root).
+//! - `demo`: setup, build, then run the demo.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+mod setup;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the Debian packages, nightly rust-src and bpf-linker the build and tests need.
+    Setup,
+    /// Set up, then check formatting and lints and run every test (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run the demo (needs root).
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Test { args } => test(&args),
+        Task::Demo => demo(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (xtask/..).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace root, streaming its output; fails unless it succeeds.
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    eprintln!("xtask: $ {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("`{program} {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    setup::run()?;
+    run("cargo", &["fmt", "--all", "--check"])?;
+    run(
+        "cargo",
+        &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+    )?;
+    let mut args = vec!["test", "--workspace"];
+    if !extra.is_empty() {
+        args.push("--");
+        args.extend(extra.iter().map(String::as_str));
+    }
+    run("cargo", &args)
+}
+
+fn demo() -> Result<()> {
+    setup::run()?;
+    run("cargo", &["build", "--release", "--package", "podtrace"])?;
+    let podtrace = root().join("target/release/podtrace");
+    let podtrace = podtrace.to_str().context("non-UTF-8 path")?;
+    run(podtrace, &["demo"])
+}

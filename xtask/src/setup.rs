@@ -1,0 +1,140 @@
+//! `cargo xtask setup`: make a fresh Debian 12 machine able to build and test podtrace.
+//! Says what it installs and skips what is present.
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::run as sh;
+
+/// Debian packages: LLVM 22 for bpf-linker, and the tools the tests and the demo drive.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    "iproute2",
+    "iptables",
+    "iputils-ping",
+    "tcpdump",
+    "tshark",
+    "iperf3",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+pub fn run() -> Result<()> {
+    if !nix_is_root() {
+        bail!("setup installs Debian packages and must run as root");
+    }
+    if !std::path::Path::new("/usr/bin/apt-get").exists()
+        || !std::path::Path::new("/etc/debian_version").exists()
+    {
+        bail!("setup supports Debian with apt-get only (this machine has no apt-get or is not Debian)");
+    }
+    debian_packages()?;
+    nightly()?;
+    bpf_linker()?;
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    output("id", &["-u"]).is_some_and(|uid| uid.trim() == "0")
+}
+
+fn output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn installed(package: &str) -> bool {
+    output("dpkg-query", &["-W", "-f=${Status}", package])
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
+fn debian_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        eprintln!("xtask: Debian packages: all present");
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    sh("apt-get", &["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(&missing);
+    let status = Command::new("apt-get")
+        .args(&args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?;
+    if !status.success() {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
+fn nightly() -> Result<()> {
+    let toolchains = output("rustup", &["toolchain", "list"]).context("rustup not found")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        eprintln!("xtask: installing the nightly toolchain (for the eBPF crate)");
+        sh(
+            "rustup",
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+        )?;
+    }
+    let components = output(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", "nightly"],
+    )
+    .unwrap_or_default();
+    if components.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: nightly rust-src: present");
+    } else {
+        eprintln!("xtask: installing rust-src for nightly (build-std=core for the BPF target)");
+        sh(
+            "rustup",
+            &["component", "add", "rust-src", "--toolchain", "nightly"],
+        )?;
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> Result<()> {
+    if let Some(v) = output("bpf-linker", &["--version"]) {
+        if v.contains(BPF_LINKER_VERSION) {
+            eprintln!("xtask: bpf-linker {BPF_LINKER_VERSION}: present");
+            return Ok(());
+        }
+        eprintln!("xtask: bpf-linker is {}; installing {BPF_LINKER_VERSION}", v.trim());
+    } else {
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (llvm-22, about a minute)");
+    }
+    eprintln!("xtask: $ LLVM_PREFIX={LLVM_PREFIX} cargo install bpf-linker ...");
+    let status = Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        // bpf-linker's build script looks for libLLVM under this prefix.
+        .env("LLVM_PREFIX", LLVM_PREFIX)
+        .status()
+        .context("running cargo install")?;
+    if !status.success() {
+        bail!("cargo install bpf-linker {BPF_LINKER_VERSION} failed");
+    }
+    Ok(())
+}
