@@ -139,3 +139,90 @@ pub fn run_ok(program: &str, args: &[&str]) -> Output {
     );
     out
 }
+
+/// The `podtrace` binary of this build (target/<profile>/podtrace, next to the test's
+/// deps/ directory). `cargo xtask test` builds it before running the tests.
+pub fn podtrace_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("tests run from target/<profile>/deps");
+    let bin = profile_dir.join("podtrace");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p podtrace), or run cargo xtask test",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `podtrace ARGS...` and returns its output (whatever its exit code).
+pub fn podtrace(args: &[&str]) -> Output {
+    Command::new(podtrace_bin())
+        .args(args)
+        .output()
+        .expect("running podtrace")
+}
+
+/// Runs `podtrace ARGS...`, panicking unless it exits 0; returns stdout.
+pub fn podtrace_ok(args: &[&str]) -> String {
+    let out = podtrace(args);
+    assert!(
+        out.status.success(),
+        "podtrace {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// A lab brought up with `podtrace lab up --prefix P`, torn down on drop.
+pub struct Lab {
+    pub prefix: String,
+}
+
+impl Lab {
+    /// `topology`: `flannel`, `eni` or `all`.
+    pub fn up(tag: &str, topology: &str) -> Self {
+        require_root();
+        let lab = Self {
+            prefix: unique_prefix(tag),
+        };
+        podtrace_ok(&["lab", "up", "--topology", topology, "--prefix", &lab.prefix]);
+        lab
+    }
+
+    /// Runs `podtrace ARGS... --lab PREFIX`.
+    pub fn podtrace(&self, args: &[&str]) -> Output {
+        let mut full = args.to_vec();
+        full.extend(["--lab", &self.prefix]);
+        podtrace(&full)
+    }
+
+    /// Runs a command in a lab pod, node or host (`podtrace lab exec`).
+    pub fn exec(&self, name: &str, cmd: &[&str]) -> Output {
+        let mut full = vec!["lab", "exec", name, "--prefix", &self.prefix, "--"];
+        full.extend_from_slice(cmd);
+        podtrace(&full)
+    }
+
+    /// The network namespace path of a lab pod, node or host.
+    pub fn netns(&self, name: &str) -> PathBuf {
+        podtrace::netns::path_of(&format!("{}{name}", self.prefix))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let out = podtrace(&["lab", "down", "--prefix", &self.prefix]);
+        if !out.status.success() {
+            eprintln!(
+                "cleanup: lab down --prefix {} failed: {}",
+                self.prefix,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}

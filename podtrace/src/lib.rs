@@ -1,0 +1,16 @@
+//! podtrace: resolve a pod's network path, follow real packets along it with eBPF, capture
+//! them to rotating pcap files.
+//!
+//! Where things live:
+//! - [`netns`]: create, enter and delete network namespaces.
+//! - [`probes`]: loading and attaching the eBPF programs (tc hops, drop/FIB/xmit tracing).
+//! - [`topology`]: finding a pod and resolving its path and routing decision (`topo`).
+//! - [`lab`]: the seeds' flannel and ENI topologies rebuilt in network namespaces.
+//! - [`pcap`]: pcap/pcapng writing with rotation, and the capture filter language.
+pub mod cli;
+pub mod lab;
+pub mod netns;
+pub mod pcap;
+pub mod privilege;
+pub mod probes;
+pub mod topology;

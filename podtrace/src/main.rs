@@ -1,0 +1,56 @@
+//! The `podtrace` command line. Each subcommand lives in its own module of the library; this
+//! file only parses arguments, checks privileges and maps results to exit codes:
+//! 0 success, 1 a negative verdict, 2 usage or runtime error (one line on stderr).
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "podtrace", version, about = "eBPF packet path tracer for Kubernetes pods")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build, inspect and tear down the lab: the seeds' flannel and ENI topologies in network
+    /// namespaces.
+    Lab(podtrace::lab::LabArgs),
+    /// Resolve a pod's network path: its interfaces, host veth, bridge or VXLAN or ENI, and
+    /// the routing decision towards --dst.
+    Topo(podtrace::topology::cmd::TopoArgs),
+}
+
+fn root() -> anyhow::Result<()> {
+    podtrace::privilege::require_root()
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // One line, as every podtrace error: clap's first line without its "error: ".
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("podtrace: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let result = match cli.command {
+        Command::Lab(args) => root().and_then(|()| podtrace::lab::run(args)),
+        Command::Topo(args) => root().and_then(|()| podtrace::topology::cmd::run(args)),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("podtrace: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
