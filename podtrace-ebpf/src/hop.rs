@@ -2,12 +2,14 @@
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC, helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext,
 };
+use aya_ebpf::helpers::generated::bpf_skb_load_bytes;
 use podtrace_abi::{
-    Event, CNT_TC_MATCHED, CNT_TC_SEEN, DIR_EGRESS, DIR_INGRESS, FILTER_EMIT, KIND_TC,
+    CaptureBuf, Event, CNT_LOST, CNT_TC_MATCHED, CNT_TC_SEEN, DIR_EGRESS, DIR_INGRESS,
+    FILTER_CAPTURE, FILTER_EMIT, KIND_TC, MAX_SNAPLEN,
 };
 
 use crate::{
-    maps::{bump, bump_hop, emit, filter, hop_id},
+    maps::{bump, bump_hop, emit, filter, hop_id, CAPTURE_SCRATCH, EVENTS},
     packet::{matches, parse_eth, Reader},
 };
 
@@ -62,7 +64,7 @@ fn track(ctx: &TcContext, dir: u8) {
     if f.flags & FILTER_EMIT == 0 {
         return;
     }
-    let ev = Event {
+    let mut ev = Event {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         netns_cookie,
         kind: KIND_TC,
@@ -73,5 +75,44 @@ fn track(ctx: &TcContext, dir: u8) {
         flow,
         ..Event::default()
     };
-    emit(&ev);
+    if f.flags & FILTER_CAPTURE != 0 {
+        capture(ctx, &mut ev, f.snaplen);
+    } else {
+        emit(&ev);
+    }
+}
+
+/// Emits the event followed by up to `snaplen` bytes of the packet.
+#[inline(always)]
+fn capture(ctx: &TcContext, ev: &mut Event, snaplen: u32) {
+    // SAFETY: plain helper; tc programs do not migrate between CPUs while they run.
+    let cpu = unsafe { aya_ebpf::helpers::generated::bpf_get_smp_processor_id() };
+    let Some(buf) = CAPTURE_SCRATCH.get_ptr_mut(cpu) else {
+        return;
+    };
+    let buf: *mut CaptureBuf = buf;
+    let mut len = ev.skb_len;
+    if len > snaplen {
+        len = snaplen;
+    }
+    if len > MAX_SNAPLEN {
+        len = MAX_SNAPLEN;
+    }
+    // Bounds the verifier can follow: 1..=MAX_SNAPLEN.
+    let len = (len.wrapping_sub(1) & (MAX_SNAPLEN - 1)) + 1;
+    // SAFETY: `buf` is this CPU's scratch; `data` holds MAX_SNAPLEN bytes; the helpers check
+    // the packet bounds themselves.
+    unsafe {
+        let data = core::ptr::addr_of_mut!((*buf).data) as *mut core::ffi::c_void;
+        if bpf_skb_load_bytes(ctx.skb.skb as *const _, 0, data, len) != 0 {
+            return;
+        }
+        ev.cap_len = len;
+        (*buf).event = *ev;
+        let total = core::mem::size_of::<Event>() + len as usize;
+        let record = core::slice::from_raw_parts(buf as *const u8, total);
+        if EVENTS.output::<[u8]>(record, 0).is_err() {
+            bump(CNT_LOST);
+        }
+    }
 }

@@ -3,7 +3,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use podtrace_abi::{Filter, HopKey, KernelOffsets, CNT_SLOTS, MAX_HOPS};
+use podtrace_abi::{CaptureBuf, Filter, HopKey, KernelOffsets, CNT_SLOTS, MAX_HOPS};
 
 /// What to trace (index 0).
 #[map]
@@ -25,9 +25,18 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CNT_SLOTS,
 #[map]
 pub static OFFSETS: Array<KernelOffsets> = Array::with_max_entries(1, 0);
 
-/// Events to userspace.
+/// Events to userspace (userspace may resize it at load time).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
+
+/// Scratch where a capture record (event + packet bytes) is assembled, one slot per CPU
+/// (a per-CPU map cannot hold 64 KiB values). Userspace sizes it to the possible CPUs.
+#[map]
+pub static CAPTURE_SCRATCH: Array<CaptureBuf> = Array::with_max_entries(256, 0);
+
+/// Per-CPU stash between the fib_table_lookup kprobe and its kretprobe.
+#[map]
+pub static FIB_STASH: PerCpuArray<[u64; 3]> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn bump(index: u32) {

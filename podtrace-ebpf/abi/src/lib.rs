@@ -23,6 +23,11 @@ pub const DIR_EGRESS: u8 = 1;
 pub const FILTER_ENABLED: u8 = 1;
 /// `Filter::flags`: emit an event for every matched packet (not only count it).
 pub const FILTER_EMIT: u8 = 2;
+/// `Filter::flags`: tc events carry the packet's bytes (up to `Filter::snaplen`).
+pub const FILTER_CAPTURE: u8 = 4;
+
+/// The most packet bytes one event carries (a GSO packet is cut here, its length kept).
+pub const MAX_SNAPLEN: u32 = 65536;
 
 /// `Counters` slots (a per-CPU array of u64).
 pub const CNT_TC_SEEN: u32 = 0;
@@ -55,6 +60,8 @@ pub struct Filter {
     /// UDP destination port of VXLAN on the underlay (host order).
     pub vxlan_port: u16,
     pub _pad: u16,
+    /// Packet bytes per event with `FILTER_CAPTURE` (≤ `MAX_SNAPLEN`).
+    pub snaplen: u32,
 }
 
 /// Identity of a hop as the tc programs see it: the interface and its network namespace.
@@ -78,6 +85,14 @@ pub struct KernelOffsets {
     pub dev_ifindex: u32,
     pub dev_nd_net: u32,
     pub net_cookie: u32,
+    pub flowi4_saddr: u32,
+    pub flowi4_daddr: u32,
+    pub flowi4_proto: u32,
+    pub nhc_dev: u32,
+    pub nhc_gw: u32,
+    /// kretprobe on `fib_table_lookup`: `struct fib_table.tb_id`, `struct fib_result.nhc`.
+    pub fib_table_id: u32,
+    pub fib_result_nhc: u32,
     /// Non-zero once userspace filled the offsets in.
     pub valid: u32,
 }
@@ -121,6 +136,8 @@ pub struct Event {
     pub ifindex: u32,
     /// `skb->len` at the probe.
     pub skb_len: u32,
+    /// Packet bytes that follow this header in the ring buffer record (capture mode).
+    pub cap_len: u32,
     /// Drop reason (`enum skb_drop_reason`) for drops; FIB lookup error for FIB events.
     pub reason: u32,
     /// FIB: table id; xmit: return code.
@@ -129,7 +146,16 @@ pub struct Event {
     pub aux2: u32,
     /// FIB: gateway (network order).
     pub aux3: u32,
+    pub _pad2: u32,
     pub flow: FlowInfo,
+    pub _pad3: u32,
+}
+
+/// Scratch for a capture record: the event header, then the packet bytes.
+#[repr(C)]
+pub struct CaptureBuf {
+    pub event: Event,
+    pub data: [u8; MAX_SNAPLEN as usize],
 }
 
 #[cfg(feature = "user")]

@@ -7,6 +7,7 @@
 //! Both are detached when [`Probes`] is dropped (TCX links die with their fd, even on
 //! SIGKILL; clsact filters are removed explicitly inside their namespace).
 pub mod btf;
+pub mod hooks;
 
 use std::{
     collections::HashMap,
@@ -20,14 +21,14 @@ use aya::{
     programs::{
         links::LinkOrder,
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcAttachType},
-        BtfTracePoint, SchedClassifier,
+        BtfTracePoint, KProbe, SchedClassifier,
     },
     util::KernelVersion,
     Ebpf, EbpfLoader,
 };
 use podtrace_abi::{
     Event, Filter, HopKey, KernelOffsets, CNT_SLOTS, DEFAULT_VXLAN_PORT, DIR_EGRESS, DIR_INGRESS,
-    FILTER_EMIT, FILTER_ENABLED,
+    FILTER_CAPTURE, FILTER_EMIT, FILTER_ENABLED, MAX_SNAPLEN,
 };
 
 use crate::netns;
@@ -83,6 +84,8 @@ pub struct FilterSpec {
     /// Emit an event per matched packet (otherwise only count).
     pub emit: bool,
     pub vxlan_port: u16,
+    /// Capture mode: tc events carry up to this many packet bytes.
+    pub snaplen: Option<u32>,
 }
 
 impl Default for FilterSpec {
@@ -94,6 +97,7 @@ impl Default for FilterSpec {
             port: None,
             emit: true,
             vxlan_port: DEFAULT_VXLAN_PORT,
+            snaplen: None,
         }
     }
 }
@@ -106,9 +110,12 @@ impl FilterSpec {
             addr_b: addr(self.b),
             port: self.port.unwrap_or(0),
             proto: self.proto.unwrap_or(0),
-            flags: FILTER_ENABLED | if self.emit { FILTER_EMIT } else { 0 },
+            flags: FILTER_ENABLED
+                | if self.emit { FILTER_EMIT } else { 0 }
+                | if self.snaplen.is_some() { FILTER_CAPTURE } else { 0 },
             vxlan_port: self.vxlan_port,
             _pad: 0,
+            snaplen: self.snaplen.unwrap_or(0).min(MAX_SNAPLEN),
         }
     }
 }
@@ -146,10 +153,18 @@ impl DropReasons {
 
 const PROG_INGRESS: &str = "hop_ingress";
 const PROG_EGRESS: &str = "hop_egress";
-const PROG_KFREE_SKB: &str = "drop_kfree_skb";
 
 /// The maps every copy of the object shares with the primary one.
-const SHARED_MAPS: [&str; 6] = ["FILTER", "HOPS", "HOP_STATS", "COUNTERS", "OFFSETS", "EVENTS"];
+const SHARED_MAPS: [&str; 8] = [
+    "FILTER",
+    "HOPS",
+    "HOP_STATS",
+    "COUNTERS",
+    "OFFSETS",
+    "EVENTS",
+    "CAPTURE_SCRATCH",
+    "FIB_STASH",
+];
 
 /// Where bpffs is (or gets) mounted; pins live there only while a copy loads.
 const BPFFS: &str = "/sys/fs/bpf";
@@ -188,6 +203,14 @@ fn kernel_offsets(btf: &btf::Btf) -> Result<KernelOffsets> {
         dev_ifindex: btf.member_offset("net_device", "ifindex")?,
         dev_nd_net: btf.member_offset("net_device", "nd_net")?,
         net_cookie: btf.member_offset("net", "net_cookie")?,
+        flowi4_saddr: btf.member_offset("flowi4", "saddr")?,
+        flowi4_daddr: btf.member_offset("flowi4", "daddr")?,
+        flowi4_proto: btf.member_offset("flowi4", "__fl_common")?
+            + btf.member_offset("flowi_common", "flowic_proto")?,
+        nhc_dev: btf.member_offset("fib_nh_common", "nhc_dev")?,
+        nhc_gw: btf.member_offset("fib_nh_common", "nhc_gw")?,
+        fib_table_id: btf.member_offset("fib_table", "tb_id")?,
+        fib_result_nhc: btf.member_offset("fib_result", "nhc")?,
         valid: 1,
     })
 }
@@ -212,7 +235,9 @@ impl Probes {
         let kbtf = btf::Btf::from_sys_fs()?;
         let offsets = kernel_offsets(&kbtf)?;
         let reasons = DropReasons::from_btf(&kbtf);
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
         let bpf = EbpfLoader::new()
+            .map_max_entries("CAPTURE_SCRATCH", cpus as u32)
             .load(EBPF_OBJECT)
             .context("loading podtrace's eBPF object")?;
         let mut probes = Self {
@@ -369,18 +394,107 @@ impl Probes {
         &self.hops
     }
 
-    /// Attaches the drop probe (`skb:kfree_skb` through tp_btf).
+    /// Attaches the kernel-side evidence probes (drops, FIB lookups, device transmit): for
+    /// each, kprobes when the kernel has them, else tp_btf (or only `forced`). Says what was
+    /// attached; fails only when no drop probe could be attached at all.
+    pub fn attach_kernel_hooks(
+        &mut self,
+        forced: Option<hooks::Mechanism>,
+    ) -> Result<Vec<hooks::HookReport>> {
+        let support = hooks::KernelSupport::detect();
+        let order = hooks::preference(support, forced);
+        let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        let mut reports = Vec::new();
+        for evidence in hooks::Evidence::ALL {
+            let mut report = hooks::HookReport {
+                evidence,
+                mechanism: None,
+                attached: None,
+                notes: Vec::new(),
+            };
+            if !support.kprobes {
+                report.notes.push("this kernel has no kprobes".into());
+            }
+            for mechanism in &order {
+                match self.attach_one(evidence, *mechanism, &btf) {
+                    Ok(what) => {
+                        report.mechanism = Some(*mechanism);
+                        report.attached = Some(what);
+                        break;
+                    }
+                    Err(e) => report.notes.push(format!("{mechanism:?}: {e:#}")),
+                }
+            }
+            if evidence == hooks::Evidence::Drop && report.attached.is_none() {
+                bail!("no drop probe could be attached: {}", report.notes.join("; "));
+            }
+            reports.push(report);
+        }
+        Ok(reports)
+    }
+
+    fn attach_one(
+        &mut self,
+        evidence: hooks::Evidence,
+        mechanism: hooks::Mechanism,
+        btf: &aya::Btf,
+    ) -> Result<String> {
+        match mechanism {
+            hooks::Mechanism::TpBtf => {
+                let (name, tracepoint) = evidence.tracepoint();
+                let prog: &mut BtfTracePoint = self
+                    .bpf
+                    .program_mut(name)
+                    .ok_or_else(|| anyhow!("eBPF program {name} missing"))?
+                    .try_into()?;
+                prog.load(tracepoint, btf)
+                    .with_context(|| format!("loading tp_btf {tracepoint}"))?;
+                prog.attach()
+                    .with_context(|| format!("attaching tp_btf {tracepoint}"))?;
+                Ok(format!("tp_btf:{tracepoint}"))
+            }
+            hooks::Mechanism::Kprobe => {
+                let mut links = Vec::new();
+                for (name, function) in evidence.kprobes() {
+                    let result = (|| -> Result<()> {
+                        let prog: &mut KProbe = self
+                            .bpf
+                            .program_mut(name)
+                            .ok_or_else(|| anyhow!("eBPF program {name} missing"))?
+                            .try_into()?;
+                        if prog.fd().is_err() {
+                            prog.load().with_context(|| format!("loading kprobe {name}"))?;
+                        }
+                        let link = prog
+                            .attach(function, 0)
+                            .with_context(|| format!("attaching a kprobe to {function}"))?;
+                        links.push((*name, link));
+                        Ok(())
+                    })();
+                    if let Err(e) = result {
+                        // All or nothing: detach the half that attached.
+                        for (name, link) in links {
+                            if let Some(Ok(p)) = self
+                                .bpf
+                                .program_mut(name)
+                                .map(<&mut KProbe>::try_from)
+                            {
+                                let _ = p.detach(link);
+                            }
+                        }
+                        return Err(e);
+                    }
+                }
+                Ok(format!("kprobe:{}", evidence.kprobes()[0].1))
+            }
+        }
+    }
+
+    /// Attaches only the drop probe through tp_btf (tests and tools that need nothing else).
     pub fn attach_drops(&mut self) -> Result<()> {
         let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
-        let prog: &mut BtfTracePoint = self
-            .bpf
-            .program_mut(PROG_KFREE_SKB)
-            .ok_or_else(|| anyhow!("eBPF program {PROG_KFREE_SKB} missing"))?
-            .try_into()?;
-        prog.load("kfree_skb", &btf)
-            .context("loading the tp_btf skb:kfree_skb program")?;
-        prog.attach().context("attaching tp_btf skb:kfree_skb")?;
-        Ok(())
+        self.attach_one(hooks::Evidence::Drop, hooks::Mechanism::TpBtf, &btf)
+            .map(|_| ())
     }
 
     /// Packets the hop's probes matched so far.
