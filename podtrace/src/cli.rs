@@ -43,3 +43,60 @@ pub fn parse_ipv4(s: &str) -> Result<Ipv4Addr, String> {
     s.parse::<Ipv4Addr>()
         .map_err(|_| format!("{s:?} is not an IPv4 address"))
 }
+
+/// Parses a duration as tcpdump users write it: `90` (seconds), `90s`, `10m`, `1h`, `500ms`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (use 90, 90s, 10m, 1h)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?} is not a duration (use 90, 90s, 10m, 1h)")),
+    };
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("{s:?}: a duration must be positive"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// `--proto tcp|udp|icmp` → IP protocol number.
+pub fn parse_proto(s: &str) -> Result<u8, String> {
+    match s {
+        "tcp" => Ok(6),
+        "udp" => Ok(17),
+        "icmp" => Ok(1),
+        _ => Err(format!("{s:?} is not one of tcp, udp, icmp")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("10x").is_err());
+        assert!(parse_duration("abc").is_err());
+    }
+
+    #[test]
+    fn protocols() {
+        assert_eq!(parse_proto("udp").unwrap(), 17);
+        assert!(parse_proto("sctp").is_err());
+    }
+}

@@ -5,9 +5,11 @@
 //! - [`netns`]: create, enter and delete network namespaces.
 //! - [`probes`]: loading and attaching the eBPF programs (tc hops, drop/FIB/xmit tracing).
 //! - [`topology`]: finding a pod and resolving its path and routing decision (`topo`).
+//! - [`follow`]: following real packets hop by hop, correlation and verdicts (`follow`).
 //! - [`lab`]: the seeds' flannel and ENI topologies rebuilt in network namespaces.
 //! - [`pcap`]: pcap/pcapng writing with rotation, and the capture filter language.
 pub mod cli;
+pub mod follow;
 pub mod lab;
 pub mod netns;
 pub mod pcap;

@@ -20,6 +20,9 @@ enum Command {
     /// Resolve a pod's network path: its interfaces, host veth, bridge or VXLAN or ENI, and
     /// the routing decision towards --dst.
     Topo(podtrace::topology::cmd::TopoArgs),
+    /// Follow a pod's packets to and from --dst hop by hop with eBPF: per-hop timing, where
+    /// a packet died and why. Exit 0 when the expected path is confirmed, 1 otherwise.
+    Follow(podtrace::follow::FollowArgs),
 }
 
 fn root() -> anyhow::Result<()> {
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Lab(args) => root().and_then(|()| podtrace::lab::run(args)),
         Command::Topo(args) => root().and_then(|()| podtrace::topology::cmd::run(args)),
+        Command::Follow(args) => root().and_then(|()| podtrace::follow::run(args)),
     };
     match result {
         Ok(code) => code,
