@@ -226,3 +226,139 @@ impl Drop for Lab {
         }
     }
 }
+
+/// A running `podtrace follow|capture|verify ... --json` (or text mode), killed on drop.
+pub struct Running {
+    pub child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    /// stdout lines read so far.
+    pub seen: Vec<String>,
+}
+
+impl Running {
+    /// Starts `podtrace ARGS...` and waits (up to 30 s) until it says its probes are live:
+    /// a `{"type":"ready"}` line on stdout, or `probes live` on stderr.
+    pub fn start(args: &[&str]) -> Self {
+        use std::io::BufRead as _;
+        let mut child = Command::new(podtrace_bin())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting podtrace");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr_buf = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        {
+            let stderr = child.stderr.take().unwrap();
+            let buf = stderr_buf.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("probes live") {
+                        let _ = ready_tx.send(());
+                    }
+                    let mut b = buf.lock().unwrap();
+                    b.push_str(&line);
+                    b.push('\n');
+                }
+            });
+        }
+        let mut run = Self {
+            child,
+            lines: rx,
+            stderr: stderr_buf,
+            seen: Vec::new(),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if ready_rx.try_recv().is_ok() {
+                return run;
+            }
+            match run.lines.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(line) => {
+                    let ready = line.contains("\"type\":\"ready\"");
+                    run.seen.push(line);
+                    if ready {
+                        return run;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = run.child.wait().ok();
+                    panic!(
+                        "podtrace {args:?} exited ({status:?}) before its probes were live: {}",
+                        run.stderr()
+                    );
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "podtrace {args:?} never said its probes were live: {}",
+                run.stderr()
+            );
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits (up to `secs`) for the process to exit; returns its exit code and every stdout line.
+    pub fn wait(mut self, secs: u64) -> (Option<i32>, Vec<String>, String) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Drain what is left.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                while let Ok(l) = self.lines.try_recv() {
+                    self.seen.push(l);
+                }
+                let lines = std::mem::take(&mut self.seen);
+                return (status.code(), lines, self.stderr());
+            }
+            while let Ok(l) = self.lines.try_recv() {
+                self.seen.push(l);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "podtrace did not exit within {secs}s; stdout so far: {:?}; stderr: {}",
+                self.seen,
+                self.stderr()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The JSON objects among `lines`.
+pub fn json_lines(lines: &[String]) -> Vec<serde_json::Value> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}

@@ -155,6 +155,17 @@ pub fn drop_hint(reason: &str, location: &str) -> String {
     }
 }
 
+/// Reasons the destination's socket layer gives for freeing a packet the network delivered:
+/// not a path problem (a netfilter drop in the destination pod still is one).
+fn after_delivery(reason: &str) -> bool {
+    reason.starts_with("TCP_")
+        || reason.starts_with("SOCKET_")
+        || matches!(
+            reason,
+            "NO_SOCKET" | "NOT_SPECIFIED" | "QUEUE_PURGE" | "PROTO_MEM" | "UDP_CSUM"
+        )
+}
+
 /// Groups observations into packet records.
 pub struct Correlator {
     plan: Plan,
@@ -376,10 +387,16 @@ impl Correlator {
             let last = expected.last().and_then(|s| self.plan.hop(s.hop));
             let at_destination = reached_end
                 && last.is_some_and(|l| d.location.starts_with(&format!("{}/", l.owner)));
-            if at_destination && d.reason == "NO_SOCKET" {
+            if at_destination && after_delivery(&d.reason) {
                 rec.notes.push(format!(
-                    "delivered to {}; the kernel freed its copy with NO_SOCKET (a raw socket took it, as ping's does)",
-                    last.map(|l| l.owner.as_str()).unwrap_or("the destination")
+                    "delivered to {}; its socket layer then freed it ({}){}",
+                    last.map(|l| l.owner.as_str()).unwrap_or("the destination"),
+                    d.reason,
+                    if d.reason == "NO_SOCKET" {
+                        ": a raw socket took a copy, as ping's does, or nothing listens"
+                    } else {
+                        ""
+                    }
                 ));
                 rec.drop = None;
             }
@@ -586,6 +603,21 @@ mod tests {
         let recs = c.finish();
         assert_eq!(recs[0].fate, Fate::Complete);
         assert_eq!(recs[0].notes.len(), 1);
+        // A netfilter drop in the destination pod is a drop all the same.
+        let f = flow(DST, POD, 6, 2, 0);
+        walk(&mut c, f, &plan.reverse, 200_000);
+        c.feed(Observation {
+            ts_ns: 299_000,
+            flow: f,
+            skb_len: 98,
+            seen: Seen::Drop {
+                hop: None,
+                location: "pod-a1/eth0".into(),
+                netns_cookie: 1,
+                reason: "NETFILTER_DROP".into(),
+            },
+        });
+        assert_eq!(c.finish()[0].fate, Fate::Dropped);
     }
 
     #[test]

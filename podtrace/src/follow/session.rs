@@ -38,6 +38,12 @@ impl NameBook {
     }
 
     /// `OWNER/IFNAME`.
+    /// Whether the namespace is one of the session's (the same addresses can exist in other
+    /// namespaces: a second lab, a test's own pair).
+    pub fn knows(&self, cookie: u64) -> bool {
+        self.owners.contains_key(&cookie)
+    }
+
     pub fn interface(&self, cookie: u64, ifindex: u32) -> String {
         let ifname = self
             .ifnames
@@ -148,6 +154,10 @@ impl Session {
             .get(data_start..data_start + ev.cap_len as usize)
             .unwrap_or_default();
         let hop = (ev.hop_id != u32::MAX && self.plan.hop(ev.hop_id).is_some()).then_some(ev.hop_id);
+        // Kernel-wide probes see every namespace: keep what happened in the session's.
+        if ev.kind != KIND_TC && !self.names.knows(ev.netns_cookie) {
+            return None;
+        }
         let location = self.names.interface(ev.netns_cookie, ev.ifindex);
         let seen = match ev.kind {
             KIND_TC => Seen::Tc {

@@ -1,0 +1,320 @@
+//! `podtrace follow` on the lab with real traffic: confirmed paths (same node, across nodes
+//! through VXLAN, over an ENI), a netfilter drop pinpointed, other tc programs unharmed,
+//! nothing left attached after SIGKILL, and a pod deleted mid-run.
+use std::{process::Command, time::Duration};
+
+use podtrace_tests::{json_lines, podtrace_bin, Lab, Running};
+use serde_json::Value;
+
+fn follow(lab: &Lab, pod: &str, dst: &str, extra: &[&str]) -> Running {
+    let mut args = vec!["follow", pod, "--dst", dst, "--json", "--lab", &lab.prefix];
+    args.extend_from_slice(extra);
+    Running::start(&args)
+}
+
+fn finish(run: Running) -> (Option<i32>, Vec<Value>, Value) {
+    let (code, lines, stderr) = run.wait(30);
+    let objs = json_lines(&lines);
+    let summary = objs
+        .iter()
+        .find(|o| o["type"] == "summary")
+        .unwrap_or_else(|| panic!("no summary; stdout {lines:?}; stderr {stderr}"))
+        .clone();
+    (code, objs, summary)
+}
+
+fn path(summary: &Value, key: &str) -> Vec<String> {
+    summary[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let name = s["name"].as_str().unwrap();
+            // Host veth names are random: keep their prefix.
+            let name = match name.find("/veth").or_else(|| name.find("/eni")) {
+                Some(i) => format!("{}/{}*", &name[..i], &name[i + 1..i + 4]),
+                None => name.to_owned(),
+            };
+            format!("{name} {}", s["hook"].as_str().unwrap())
+        })
+        .collect()
+}
+
+fn ping(lab: &Lab, from: &str, to: &str, count: u32) {
+    let out = lab.exec(from, &["ping", "-c", &count.to_string(), "-i", "0.2", "-W", "2", to]);
+    assert!(out.status.success(), "ping {from} → {to}: {:?}", out);
+}
+
+#[test]
+fn same_node_ping_is_confirmed_through_the_bridge() {
+    let lab = Lab::up("fsam", "flannel");
+    let run = follow(&lab, "pod-a1", "10.244.0.7", &["-c", "6"]);
+    ping(&lab, "pod-a1", "10.244.0.7", 3);
+    let (code, objs, summary) = finish(run);
+    assert_eq!(summary["verdict"], "confirmed", "{summary:#}");
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        path(&summary, "observed_path"),
+        [
+            "pod-a1/eth0 egress",
+            "node-a/vet* ingress",
+            "node-a/cni0 bridged",
+            "node-a/vet* egress",
+            "pod-a2/eth0 ingress",
+        ]
+    );
+    let packets: Vec<&Value> = objs.iter().filter(|o| o["type"] == "packet").collect();
+    assert_eq!(packets.len(), 6);
+    // Per-hop timing: every hop has a timestamp and they do not go backwards.
+    for p in packets {
+        let ts: Vec<u64> = p["hops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["ts_ns"].as_u64().unwrap())
+            .collect();
+        assert!(ts.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(ts.len(), 4);
+    }
+}
+
+#[test]
+fn cross_node_ping_is_confirmed_on_both_nodes() {
+    let lab = Lab::up("fcro", "flannel");
+    let run = follow(&lab, "pod-a1", "10.244.1.5", &["-c", "4"]);
+    ping(&lab, "pod-a1", "10.244.1.5", 2);
+    let (code, objs, summary) = finish(run);
+    assert_eq!(summary["verdict"], "confirmed", "{summary:#}");
+    assert_eq!(code, Some(0));
+    let expected = [
+        "pod-a1/eth0 egress",
+        "node-a/vet* ingress",
+        "node-a/cni0 ingress",
+        "node-a/flannel.1 egress",
+        "node-a/eth0 egress",
+        "node-b/eth0 ingress",
+        "node-b/flannel.1 ingress",
+        "node-b/cni0 egress",
+        "node-b/vet* egress",
+        "pod-b1/eth0 ingress",
+    ];
+    assert_eq!(path(&summary, "observed_path"), expected);
+    assert_eq!(path(&summary, "expected_path"), expected);
+    assert_eq!(summary["interfaces"]["node-a/eth0"], 4);
+    assert_eq!(summary["interfaces"]["node-b/flannel.1"], 4);
+    // On the underlay the packet was seen inside VXLAN.
+    let p = objs.iter().find(|o| o["type"] == "packet").unwrap();
+    let underlay = p["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "node-a/eth0")
+        .unwrap();
+    assert_eq!(underlay["encap"], "vxlan");
+    assert_eq!(summary["lost_events"], 0);
+}
+
+#[test]
+fn cross_node_udp_and_tcp_are_confirmed() {
+    let lab = Lab::up("fudp", "flannel");
+    // UDP: three datagrams, no reply.
+    let run = follow(&lab, "pod-a1", "10.244.1.5", &["--proto", "udp", "--port", "5353", "-c", "3"]);
+    let out = lab.exec(
+        "pod-a1",
+        &[
+            "python3",
+            "-c",
+            "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor i in range(3):\n    s.sendto(b'podtrace',('10.244.1.5',5353)); time.sleep(0.1)",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let (_, objs, summary) = finish(run);
+    assert_eq!(summary["packets_forward"], 3, "{summary:#}");
+    // Nothing listens: the kernel answers with ICMP port unreachable, which is not UDP 5353
+    // traffic and is filtered out. The datagrams reached pod-b1 and died there: no socket.
+    for p in objs.iter().filter(|o| o["type"] == "packet") {
+        assert_eq!(p["flow"]["proto"], "udp");
+        assert_eq!(p["hops"].as_array().unwrap().len(), 10);
+    }
+
+    // TCP: a connection to a listener in pod-b1.
+    let listener = Command::new(podtrace_bin())
+        .args(["lab", "exec", "pod-b1", "--prefix", &lab.prefix, "--", "python3", "-c",
+               "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen()\nc,_=s.accept()\nc.recv(100)\nc.close()"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let run = follow(&lab, "pod-a1", "10.244.1.5", &["--proto", "tcp", "--port", "8080", "--duration", "3"]);
+    let out = lab.exec(
+        "pod-a1",
+        &["python3", "-c", "import socket\ns=socket.create_connection(('10.244.1.5',8080),timeout=3)\ns.sendall(b'hello')\ns.close()"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let (code, objs, summary) = finish(run);
+    let mut listener = listener;
+    let _ = listener.wait();
+    assert_eq!(summary["verdict"], "confirmed", "{summary:#}");
+    assert_eq!(code, Some(0));
+    let packets: Vec<&Value> = objs.iter().filter(|o| o["type"] == "packet").collect();
+    assert!(packets.len() >= 6, "a TCP handshake, data and close: {}", packets.len());
+    assert!(packets.iter().any(|p| p["flow"]["tcp_flags"].as_u64().unwrap() & 0x02 != 0), "a SYN");
+}
+
+#[test]
+fn eni_pod_is_confirmed_through_its_eni_and_never_eth0() {
+    let lab = Lab::up("feni", "eni");
+    let run = follow(&lab, "pod-c2", "10.19.0.11", &["-c", "6"]);
+    ping(&lab, "pod-c2", "10.19.0.11", 3);
+    let (code, _, summary) = finish(run);
+    assert_eq!(summary["verdict"], "confirmed", "{summary:#}");
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        path(&summary, "observed_path"),
+        ["pod-c2/eth0 egress", "node-c/eni* ingress", "node-c/eth2 egress"]
+    );
+    assert_eq!(summary["interfaces"]["node-c/eth2"], 6);
+    assert_eq!(summary["interfaces"]["node-c/eth0"], 0);
+    assert_eq!(summary["interfaces"]["node-c/eth1"], 0);
+}
+
+#[test]
+fn a_netfilter_drop_is_pinpointed() {
+    let lab = Lab::up("fdrp", "flannel");
+    let out = lab.exec("node-a", &["iptables", "-A", "FORWARD", "-p", "icmp", "-j", "DROP"]);
+    assert!(out.status.success(), "{out:?}");
+    let run = follow(&lab, "pod-a1", "10.244.1.5", &["-c", "2"]);
+    let out = lab.exec("pod-a1", &["ping", "-c", "2", "-i", "0.2", "-W", "1", "10.244.1.5"]);
+    assert!(!out.status.success());
+    let (code, objs, summary) = finish(run);
+    assert_eq!(summary["verdict"], "dropped", "{summary:#}");
+    assert_eq!(code, Some(1));
+    let drops = summary["drops"].as_array().unwrap();
+    assert_eq!(drops.len(), 1, "{drops:?}");
+    assert_eq!(drops[0]["hop"], "node-a/cni0");
+    assert_eq!(drops[0]["reason"], "NETFILTER_DROP");
+    assert_eq!(drops[0]["count"], 2);
+    assert!(drops[0]["hint"].as_str().unwrap().contains("netfilter"));
+    let p = objs.iter().find(|o| o["type"] == "packet").unwrap();
+    assert_eq!(p["fate"], "dropped");
+    assert_eq!(p["hops"].as_array().unwrap().len(), 3, "seen up to cni0, then dropped");
+}
+
+#[test]
+fn a_tc_program_attached_before_keeps_seeing_its_packets() {
+    use podtrace::probes::{FilterSpec, HopTarget, Probes};
+    let lab = Lab::up("ftcp", "flannel");
+    // Another eBPF tc program (a second, independent podtrace probe set) on pod-a1's eth0 and
+    // node-a's uplink, attached before follow.
+    let mut other = Probes::load().unwrap();
+    other
+        .set_filter(FilterSpec {
+            a: Some("10.244.0.9".parse().unwrap()),
+            b: Some("10.244.1.5".parse().unwrap()),
+            emit: false,
+            ..FilterSpec::default()
+        })
+        .unwrap();
+    for (i, (ns, ifname)) in [("pod-a1", "eth0"), ("node-a", "eth0")].into_iter().enumerate() {
+        other
+            .attach_hop(&HopTarget {
+                netns: Some(lab.netns(ns)),
+                ifname: ifname.into(),
+                hop_id: i as u32,
+            })
+            .unwrap();
+    }
+    let counts = |p: &Probes| (p.hop_counts(0).unwrap(), p.hop_counts(1).unwrap());
+    let run = follow(&lab, "pod-a1", "10.244.1.5", &["-c", "4"]);
+    ping(&lab, "pod-a1", "10.244.1.5", 2);
+    let (_, _, summary) = finish(run);
+    assert_eq!(summary["verdict"], "confirmed");
+    let (pod, uplink) = counts(&other);
+    assert_eq!((pod.egress, pod.ingress), (2, 2), "during follow");
+    assert_eq!((uplink.egress, uplink.ingress), (2, 2), "during follow");
+    // And after follow has gone.
+    ping(&lab, "pod-a1", "10.244.1.5", 1);
+    let (pod, uplink) = counts(&other);
+    assert_eq!((pod.egress, pod.ingress), (3, 3), "after follow");
+    assert_eq!((uplink.egress, uplink.ingress), (3, 3), "after follow");
+}
+
+/// Names of the TCX programs on an interface of a lab namespace (both directions).
+fn tc_programs(lab: &Lab, ns: &str, ifname: &str) -> String {
+    use aya::programs::{tc::TcAttachType, SchedClassifier};
+    podtrace::netns::run_in(Some(&lab.netns(ns)), || {
+        let mut names = Vec::new();
+        for t in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let (_, progs) = SchedClassifier::query_tcx(ifname, t)?;
+            for p in progs {
+                names.push(String::from_utf8_lossy(p.name()).into_owned());
+            }
+        }
+        Ok(names.join(" "))
+    })
+    .unwrap()
+}
+
+#[test]
+fn nothing_stays_attached_after_sigkill() {
+    let lab = Lab::up("fkil", "flannel");
+    let run = follow(&lab, "pod-a1", "10.244.1.5", &[]);
+    assert!(tc_programs(&lab, "node-a", "cni0").contains("hop_ingress"), "attached while running");
+    let pid = run.pid();
+    run.signal(nix::sys::signal::Signal::SIGKILL);
+    let (code, _, _) = run.wait(10);
+    assert_eq!(code, None, "killed by a signal");
+    std::thread::sleep(Duration::from_millis(300));
+    for (ns, ifname) in [
+        ("pod-a1", "eth0"),
+        ("node-a", "cni0"),
+        ("node-a", "flannel.1"),
+        ("node-a", "eth0"),
+        ("node-b", "eth0"),
+        ("pod-b1", "eth0"),
+    ] {
+        let progs = tc_programs(&lab, ns, ifname);
+        assert!(!progs.contains("hop_"), "{ns}/{ifname} still has: {progs}");
+    }
+    // The map pins that carry maps between program copies are gone too.
+    let pins: Vec<String> = std::fs::read_dir("/sys/fs/bpf")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("podtrace-{pid}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(pins.is_empty(), "{pins:?}");
+}
+
+#[test]
+fn sigterm_prints_the_summary() {
+    let lab = Lab::up("fsig", "flannel");
+    let run = follow(&lab, "pod-a1", "10.244.1.5", &[]);
+    ping(&lab, "pod-a1", "10.244.1.5", 1);
+    std::thread::sleep(Duration::from_millis(500));
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    let (code, _, summary) = finish(run);
+    assert_eq!(summary["verdict"], "confirmed");
+    assert_eq!(summary["packets"], 2);
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn a_pod_deleted_mid_run_ends_the_run_with_exit_2() {
+    let lab = Lab::up("fdel", "flannel");
+    let run = follow(&lab, "pod-a1", "10.244.1.5", &[]);
+    podtrace::netns::delete(&format!("{}pod-a1", lab.prefix)).unwrap();
+    let (code, _, stderr) = run.wait(10);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("is gone"), "{stderr}");
+}
+
+#[test]
+fn not_seen_when_nothing_flows() {
+    let lab = Lab::up("fnot", "flannel");
+    let run = follow(&lab, "pod-a1", "10.244.1.5", &["--duration", "1"]);
+    let (code, _, summary) = finish(run);
+    assert_eq!(summary["verdict"], "not_seen");
+    assert_eq!(code, Some(1));
+}
