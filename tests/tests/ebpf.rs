@@ -40,7 +40,15 @@ fn ping(pair: &VethPair, count: u32) -> bool {
     let count = count.to_string();
     pair.a
         .exec(&[
-            "ping", "-c", &count, "-i", "0.05", "-W", "1", "-q", &pair.b_ip.to_string(),
+            "ping",
+            "-c",
+            &count,
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+            "-q",
+            &pair.b_ip.to_string(),
         ])
         .status
         .success()
@@ -52,19 +60,31 @@ fn tc_probes_count_pings_on_both_hops() {
     let pair = VethPair::new(&unique_prefix("tc"), 1);
     let mut probes = attach(&pair);
     // Traffic that does not match the filter must not be counted: a UDP datagram a → b.
-    pair.a.exec(&["sh", "-c", &format!("echo x > /dev/udp/{}/9", pair.b_ip)]);
+    pair.a
+        .exec(&["sh", "-c", &format!("echo x > /dev/udp/{}/9", pair.b_ip)]);
     const N: u32 = 7;
     assert!(ping(&pair, N), "pings over the veth pair failed");
 
     let a = probes.hop_counts(HOP_A).unwrap();
     let b = probes.hop_counts(HOP_B).unwrap();
-    assert_eq!((a.egress, a.ingress), (N as u64, N as u64), "veth-a: requests out, replies in");
-    assert_eq!((b.ingress, b.egress), (N as u64, N as u64), "veth-b: requests in, replies out");
+    assert_eq!(
+        (a.egress, a.ingress),
+        (N as u64, N as u64),
+        "veth-a: requests out, replies in"
+    );
+    assert_eq!(
+        (b.ingress, b.egress),
+        (N as u64, N as u64),
+        "veth-b: requests in, replies out"
+    );
     let counters = probes.counters().unwrap();
     assert_eq!(counters.tc_matched, 4 * N as u64);
     // (ping's echo replies also show up as NO_SOCKET drops: a raw socket took a copy and
     // no ping socket claimed the original. The drop test checks the drop probe.)
-    assert!(counters.tc_seen > counters.tc_matched, "ARP/UDP were seen but not matched");
+    assert!(
+        counters.tc_seen > counters.tc_matched,
+        "ARP/UDP were seen but not matched"
+    );
     assert_eq!(counters.lost, 0);
 
     // Every matched packet also reached userspace as an event, in order along the path.
@@ -76,12 +96,15 @@ fn tc_probes_count_pings_on_both_hops() {
     events.retain(|e| e.kind == KIND_TC);
     assert_eq!(events.len(), 4 * N as usize);
     assert!(events.iter().all(|e| e.flow.proto == 1));
-    for seq in 1..=N as u32 {
+    for seq in 1..=N {
         let request = |hop, dir| {
             events
                 .iter()
                 .find(|e| {
-                    e.hop_id == hop && e.dir == dir && e.flow.flags == 8 && e.flow.seq & 0xffff == seq
+                    e.hop_id == hop
+                        && e.dir == dir
+                        && e.flow.flags == 8
+                        && e.flow.seq & 0xffff == seq
                 })
                 .unwrap_or_else(|| panic!("echo request {seq} at hop {hop} dir {dir}"))
                 .ts_ns
@@ -98,11 +121,18 @@ fn drop_probe_reports_netfilter_drops_with_their_reason() {
     pair.b
         .exec_ok(&["iptables", "-A", "INPUT", "-p", "icmp", "-j", "DROP"]);
     const M: u32 = 5;
-    assert!(!ping(&pair, M), "pings should be dropped by the iptables rule");
+    assert!(
+        !ping(&pair, M),
+        "pings should be dropped by the iptables rule"
+    );
     std::thread::sleep(Duration::from_millis(100));
 
     let b = probes.hop_counts(HOP_B).unwrap();
-    assert_eq!((b.ingress, b.egress), (M as u64, 0), "requests reached veth-b, no reply left");
+    assert_eq!(
+        (b.ingress, b.egress),
+        (M as u64, 0),
+        "requests reached veth-b, no reply left"
+    );
     assert_eq!(probes.counters().unwrap().drops_matched, M as u64);
 
     let reason = probes
@@ -117,11 +147,22 @@ fn drop_probe_reports_netfilter_drops_with_their_reason() {
             drops.push(ev);
         }
     }
-    let names: Vec<String> = drops.iter().map(|d| probes.drop_reasons().name(d.reason)).collect();
+    let names: Vec<String> = drops
+        .iter()
+        .map(|d| probes.drop_reasons().name(d.reason))
+        .collect();
     assert_eq!(drops.len(), M as usize, "drops seen: {names:?}");
     for d in &drops {
-        assert_eq!(d.reason, reason, "reason {}", probes.drop_reasons().name(d.reason));
-        assert_eq!(d.hop_id, HOP_B, "the drop happened on veth-b's namespace and device");
+        assert_eq!(
+            d.reason,
+            reason,
+            "reason {}",
+            probes.drop_reasons().name(d.reason)
+        );
+        assert_eq!(
+            d.hop_id, HOP_B,
+            "the drop happened on veth-b's namespace and device"
+        );
         assert_eq!(d.flow.flags, 8, "the echo requests were dropped");
     }
 }

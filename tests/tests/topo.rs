@@ -2,9 +2,8 @@
 //! for the flannel and the ENI topologies; the same answers by --pid and --netns; bad input.
 use std::process::Command;
 
-use podtrace_tests::{podtrace, Lab};
+use podtrace_tests::Lab;
 use serde_json::Value;
-
 
 fn topo_json(lab: &Lab, args: &[&str]) -> Value {
     let mut full = vec!["topo"];
@@ -24,7 +23,13 @@ fn hop_names(t: &Value) -> Vec<String> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|h| format!("{}:{}", h["role"].as_str().unwrap(), h["name"].as_str().unwrap()))
+        .map(|h| {
+            format!(
+                "{}:{}",
+                h["role"].as_str().unwrap(),
+                h["name"].as_str().unwrap()
+            )
+        })
         .collect()
 }
 
@@ -32,7 +37,15 @@ fn strip_veth(names: &[String]) -> Vec<String> {
     names
         .iter()
         .map(|n| match n.find("/veth").or_else(|| n.find("/eni")) {
-            Some(i) => format!("{}/<{}>", &n[..i], if n[i..].starts_with("/veth") { "veth" } else { "eni" }),
+            Some(i) => format!(
+                "{}/<{}>",
+                &n[..i],
+                if n[i..].starts_with("/veth") {
+                    "veth"
+                } else {
+                    "eni"
+                }
+            ),
             None => n.clone(),
         })
         .collect()
@@ -58,7 +71,12 @@ fn same_node_pods_meet_on_the_bridge() {
     assert_eq!(t["route"]["table"], 254);
     // The host veths are the real peers: their names match the `veth` + 8 hex convention and
     // both are ports of cni0.
-    for h in t["hops"].as_array().unwrap().iter().filter(|h| h["role"] == "host-veth") {
+    for h in t["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["role"] == "host-veth")
+    {
         assert_eq!(h["master"], "cni0");
         assert_eq!(h["ifname"].as_str().unwrap().len(), 12);
     }
@@ -99,7 +117,10 @@ fn cross_node_goes_through_flannel_to_the_remote_vtep() {
 #[test]
 fn eni_pods_follow_their_rule_and_table() {
     let lab = Lab::up("eni_", "eni");
-    for (pod, ip, table, eni) in [("pod-c1", "10.19.16.6", 2, "eth1"), ("pod-c2", "10.19.0.32", 3, "eth2")] {
+    for (pod, ip, table, eni) in [
+        ("pod-c1", "10.19.16.6", 2, "eth1"),
+        ("pod-c2", "10.19.0.32", 3, "eth2"),
+    ] {
         let t = topo_json(&lab, &[pod, "--dst", "10.19.0.11"]);
         assert_eq!(t["cni"], "aws-vpc-cni", "{pod}");
         assert_eq!(t["pod"]["ip"], ip);
@@ -130,13 +151,22 @@ fn pid_and_netns_give_the_same_answer() {
     let ns = lab.netns("pod-c2");
     // A process inside the pod's namespace, as a container's would be.
     let mut sleeper = Command::new("ip")
-        .args(["netns", "exec", &format!("{}pod-c2", lab.prefix), "sleep", "30"])
+        .args([
+            "netns",
+            "exec",
+            &format!("{}pod-c2", lab.prefix),
+            "sleep",
+            "30",
+        ])
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
     let pid = sleeper.id().to_string();
     let by_pid = topo_json(&lab, &["--pid", &pid, "--dst", "10.19.0.11"]);
-    let by_netns = topo_json(&lab, &["--netns", ns.to_str().unwrap(), "--dst", "10.19.0.11"]);
+    let by_netns = topo_json(
+        &lab,
+        &["--netns", ns.to_str().unwrap(), "--dst", "10.19.0.11"],
+    );
     let _ = sleeper.kill();
     let _ = sleeper.wait();
     // The pod's own hop names its namespace the way it was reached (/proc/PID/ns/net).
@@ -161,7 +191,10 @@ fn text_output_shows_the_chain_and_the_decision() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("cni: aws-vpc-cni"), "{text}");
-    assert!(text.contains("rule   1536: from 10.19.0.32 lookup 3"), "{text}");
+    assert!(
+        text.contains("rule   1536: from 10.19.0.32 lookup 3"),
+        "{text}"
+    );
     assert!(text.contains("→ node-c/eth2"), "{text}");
 }
 
@@ -177,8 +210,16 @@ fn fails_with(lab: &Lab, args: &[&str], needle: &str) {
 fn bad_input_exits_2_with_one_line() {
     let lab = Lab::up("bad_", "all");
     fails_with(&lab, &["topo", "no-such-pod"], "pod no-such-pod not found");
-    fails_with(&lab, &["topo", "pod-a1", "--dst", "10.0.0"], "not an IPv4 address");
-    fails_with(&lab, &["topo", "--netns", "/run/netns/podtrace-missing"], "not found");
+    fails_with(
+        &lab,
+        &["topo", "pod-a1", "--dst", "10.0.0"],
+        "not an IPv4 address",
+    );
+    fails_with(
+        &lab,
+        &["topo", "--netns", "/run/netns/podtrace-missing"],
+        "not found",
+    );
     fails_with(&lab, &["topo", "--pid", "999999999"], "no process with pid");
     // Not root: podtrace says so before touching anything.
     let out = Command::new("setpriv")

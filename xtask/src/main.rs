@@ -79,8 +79,17 @@ fn test(extra: &[String]) -> Result<()> {
     run("cargo", &["fmt", "--all", "--check"])?;
     run(
         "cargo",
-        &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
     )?;
+    // The integration tests drive the podtrace binary itself.
+    run("cargo", &["build", "--workspace", "--bins"])?;
     let mut args = vec!["test", "--workspace"];
     if !extra.is_empty() {
         args.push("--");

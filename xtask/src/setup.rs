@@ -112,7 +112,10 @@ fn bpf_linker() -> Result<()> {
             eprintln!("xtask: bpf-linker {BPF_LINKER_VERSION}: present");
             return Ok(());
         }
-        eprintln!("xtask: bpf-linker is {}; installing {BPF_LINKER_VERSION}", v.trim());
+        eprintln!(
+            "xtask: bpf-linker is {}; installing {BPF_LINKER_VERSION}",
+            v.trim()
+        );
     } else {
         eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (llvm-22, about a minute)");
     }

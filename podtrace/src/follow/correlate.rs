@@ -238,9 +238,11 @@ impl Correlator {
             Seen::Tc { hop, hook } => {
                 *self.counts.entry(hop).or_default() += 1;
                 // The same hop and hook twice: a new packet with identical headers.
-                if self.open.get(&k).is_some_and(|o| {
-                    o.rec.hops.iter().any(|h| h.hop == hop && h.hook == hook)
-                }) {
+                if self
+                    .open
+                    .get(&k)
+                    .is_some_and(|o| o.rec.hops.iter().any(|h| h.hop == hop && h.hook == hook))
+                {
                     let o = self.open.remove(&k).expect("checked");
                     closed = Some(self.finalize(o.rec));
                 }
@@ -367,7 +369,10 @@ impl Correlator {
             let ok = match s.hook {
                 // Crossed if the ports on both sides saw it.
                 Hook::Bridged => {
-                    i > 0 && i + 1 < expected.len() && seen(&expected[i - 1]) && seen(&expected[i + 1])
+                    i > 0
+                        && i + 1 < expected.len()
+                        && seen(&expected[i - 1])
+                        && seen(&expected[i + 1])
                 }
                 _ => seen(s),
             };

@@ -61,6 +61,8 @@ pub enum Stop {
 
 /// Ends a run when it returns `Some`.
 pub type Tick<'a> = dyn FnMut(&mut Session) -> Result<Option<Stop>> + 'a;
+/// Takes one ring buffer record; ends the run when it returns `Some`.
+pub type OnEvent<'a> = dyn FnMut(&Session, &[u8]) -> Result<Option<Stop>> + 'a;
 
 /// Runs the event loop: feeds every decoded event to `on_event`, calls `on_tick` every 100 ms,
 /// and stops on a signal, `duration`, or when a callback says so.
@@ -68,7 +70,7 @@ pub fn run_loop(
     session: &mut Session,
     duration: Option<Duration>,
     watch: Vec<PathBuf>,
-    on_event: &mut dyn FnMut(&Session, &[u8]) -> Result<Option<Stop>>,
+    on_event: &mut OnEvent<'_>,
     on_tick: &mut Tick<'_>,
 ) -> Result<Stop> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -198,7 +200,9 @@ fn follow_with(
             "expected →  {}",
             plan.forward
                 .iter()
-                .filter_map(|s| plan.hop(s.hop).map(|h| format!("{} {}", h.name, s.hook.as_str())))
+                .filter_map(|s| plan
+                    .hop(s.hop)
+                    .map(|h| format!("{} {}", h.name, s.hook.as_str())))
                 .collect::<Vec<_>>()
                 .join(" > ")
         );

@@ -34,7 +34,13 @@ pub fn describe(f: &FlowInfo) -> String {
         }
         6 => {
             let mut flags = String::new();
-            for (bit, c) in [(0x02, 'S'), (0x10, '.'), (0x08, 'P'), (0x01, 'F'), (0x04, 'R')] {
+            for (bit, c) in [
+                (0x02, 'S'),
+                (0x10, '.'),
+                (0x08, 'P'),
+                (0x01, 'F'),
+                (0x04, 'R'),
+            ] {
                 if f.flags & bit != 0 {
                     flags.push(c);
                 }
@@ -153,7 +159,13 @@ pub fn packet_json(plan: &Plan, r: &PacketRecord) -> Value {
 
 pub fn packet_text(plan: &Plan, r: &PacketRecord) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "#{} {} {}", r.id, arrow(r.direction), describe(&r.flow));
+    let _ = writeln!(
+        out,
+        "#{} {} {}",
+        r.id,
+        arrow(r.direction),
+        describe(&r.flow)
+    );
     let t0 = r.hops.first().map(|h| h.ts_ns).unwrap_or(0);
     let mut prev = t0;
     for h in &r.hops {
@@ -208,7 +220,10 @@ pub fn packet_text(plan: &Plan, r: &PacketRecord) -> String {
             .missing
             .iter()
             .filter(|s| s.hook != Hook::Bridged)
-            .filter_map(|s| plan.hop(s.hop).map(|h| format!("{} {}", h.name, s.hook.as_str())))
+            .filter_map(|s| {
+                plan.hop(s.hop)
+                    .map(|h| format!("{} {}", h.name, s.hook.as_str()))
+            })
             .collect();
         let _ = writeln!(out, "    not seen at: {}", names.join(", "));
     }
@@ -241,15 +256,27 @@ pub fn summary_json(
             .filter(|s| !best.missing.contains(s))
             .copied()
             .collect();
-        for h in best.hops.iter().filter(|h| best.unexpected.contains(&h.hop)) {
-            steps.push(Step { hop: h.hop, hook: h.hook });
+        for h in best
+            .hops
+            .iter()
+            .filter(|h| best.unexpected.contains(&h.hop))
+        {
+            steps.push(Step {
+                hop: h.hop,
+                hook: h.hook,
+            });
         }
         steps.iter().map(|s| step_json(plan, s)).collect()
     };
     let interfaces: serde_json::Map<String, Value> = plan
         .hops
         .iter()
-        .map(|h| (h.name.clone(), json!(counts.get(&h.id).copied().unwrap_or(0))))
+        .map(|h| {
+            (
+                h.name.clone(),
+                json!(counts.get(&h.id).copied().unwrap_or(0)),
+            )
+        })
         .collect();
     json!({
         "type": "summary",
@@ -310,7 +337,11 @@ pub fn summary_text(plan: &Plan, summary: &Value) -> String {
             "    {:<28} {:>6}{}",
             h.name,
             n,
-            if h.on_path { "" } else { "   (watched: not on the path)" }
+            if h.on_path {
+                ""
+            } else {
+                "   (watched: not on the path)"
+            }
         );
     }
     if let Some(drops) = summary["drops"].as_array() {

@@ -131,7 +131,10 @@ pub fn build(topo: &Topology, extra_uplinks: Vec<Hop>) -> Plan {
         });
     }
     for h in extra_uplinks {
-        if hops.iter().any(|p: &PlannedHop| p.name == h.name && p.netns == h.netns) {
+        if hops
+            .iter()
+            .any(|p: &PlannedHop| p.name == h.name && p.netns == h.netns)
+        {
             continue;
         }
         let id = hops.len() as u32;
@@ -292,13 +295,21 @@ pub(crate) mod tests {
         let plan = build(&t, vec![hop("uplink", "node-c", "node-c", "eth0")]);
         assert_eq!(
             hooks(&plan, &plan.forward),
-            ["pod-c2/eth0 egress", "node-c/eni1 ingress", "node-c/eth2 egress"]
+            [
+                "pod-c2/eth0 egress",
+                "node-c/eni1 ingress",
+                "node-c/eth2 egress"
+            ]
         );
         assert_eq!(plan.hops.len(), 4);
         assert!(!plan.hops[3].on_path);
         assert_eq!(
             hooks(&plan, &plan.reverse),
-            ["node-c/eth2 ingress", "node-c/eni1 egress", "pod-c2/eth0 ingress"]
+            [
+                "node-c/eth2 ingress",
+                "node-c/eni1 egress",
+                "pod-c2/eth0 ingress"
+            ]
         );
     }
 }

@@ -153,7 +153,8 @@ impl Session {
         let data = bytes
             .get(data_start..data_start + ev.cap_len as usize)
             .unwrap_or_default();
-        let hop = (ev.hop_id != u32::MAX && self.plan.hop(ev.hop_id).is_some()).then_some(ev.hop_id);
+        let hop =
+            (ev.hop_id != u32::MAX && self.plan.hop(ev.hop_id).is_some()).then_some(ev.hop_id);
         // Kernel-wide probes see every namespace: keep what happened in the session's.
         if ev.kind != KIND_TC && !self.names.knows(ev.netns_cookie) {
             return None;
@@ -212,8 +213,8 @@ impl Session {
 
 /// The monotonic clock the eBPF programs stamp events with.
 pub fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC");
+    let ts =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
@@ -257,11 +258,13 @@ pub fn node_uplinks(topo: &Topology) -> Result<Vec<crate::topology::Hop>> {
             hop.vni = None;
             hop.vtep = None;
             hop.port = None;
-            hop.uplink = Some(if Some(&l.name) == topo.primary.as_ref() && h.node == topo.pod.node {
-                "primary".into()
-            } else {
-                "other".into()
-            });
+            hop.uplink = Some(
+                if Some(&l.name) == topo.primary.as_ref() && h.node == topo.pod.node {
+                    "primary".into()
+                } else {
+                    "other".into()
+                },
+            );
             out.push(hop);
         }
     }

@@ -37,10 +37,18 @@ struct Member {
 
 #[derive(Debug, Clone)]
 enum Type {
-    Composite { name: u32, members: Vec<Member> },
-    Enum { name: u32, values: Vec<(u32, i64)> },
+    Composite {
+        name: u32,
+        members: Vec<Member>,
+    },
+    Enum {
+        name: u32,
+        values: Vec<(u32, i64)>,
+    },
     /// Typedef/const/volatile/restrict/type tag: refers to another type.
-    Alias { target: u32 },
+    Alias {
+        target: u32,
+    },
     Other,
 }
 
@@ -371,6 +379,8 @@ mod tests {
             btf.member_offset(s, f).unwrap();
         }
         let reasons = btf.enum_values("skb_drop_reason").unwrap();
-        assert!(reasons.iter().any(|(n, _)| n == "SKB_DROP_REASON_NETFILTER_DROP"));
+        assert!(reasons
+            .iter()
+            .any(|(n, _)| n == "SKB_DROP_REASON_NETFILTER_DROP"));
     }
 }

@@ -66,7 +66,9 @@ impl KernelSupport {
     /// As [`KernelSupport::detect`], under another root (tests).
     pub fn detect_in(root: &Path) -> Self {
         Self {
-            kprobes: root.join("sys/bus/event_source/devices/kprobe/type").exists(),
+            kprobes: root
+                .join("sys/bus/event_source/devices/kprobe/type")
+                .exists(),
             tp_btf: root.join("sys/kernel/btf/vmlinux").exists(),
         }
     }

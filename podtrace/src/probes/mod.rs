@@ -112,7 +112,11 @@ impl FilterSpec {
             proto: self.proto.unwrap_or(0),
             flags: FILTER_ENABLED
                 | if self.emit { FILTER_EMIT } else { 0 }
-                | if self.snaplen.is_some() { FILTER_CAPTURE } else { 0 },
+                | if self.snaplen.is_some() {
+                    FILTER_CAPTURE
+                } else {
+                    0
+                },
             vxlan_port: self.vxlan_port,
             _pad: 0,
             snaplen: self.snaplen.unwrap_or(0).min(MAX_SNAPLEN),
@@ -235,7 +239,9 @@ impl Probes {
         let kbtf = btf::Btf::from_sys_fs()?;
         let offsets = kernel_offsets(&kbtf)?;
         let reasons = DropReasons::from_btf(&kbtf);
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .context("counting CPUs")?;
         let bpf = EbpfLoader::new()
             .map_max_entries("CAPTURE_SCRATCH", cpus as u32)
             .load(EBPF_OBJECT)
@@ -426,7 +432,10 @@ impl Probes {
                 }
             }
             if evidence == hooks::Evidence::Drop && report.attached.is_none() {
-                bail!("no drop probe could be attached: {}", report.notes.join("; "));
+                bail!(
+                    "no drop probe could be attached: {}",
+                    report.notes.join("; ")
+                );
             }
             reports.push(report);
         }
@@ -463,7 +472,8 @@ impl Probes {
                             .ok_or_else(|| anyhow!("eBPF program {name} missing"))?
                             .try_into()?;
                         if prog.fd().is_err() {
-                            prog.load().with_context(|| format!("loading kprobe {name}"))?;
+                            prog.load()
+                                .with_context(|| format!("loading kprobe {name}"))?;
                         }
                         let link = prog
                             .attach(function, 0)
@@ -474,10 +484,8 @@ impl Probes {
                     if let Err(e) = result {
                         // All or nothing: detach the half that attached.
                         for (name, link) in links {
-                            if let Some(Ok(p)) = self
-                                .bpf
-                                .program_mut(name)
-                                .map(<&mut KProbe>::try_from)
+                            if let Some(Ok(p)) =
+                                self.bpf.program_mut(name).map(<&mut KProbe>::try_from)
                             {
                                 let _ = p.detach(link);
                             }
@@ -551,7 +559,7 @@ pub fn read_event(bytes: &[u8]) -> Option<Event> {
 /// Mounts bpffs on /sys/fs/bpf unless one is there (as bpftool does).
 fn ensure_bpffs() -> Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    if nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC) {
+    if nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC) {
         return Ok(());
     }
     nix::mount::mount(

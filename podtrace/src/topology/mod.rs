@@ -140,7 +140,14 @@ fn ns_string(ns: Option<&Path>) -> String {
         .unwrap_or_else(|| "/proc/1/ns/net".to_owned())
 }
 
-fn hop_of(link: &Link, snap: &Snapshot, role: &str, owner: &str, node: &str, ns: Option<&Path>) -> Hop {
+fn hop_of(
+    link: &Link,
+    snap: &Snapshot,
+    role: &str,
+    owner: &str,
+    node: &str,
+    ns: Option<&Path>,
+) -> Hop {
     Hop {
         role: role.to_owned(),
         name: format!("{owner}/{}", link.name),
@@ -166,7 +173,10 @@ fn hop_of(link: &Link, snap: &Snapshot, role: &str, owner: &str, node: &str, ns:
             .map(|ip| ip.to_string()),
         port: link.vxlan.as_ref().and_then(|v| v.port),
         uplink: None,
-        netns_path: Some(ns.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/proc/1/ns/net"))),
+        netns_path: Some(
+            ns.map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("/proc/1/ns/net")),
+        ),
     }
 }
 
@@ -205,8 +215,13 @@ fn candidate_node_namespaces(pod_ns: &Path) -> Vec<Option<PathBuf>> {
 }
 
 fn resolve_side(loc: &PodLocation) -> Result<Side> {
-    let pod_snap = snapshot_of(Some(&loc.netns))
-        .with_context(|| format!("reading pod {}'s namespace {}", loc.name, loc.netns.display()))?;
+    let pod_snap = snapshot_of(Some(&loc.netns)).with_context(|| {
+        format!(
+            "reading pod {}'s namespace {}",
+            loc.name,
+            loc.netns.display()
+        )
+    })?;
     let eth0 = pod_interface(&pod_snap)?;
     let ip = pod_snap
         .addrs_of(eth0.index)
@@ -229,8 +244,9 @@ fn resolve_side(loc: &PodLocation) -> Result<Side> {
     };
     let (node_ns, node_snap, host_veth) = match &loc.node_netns {
         Some(ns) => {
-            let snap = snapshot_of(Some(ns))
-                .with_context(|| format!("reading node {}'s namespace {}", loc.node, ns.display()))?;
+            let snap = snapshot_of(Some(ns)).with_context(|| {
+                format!("reading node {}'s namespace {}", loc.node, ns.display())
+            })?;
             let veth = is_peer(&snap).ok_or_else(|| {
                 anyhow!(
                     "pod {}'s veth peer (ifindex {peer_index}) is not in node {}'s namespace",
@@ -349,7 +365,10 @@ impl Side {
                 if let Some(br) = self.bridge() {
                     hops.push(self.node_hop(br, "bridge"));
                 }
-            } else if let Some(r) = self.node_snap.lookup(TABLE_MAIN, remote_vtep_peer.unwrap_or(ip)) {
+            } else if let Some(r) = self
+                .node_snap
+                .lookup(TABLE_MAIN, remote_vtep_peer.unwrap_or(ip))
+            {
                 if let Some(l) = r.oif.and_then(|i| self.node_snap.link(i)) {
                     hops.push(self.node_hop(l, "uplink"));
                 }
@@ -521,7 +540,12 @@ fn decide(
     let kernel = read::in_netns(side.node_ns.as_deref(), |h| async move {
         read::route_get(&h, dst, Some(src), Some(iif.index)).await
     })
-    .with_context(|| format!("asking node {}'s kernel for the route to {dst}", side.loc.node))?;
+    .with_context(|| {
+        format!(
+            "asking node {}'s kernel for the route to {dst}",
+            side.loc.node
+        )
+    })?;
     let key = rules::FlowKey {
         src,
         dst,
@@ -563,8 +587,13 @@ fn decide(
         "bridge" => {
             // The destination is on this node's bridge: another pod behind another port.
             if let Some(dp) = dest_pod.filter(|d| {
-                d.node_netns.as_ref().and_then(|p| crate::netns::inode_of(p).ok())
-                    == side.node_ns.as_deref().and_then(|p| crate::netns::inode_of(p).ok())
+                d.node_netns
+                    .as_ref()
+                    .and_then(|p| crate::netns::inode_of(p).ok())
+                    == side
+                        .node_ns
+                        .as_deref()
+                        .and_then(|p| crate::netns::inode_of(p).ok())
             }) {
                 let other = resolve_side(dp)?;
                 hops.push(other.node_hop(&other.host_veth, "host-veth"));

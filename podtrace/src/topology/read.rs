@@ -16,9 +16,7 @@ use rtnetlink::{
     Handle, IpVersion, RouteMessageBuilder,
 };
 
-use super::snapshot::{
-    Addr, Fdb, Link, Mac, Neigh, Route, Rule, RuleAction, Snapshot, VxlanInfo,
-};
+use super::snapshot::{Addr, Fdb, Link, Mac, Neigh, Route, Rule, RuleAction, Snapshot, VxlanInfo};
 
 /// Runs `f` with an rtnetlink handle bound to the namespace at `ns` (`None`: the caller's).
 pub fn in_netns<T, F, Fut>(ns: Option<&Path>, f: F) -> Result<T>
@@ -224,9 +222,7 @@ pub async fn snapshot(handle: &Handle) -> Result<Snapshot> {
                         have_mac = true;
                     }
                 }
-                NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
-                    entry.dst = Some(*a)
-                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => entry.dst = Some(*a),
                 // AF_BRIDGE messages carry NDA_DST without a family to parse it by.
                 NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
                     entry.dst = Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))

@@ -3,9 +3,7 @@
 //! no route, or a `throw` route, goes on to the next rule).
 use std::net::Ipv4Addr;
 
-use super::snapshot::{
-    prefix_contains, Route, Rule, RuleAction, Snapshot, RTN_THROW,
-};
+use super::snapshot::{prefix_contains, Route, Rule, RuleAction, Snapshot, RTN_THROW};
 
 /// What a packet looks like to the rules.
 #[derive(Debug, Clone)]
@@ -33,7 +31,9 @@ fn matches(rule: &Rule, key: &FlowKey<'_>) -> bool {
             .dst
             .is_none_or(|(net, len)| prefix_contains(net, len, key.dst))
         && rule.iif.as_deref().is_none_or(|i| i == key.iif)
-        && rule.fwmark.is_none_or(|(mark, mask)| key.fwmark & mask == mark)
+        && rule
+            .fwmark
+            .is_none_or(|(mark, mask)| key.fwmark & mask == mark)
         && rule.oif.is_none();
     m != rule.invert
 }
@@ -137,7 +137,12 @@ mod tests {
         Snapshot {
             rules: vec![
                 rule(0, None, None, RuleAction::Lookup(TABLE_LOCAL)),
-                rule(512, None, Some("10.19.0.32"), RuleAction::Lookup(TABLE_MAIN)),
+                rule(
+                    512,
+                    None,
+                    Some("10.19.0.32"),
+                    RuleAction::Lookup(TABLE_MAIN),
+                ),
                 rule(1536, Some("10.19.0.32"), None, RuleAction::Lookup(3)),
                 rule(1536, Some("10.19.16.6"), None, RuleAction::Lookup(2)),
                 rule(32766, None, None, RuleAction::Lookup(TABLE_MAIN)),
@@ -188,7 +193,8 @@ mod tests {
     #[test]
     fn without_the_pod_rule_egress_falls_to_main_and_eth0() {
         let mut snap = eni_node();
-        snap.rules.retain(|r| !(r.priority == 1536 && r.src.unwrap().0 == ip("10.19.0.32")));
+        snap.rules
+            .retain(|r| !(r.priority == 1536 && r.src.unwrap().0 == ip("10.19.0.32")));
         let key = FlowKey {
             src: ip("10.19.0.32"),
             dst: ip("10.19.0.11"),
@@ -205,8 +211,10 @@ mod tests {
     #[test]
     fn empty_tables_fall_through_and_goto_jumps() {
         let mut snap = eni_node();
-        snap.rules.push(rule(100, None, None, RuleAction::Lookup(77)));
-        snap.rules.push(rule(200, None, None, RuleAction::Goto(32766)));
+        snap.rules
+            .push(rule(100, None, None, RuleAction::Lookup(77)));
+        snap.rules
+            .push(rule(200, None, None, RuleAction::Goto(32766)));
         let key = FlowKey {
             src: ip("10.19.16.6"),
             dst: ip("8.8.8.8"),
