@@ -6,8 +6,10 @@
 //! - [`probes`]: loading and attaching the eBPF programs (tc hops, drop/FIB/xmit tracing).
 //! - [`topology`]: finding a pod and resolving its path and routing decision (`topo`).
 //! - [`follow`]: following real packets hop by hop, correlation and verdicts (`follow`).
+//! - [`capture`]: rotating pcap/pcapng files of every hop (`capture`, `follow -w`).
 //! - [`lab`]: the seeds' flannel and ENI topologies rebuilt in network namespaces.
 //! - [`pcap`]: pcap/pcapng writing with rotation, and the capture filter language.
+pub mod capture;
 pub mod cli;
 pub mod follow;
 pub mod lab;

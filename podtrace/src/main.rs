@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "podtrace", version, about = "eBPF packet path tracer for Kubernetes pods")]
+#[command(
+    name = "podtrace",
+    version,
+    about = "eBPF packet path tracer for Kubernetes pods"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -23,6 +27,8 @@ enum Command {
     /// Follow a pod's packets to and from --dst hop by hop with eBPF: per-hop timing, where
     /// a packet died and why. Exit 0 when the expected path is confirmed, 1 otherwise.
     Follow(podtrace::follow::FollowArgs),
+    /// Capture the pod's packets on every hop to rotating pcapng/pcap files.
+    Capture(podtrace::capture::CaptureArgs),
 }
 
 fn root() -> anyhow::Result<()> {
@@ -49,6 +55,7 @@ fn main() -> ExitCode {
         Command::Lab(args) => root().and_then(|()| podtrace::lab::run(args)),
         Command::Topo(args) => root().and_then(|()| podtrace::topology::cmd::run(args)),
         Command::Follow(args) => root().and_then(|()| podtrace::follow::run(args)),
+        Command::Capture(args) => root().and_then(|()| podtrace::capture::run(args)),
     };
     match result {
         Ok(code) => code,

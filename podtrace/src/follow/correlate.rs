@@ -157,7 +157,7 @@ pub fn drop_hint(reason: &str, location: &str) -> String {
 
 /// Reasons the destination's socket layer gives for freeing a packet the network delivered:
 /// not a path problem (a netfilter drop in the destination pod still is one).
-fn after_delivery(reason: &str) -> bool {
+pub fn after_delivery(reason: &str) -> bool {
     reason.starts_with("TCP_")
         || reason.starts_with("SOCKET_")
         || matches!(

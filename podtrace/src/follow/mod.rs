@@ -47,6 +47,9 @@ pub struct FollowArgs {
     /// One JSON object per line.
     #[arg(long)]
     pub json: bool,
+    /// Also write the packets to rotating pcapng/pcap files (-w FILE, -C, -G, -W, ...).
+    #[command(flatten)]
+    pub out: crate::capture::OutputArgs,
 }
 
 /// What made a run stop.
@@ -145,7 +148,7 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
         &SessionOptions {
             proto: args.proto,
             port: args.port,
-            snaplen: None,
+            snaplen: args.out.write.is_some().then(|| args.out.kernel_snaplen()),
         },
     )?;
     follow_with(&args, &topo, &mut session, pod_ip, &loc.netns)
@@ -226,6 +229,17 @@ fn follow_with(
     };
     let reached = |records: &Vec<PacketRecord>| count.is_some_and(|c| records.len() as u64 >= c);
 
+    let mut sink = match &args.out.write {
+        Some(_) => Some(crate::capture::CaptureSink::create(
+            &args.out,
+            &plan,
+            None,
+            None,
+            Duration::ZERO,
+        )?),
+        None => None,
+    };
+    let sink_cell = std::cell::RefCell::new(&mut sink);
     let records_cell = std::cell::RefCell::new(&mut records);
     let correlator_cell = std::cell::RefCell::new(&mut correlator);
     let stop = run_loop(
@@ -233,7 +247,10 @@ fn follow_with(
         args.duration,
         vec![pod_netns.to_path_buf()],
         &mut |s, bytes| {
-            if let Some((_, obs, _)) = s.decode(bytes) {
+            if let Some((ev, obs, data)) = s.decode(bytes) {
+                if let Some(sink) = sink_cell.borrow_mut().as_mut() {
+                    sink.on_event(&ev, &obs, data)?;
+                }
                 if let Some(closed) = correlator_cell.borrow_mut().feed(obs) {
                     emit(&mut records_cell.borrow_mut(), vec![closed])?;
                 }
@@ -241,6 +258,9 @@ fn follow_with(
             Ok(None)
         },
         &mut |s| {
+            if let Some(sink) = sink_cell.borrow_mut().as_mut() {
+                sink.tick()?;
+            }
             let done = correlator_cell
                 .borrow_mut()
                 .flush(session::monotonic_ns(), 300_000_000);
@@ -257,9 +277,16 @@ fn follow_with(
             }
             Ok(reached(&records_cell.borrow()).then_some(Stop::Count))
         },
-    )?;
+    );
     if live {
         eprint!("\r\x1b[K");
+    }
+    let lost = session.probes.counters().map(|c| c.lost).unwrap_or(0);
+    // Close the capture files whatever stopped us, so they are complete.
+    let captured = sink.as_mut().map(|s| s.finish(lost)).transpose();
+    let stop = stop?;
+    if let Some((stats, files)) = captured.context("closing the capture")? {
+        crate::capture::report(&stats, &files, &plan);
     }
     let rest = correlator.finish();
     emit(&mut records, rest)?;
@@ -269,7 +296,6 @@ fn follow_with(
             topo.pod.name
         );
     }
-    let lost = session.probes.counters().map(|c| c.lost).unwrap_or(0);
     let summary = output::summary_json(&plan, &records, &correlator.counts, lost, &session.hooks);
     if json {
         println!("{summary}");

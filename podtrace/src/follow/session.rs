@@ -223,8 +223,8 @@ pub fn netns_alive(path: &Path) -> bool {
     path.exists()
 }
 
-/// The uplinks of every node on the plan's path: interfaces with an IPv4 address that are not
-/// bridges, VXLAN devices or loopback.
+/// The uplinks of every node on the plan's path (interfaces with an IPv4 address that are not
+/// bridges or loopback) and its VXLAN devices: where a pod's traffic can leave the node.
 pub fn node_uplinks(topo: &Topology) -> Result<Vec<crate::topology::Hop>> {
     let mut out = Vec::new();
     let mut done: Vec<String> = Vec::new();
@@ -236,14 +236,14 @@ pub fn node_uplinks(topo: &Topology) -> Result<Vec<crate::topology::Hop>> {
         let ns: Option<PathBuf> = h.netns_path.clone();
         let snap = read::in_netns(ns.as_deref(), |hd| async move { read::snapshot(&hd).await })?;
         for l in &snap.links {
-            if l.name == "lo" || l.kind == "bridge" || l.kind == "vxlan" {
+            if l.name == "lo" || l.kind == "bridge" {
                 continue;
             }
-            if snap.addrs_of(l.index).next().is_none() {
+            if l.kind != "vxlan" && snap.addrs_of(l.index).next().is_none() {
                 continue;
             }
             let mut hop = h.clone();
-            hop.role = "uplink".into();
+            hop.role = if l.kind == "vxlan" { "vxlan" } else { "uplink" }.into();
             hop.name = format!("{}/{}", h.node, l.name);
             hop.ifname = l.name.clone();
             hop.ifindex = l.index;

@@ -1,0 +1,475 @@
+//! `podtrace capture` (and `follow -w`) on the lab, read back with tshark and tcpdump: packets
+//! per hop interface, directions, rotation by size and time with the -W ring, classic pcap, a
+//! filter expression, --stop-on drop, and a full disk.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use podtrace_tests::{podtrace, Lab, Running};
+
+/// A scratch directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("podtrace-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.0.join(name).to_str().unwrap().to_owned()
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `tshark -r FILE -Y FILTER -T fields -e FIELD...`, one line per packet.
+fn tshark(file: &Path, filter: &str, fields: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "-r".to_owned(),
+        file.to_str().unwrap().to_owned(),
+        "-d".into(),
+        "udp.port==8472,vxlan".into(),
+        "-Y".into(),
+        filter.into(),
+        "-T".into(),
+        "fields".into(),
+    ];
+    for f in fields {
+        args.push("-e".into());
+        args.push((*f).into());
+    }
+    let out = Command::new("tshark").args(&args).output().expect("tshark");
+    assert!(
+        out.status.success(),
+        "tshark {file:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn count_by_first_field(lines: &[String]) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for l in lines {
+        *m.entry(l.split('\t').next().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    m
+}
+
+fn capture(lab: &Lab, args: &[&str]) -> Running {
+    let mut full = vec!["capture"];
+    full.extend_from_slice(args);
+    full.extend(["--lab", &lab.prefix]);
+    Running::start(&full)
+}
+
+fn udp_burst(lab: &Lab, from: &str, to: &str, port: u16, count: u32, size: usize) {
+    let code = format!(
+        "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor i in range({count}):\n    s.sendto(b'x'*{size},('{to}',{port}))\n    time.sleep(0.002)"
+    );
+    let out = lab.exec(from, &["python3", "-c", &code]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn n_pings_give_n_echo_requests_on_every_hop() {
+    let lab = Lab::up("cping", "flannel");
+    let dir = Scratch::new("cping");
+    let file = dir.file("ping.pcapng");
+    let run = capture(
+        &lab,
+        &[
+            "pod-a1",
+            "--dst",
+            "10.244.1.5",
+            "-w",
+            &file,
+            "--duration",
+            "4",
+        ],
+    );
+    const N: usize = 5;
+    let out = lab.exec("pod-a1", &["ping", "-c", "5", "-i", "0.2", "10.244.1.5"]);
+    assert!(out.status.success());
+    let (code, _, stderr) = run.wait(20);
+    assert_eq!(code, Some(0), "{stderr}");
+    let requests = tshark(
+        Path::new(&file),
+        "icmp.type == 8",
+        &["frame.interface_name", "frame.packet_flags_direction"],
+    );
+    let per_hop = count_by_first_field(&requests);
+    let hops: Vec<&str> = per_hop.keys().map(String::as_str).collect();
+    assert_eq!(hops.len(), 10, "{per_hop:?}");
+    for (hop, n) in &per_hop {
+        assert_eq!(*n, N, "{hop}: {per_hop:?}");
+    }
+    for want in [
+        "pod-a1/eth0",
+        "node-a/cni0",
+        "node-a/flannel.1",
+        "node-a/eth0",
+        "node-b/eth0",
+        "pod-b1/eth0",
+    ] {
+        assert!(per_hop.contains_key(want), "{want} missing: {per_hop:?}");
+    }
+    // Directions: the pod sends, the destination pod receives.
+    let dir_of = |hop: &str| -> Vec<String> {
+        requests
+            .iter()
+            .filter(|l| l.starts_with(&format!("{hop}\t")))
+            .map(|l| l.split('\t').nth(1).unwrap().to_owned())
+            .collect()
+    };
+    assert!(
+        dir_of("pod-a1/eth0")
+            .iter()
+            .all(|d| u32::from_str_radix(d.trim_start_matches("0x"), 16) == Ok(2)),
+        "{:?}",
+        dir_of("pod-a1/eth0")
+    );
+    assert!(dir_of("pod-b1/eth0")
+        .iter()
+        .all(|d| u32::from_str_radix(d.trim_start_matches("0x"), 16) == Ok(1)));
+    // The underlay frames are the VXLAN-encapsulated ones.
+    let vxlan = tshark(
+        Path::new(&file),
+        "vxlan && icmp.type == 8",
+        &["frame.interface_name"],
+    );
+    assert_eq!(
+        count_by_first_field(&vxlan)
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>(),
+        ["node-a/eth0", "node-b/eth0"]
+    );
+    // The file is private.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
+
+#[test]
+fn rotation_by_size_keeps_a_ring_of_w_files() {
+    let lab = Lab::up("csize", "flannel");
+    let dir = Scratch::new("csize");
+    let file = dir.file("ring.pcapng");
+    let run = capture(
+        &lab,
+        &[
+            "pod-a1",
+            "--dst",
+            "10.244.1.5",
+            "-w",
+            &file,
+            "-C",
+            "1",
+            "-W",
+            "3",
+        ],
+    );
+    // ~1400-byte datagrams, seen on 10 hops: about 5.6 MB in all.
+    udp_burst(&lab, "pod-a1", "10.244.1.5", 7000, 400, 1400);
+    std::thread::sleep(Duration::from_millis(500));
+    run.signal(nix::sys::signal::Signal::SIGINT);
+    let (code, _, stderr) = run.wait(20);
+    assert_eq!(code, Some(0), "{stderr}");
+    let files = dir.files();
+    assert_eq!(files.len(), 3, "{files:?}");
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["ring.pcapng0", "ring.pcapng1", "ring.pcapng2"]);
+    for f in &files {
+        let size = std::fs::metadata(f).unwrap().len();
+        assert!(size <= 1_000_000, "{f:?} is {size} bytes");
+        assert!(
+            !tshark(f, "udp.dstport == 7000", &["frame.number"]).is_empty(),
+            "{f:?} readable, with packets"
+        );
+    }
+    assert!(stderr.contains("keep the newest 3 files"), "{stderr}");
+}
+
+#[test]
+fn rotation_by_time_and_by_both() {
+    let lab = Lab::up("ctime", "flannel");
+    let dir = Scratch::new("ctime");
+    let file = dir.file("t.pcapng");
+    let run = capture(
+        &lab,
+        &[
+            "pod-a1",
+            "--dst",
+            "10.244.1.5",
+            "-w",
+            &file,
+            "-G",
+            "1",
+            "-W",
+            "2",
+        ],
+    );
+    for _ in 0..4 {
+        let _ = lab.exec("pod-a1", &["ping", "-c", "2", "-i", "0.2", "10.244.1.5"]);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    let (code, _, stderr) = run.wait(20);
+    assert_eq!(code, Some(0), "{stderr}");
+    let files = dir.files();
+    assert!(!files.is_empty() && files.len() <= 2, "{files:?}");
+    for f in &files {
+        tshark(f, "icmp", &["frame.number"]);
+    }
+    // Both: size or time, whichever first.
+    let both = dir.file("b.pcapng");
+    let run = capture(
+        &lab,
+        &[
+            "pod-a1",
+            "--dst",
+            "10.244.1.5",
+            "-w",
+            &both,
+            "-C",
+            "1",
+            "-G",
+            "1",
+            "-W",
+            "4",
+        ],
+    );
+    udp_burst(&lab, "pod-a1", "10.244.1.5", 7001, 300, 1400);
+    std::thread::sleep(Duration::from_millis(1500));
+    run.signal(nix::sys::signal::Signal::SIGINT);
+    let (code, _, stderr) = run.wait(20);
+    assert_eq!(code, Some(0), "{stderr}");
+    let files: Vec<PathBuf> = dir
+        .files()
+        .into_iter()
+        .filter(|f| f.to_string_lossy().contains("b.pcapng"))
+        .collect();
+    assert!(files.len() >= 2 && files.len() <= 4, "{files:?}");
+    for f in &files {
+        assert!(std::fs::metadata(f).unwrap().len() <= 1_000_000);
+        tshark(f, "udp", &["frame.number"]);
+    }
+}
+
+#[test]
+fn classic_pcap_and_a_udp_only_expression() {
+    let lab = Lab::up("cexpr", "flannel");
+    let dir = Scratch::new("cexpr");
+    let file = dir.file("udp.pcap");
+    let run = capture(
+        &lab,
+        &[
+            "pod-a1",
+            "udp",
+            "and",
+            "port",
+            "7002",
+            "-w",
+            &file,
+            "--format",
+            "pcap",
+            "--duration",
+            "4",
+        ],
+    );
+    let _ = lab.exec("pod-a1", &["ping", "-c", "3", "-i", "0.2", "10.244.1.5"]);
+    udp_burst(&lab, "pod-a1", "10.244.1.5", 7002, 5, 100);
+    let (code, _, stderr) = run.wait(20);
+    assert_eq!(code, Some(0), "{stderr}");
+    // tcpdump reads classic pcap.
+    let out = Command::new("tcpdump")
+        .args(["-nn", "-r", &file])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("ICMP"), "only UDP: {text}");
+    // Without --dst: the pod's side of the path and where traffic can leave its node: pod eth0,
+    // host veth, cni0, flannel.1 and node-a/eth0 (inside VXLAN): 5 datagrams on 5 hops.
+    let per_hop = count_by_first_field(&tshark(
+        Path::new(&file),
+        "udp.dstport == 7002",
+        &["frame.interface_name"],
+    ));
+    assert_eq!(per_hop.values().sum::<usize>(), 25, "{text}");
+    // A filter podtrace cannot evaluate is refused up front.
+    let bad = podtrace(&[
+        "capture",
+        "pod-a1",
+        "portrange",
+        "1-5",
+        "-w",
+        &dir.file("no.pcapng"),
+        "--lab",
+        &lab.prefix,
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("portrange"));
+    assert!(!Path::new(&dir.file("no.pcapng")).exists());
+}
+
+#[test]
+fn stop_on_drop_keeps_what_led_to_it() {
+    let lab = Lab::up("cstop", "flannel");
+    let dir = Scratch::new("cstop");
+    let file = dir.file("fault.pcapng");
+    let run = capture(
+        &lab,
+        &[
+            "pod-a1",
+            "--dst",
+            "10.244.1.5",
+            "-w",
+            &file,
+            "-C",
+            "1",
+            "-W",
+            "2",
+            "--stop-on",
+            "drop",
+            "--tail",
+            "1s",
+        ],
+    );
+    let ok = lab.exec("pod-a1", &["ping", "-c", "3", "-i", "0.2", "10.244.1.5"]);
+    assert!(ok.status.success());
+    let out = lab.exec(
+        "node-a",
+        &["iptables", "-A", "FORWARD", "-p", "icmp", "-j", "DROP"],
+    );
+    assert!(out.status.success());
+    let _ = lab.exec("pod-a1", &["ping", "-c", "1", "-W", "1", "10.244.1.5"]);
+    // It stops by itself.
+    let (code, _, stderr) = run.wait(20);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("stopped on drop at node-a/cni0: NETFILTER_DROP"),
+        "{stderr}"
+    );
+    let files = dir.files();
+    let replies: usize = files
+        .iter()
+        .map(|f| {
+            tshark(
+                f,
+                "icmp.type == 0 && frame.interface_name == \"pod-a1/eth0\"",
+                &["frame.number"],
+            )
+            .len()
+        })
+        .sum();
+    assert_eq!(replies, 3, "the three answered pings before the fault");
+    let requests: usize = files
+        .iter()
+        .map(|f| {
+            tshark(
+                f,
+                "icmp.type == 8 && frame.interface_name == \"pod-a1/eth0\"",
+                &["frame.number"],
+            )
+            .len()
+        })
+        .sum();
+    assert_eq!(requests, 4, "and the one that was dropped");
+}
+
+#[test]
+fn a_full_disk_is_exit_2_and_earlier_files_stay_readable() {
+    let lab = Lab::up("cfull", "flannel");
+    let dir = Scratch::new("cfull");
+    let out = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=1600k",
+            "tmpfs",
+            dir.0.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let file = dir.file("full.pcapng");
+    let run = capture(
+        &lab,
+        &["pod-a1", "--dst", "10.244.1.5", "-w", &file, "-C", "1"],
+    );
+    udp_burst(&lab, "pod-a1", "10.244.1.5", 7003, 400, 1400);
+    let (code, _, stderr) = run.wait(20);
+    assert_eq!(code, Some(2), "{stderr}");
+    let last = stderr.trim().lines().last().unwrap();
+    assert!(
+        last.starts_with("podtrace: ") && last.contains("full"),
+        "{stderr}"
+    );
+    let files = dir.files();
+    assert!(files.len() >= 2, "{files:?}");
+    // The first file was complete when rotated; it is intact.
+    assert!(!tshark(&files[0], "udp.dstport == 7003", &["frame.number"]).is_empty());
+}
+
+#[test]
+fn follow_can_write_the_packets_too() {
+    let lab = Lab::up("cfol", "flannel");
+    let dir = Scratch::new("cfol");
+    let file = dir.file("follow.pcapng");
+    let run = Running::start(&[
+        "follow",
+        "pod-a1",
+        "--dst",
+        "10.244.1.5",
+        "-c",
+        "4",
+        "-w",
+        &file,
+        "--json",
+        "--lab",
+        &lab.prefix,
+    ]);
+    let out = lab.exec("pod-a1", &["ping", "-c", "2", "-i", "0.2", "10.244.1.5"]);
+    assert!(out.status.success());
+    let (code, _, stderr) = run.wait(20);
+    assert_eq!(code, Some(0), "{stderr}");
+    let per_hop =
+        count_by_first_field(&tshark(Path::new(&file), "icmp", &["frame.interface_name"]));
+    assert_eq!(per_hop.len(), 10, "{per_hop:?}");
+    assert!(per_hop.values().all(|n| *n == 4), "{per_hop:?}");
+}
