@@ -7,6 +7,7 @@
 //! - [`topology`]: finding a pod and resolving its path and routing decision (`topo`).
 //! - [`follow`]: following real packets hop by hop, correlation and verdicts (`follow`).
 //! - [`capture`]: rotating pcap/pcapng files of every hop (`capture`, `follow -w`).
+//! - [`verify`]: `verify eni`, proving ENI traffic bypasses the primary interface.
 //! - [`lab`]: the seeds' flannel and ENI topologies rebuilt in network namespaces.
 //! - [`pcap`]: pcap/pcapng writing with rotation, and the capture filter language.
 pub mod capture;
@@ -18,3 +19,4 @@ pub mod pcap;
 pub mod privilege;
 pub mod probes;
 pub mod topology;
+pub mod verify;

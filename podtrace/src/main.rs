@@ -29,6 +29,9 @@ enum Command {
     Follow(podtrace::follow::FollowArgs),
     /// Capture the pod's packets on every hop to rotating pcapng/pcap files.
     Capture(podtrace::capture::CaptureArgs),
+    /// Checks with a verdict (exit 0 pass, 1 fail, 2 error).
+    #[command(subcommand)]
+    Verify(podtrace::verify::VerifyCommand),
 }
 
 fn root() -> anyhow::Result<()> {
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Command::Topo(args) => root().and_then(|()| podtrace::topology::cmd::run(args)),
         Command::Follow(args) => root().and_then(|()| podtrace::follow::run(args)),
         Command::Capture(args) => root().and_then(|()| podtrace::capture::run(args)),
+        Command::Verify(cmd) => root().and_then(|()| podtrace::verify::run(cmd)),
     };
     match result {
         Ok(code) => code,
