@@ -225,10 +225,8 @@ fn eni(args: EniArgs) -> Result<ExitCode> {
                     table,
                     err,
                     ..
-                } => {
-                    if outbound && *err == 0 && *location == node_name {
-                        *fib_tables.entry(table_name(*table)).or_default() += 1;
-                    }
+                } if outbound && *err == 0 && *location == node_name => {
+                    *fib_tables.entry(table_name(*table)).or_default() += 1;
                 }
                 _ => {}
             }
