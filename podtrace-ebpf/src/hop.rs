@@ -1,8 +1,8 @@
 //! The hop probes: tc programs on every interface of a pod's path.
+use aya_ebpf::helpers::generated::bpf_skb_load_bytes;
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC, helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext,
 };
-use aya_ebpf::helpers::generated::bpf_skb_load_bytes;
 use podtrace_abi::{
     CaptureBuf, Event, CNT_LOST, CNT_TC_MATCHED, CNT_TC_SEEN, DIR_EGRESS, DIR_INGRESS,
     FILTER_CAPTURE, FILTER_EMIT, KIND_TC, MAX_SNAPLEN,

@@ -211,8 +211,7 @@ pub fn kp_fib_table_lookup(ctx: ProbeContext) -> u32 {
     let tb: Option<u64> = ctx.arg(0);
     let flp: Option<u64> = ctx.arg(1);
     let res: Option<u64> = ctx.arg(2);
-    if let (Some(tb), Some(flp), Some(res), Some(stash)) =
-        (tb, flp, res, FIB_STASH.get_ptr_mut(0))
+    if let (Some(tb), Some(flp), Some(res), Some(stash)) = (tb, flp, res, FIB_STASH.get_ptr_mut(0))
     {
         // SAFETY: this CPU's slot.
         unsafe { *stash = [tb, flp, res] };
@@ -259,8 +258,10 @@ unsafe fn on_fib(tb_id: u32, flp: *const u8, nhc: *const u8, err: i32) -> Option
             ..FlowInfo::default()
         };
         // Route lookups carry no ports: match on addresses and protocol only.
-        let fwd = (f.addr_a == 0 || flow.saddr == f.addr_a) && (f.addr_b == 0 || flow.daddr == f.addr_b);
-        let rev = (f.addr_a == 0 || flow.daddr == f.addr_a) && (f.addr_b == 0 || flow.saddr == f.addr_b);
+        let fwd =
+            (f.addr_a == 0 || flow.saddr == f.addr_a) && (f.addr_b == 0 || flow.daddr == f.addr_b);
+        let rev =
+            (f.addr_a == 0 || flow.daddr == f.addr_a) && (f.addr_b == 0 || flow.saddr == f.addr_b);
         if !(fwd || rev) || (f.proto != 0 && flow.proto != 0 && flow.proto != f.proto) {
             return None;
         }

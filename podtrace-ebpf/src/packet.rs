@@ -101,8 +101,10 @@ fn parse_plain<R: Reader>(r: &R, l3: usize) -> Option<FlowInfo> {
 /// Does the (inner) packet belong to the traced conversation?
 #[inline(always)]
 pub fn matches(f: &Filter, flow: &FlowInfo) -> bool {
-    let fwd = (f.addr_a == 0 || flow.saddr == f.addr_a) && (f.addr_b == 0 || flow.daddr == f.addr_b);
-    let rev = (f.addr_a == 0 || flow.daddr == f.addr_a) && (f.addr_b == 0 || flow.saddr == f.addr_b);
+    let fwd =
+        (f.addr_a == 0 || flow.saddr == f.addr_a) && (f.addr_b == 0 || flow.daddr == f.addr_b);
+    let rev =
+        (f.addr_a == 0 || flow.daddr == f.addr_a) && (f.addr_b == 0 || flow.saddr == f.addr_b);
     (fwd || rev)
         && (f.proto == 0 || flow.proto == f.proto)
         && (f.port == 0 || flow.sport == f.port || flow.dport == f.port)

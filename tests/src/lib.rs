@@ -22,7 +22,11 @@ pub fn require_root() {
 pub fn unique_prefix(tag: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let tag: String = tag.chars().filter(char::is_ascii_alphanumeric).take(4).collect();
+    let tag: String = tag
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(4)
+        .collect();
     format!("t{}{}{tag}-", std::process::id() % 100_000, n)
 }
 
@@ -114,7 +118,15 @@ impl VethPair {
         let a = Netns::new(&format!("{prefix}a"));
         let b = Netns::new(&format!("{prefix}b"));
         a.ip(&[
-            "link", "add", Self::A_IF, "type", "veth", "peer", "name", Self::B_IF, "netns",
+            "link",
+            "add",
+            Self::A_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            Self::B_IF,
+            "netns",
             b.name(),
         ]);
         a.ip(&["addr", "add", &format!("{a_ip}/24"), "dev", Self::A_IF]);
@@ -250,7 +262,10 @@ impl Running {
         let (tx, rx) = std::sync::mpsc::channel();
         let stdout = child.stdout.take().unwrap();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
                 if tx.send(line).is_err() {
                     break;
                 }
@@ -262,7 +277,10 @@ impl Running {
             let stderr = child.stderr.take().unwrap();
             let buf = stderr_buf.clone();
             std::thread::spawn(move || {
-                for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                for line in std::io::BufReader::new(stderr)
+                    .lines()
+                    .map_while(Result::ok)
+                {
                     if line.contains("probes live") {
                         let _ = ready_tx.send(());
                     }

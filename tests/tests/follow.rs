@@ -41,7 +41,10 @@ fn path(summary: &Value, key: &str) -> Vec<String> {
 }
 
 fn ping(lab: &Lab, from: &str, to: &str, count: u32) {
-    let out = lab.exec(from, &["ping", "-c", &count.to_string(), "-i", "0.2", "-W", "2", to]);
+    let out = lab.exec(
+        from,
+        &["ping", "-c", &count.to_string(), "-i", "0.2", "-W", "2", to],
+    );
     assert!(out.status.success(), "ping {from} → {to}: {:?}", out);
 }
 
@@ -118,7 +121,12 @@ fn cross_node_ping_is_confirmed_on_both_nodes() {
 fn cross_node_udp_and_tcp_are_confirmed() {
     let lab = Lab::up("fudp", "flannel");
     // UDP: three datagrams, no reply.
-    let run = follow(&lab, "pod-a1", "10.244.1.5", &["--proto", "udp", "--port", "5353", "-c", "3"]);
+    let run = follow(
+        &lab,
+        "pod-a1",
+        "10.244.1.5",
+        &["--proto", "udp", "--port", "5353", "-c", "3"],
+    );
     let out = lab.exec(
         "pod-a1",
         &[
@@ -144,7 +152,12 @@ fn cross_node_udp_and_tcp_are_confirmed() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let run = follow(&lab, "pod-a1", "10.244.1.5", &["--proto", "tcp", "--port", "8080", "--duration", "3"]);
+    let run = follow(
+        &lab,
+        "pod-a1",
+        "10.244.1.5",
+        &["--proto", "tcp", "--port", "8080", "--duration", "3"],
+    );
     let out = lab.exec(
         "pod-a1",
         &["python3", "-c", "import socket\ns=socket.create_connection(('10.244.1.5',8080),timeout=3)\ns.sendall(b'hello')\ns.close()"],
@@ -156,8 +169,17 @@ fn cross_node_udp_and_tcp_are_confirmed() {
     assert_eq!(summary["verdict"], "confirmed", "{summary:#}");
     assert_eq!(code, Some(0));
     let packets: Vec<&Value> = objs.iter().filter(|o| o["type"] == "packet").collect();
-    assert!(packets.len() >= 6, "a TCP handshake, data and close: {}", packets.len());
-    assert!(packets.iter().any(|p| p["flow"]["tcp_flags"].as_u64().unwrap() & 0x02 != 0), "a SYN");
+    assert!(
+        packets.len() >= 6,
+        "a TCP handshake, data and close: {}",
+        packets.len()
+    );
+    assert!(
+        packets
+            .iter()
+            .any(|p| p["flow"]["tcp_flags"].as_u64().unwrap() & 0x02 != 0),
+        "a SYN"
+    );
 }
 
 #[test]
@@ -170,7 +192,11 @@ fn eni_pod_is_confirmed_through_its_eni_and_never_eth0() {
     assert_eq!(code, Some(0));
     assert_eq!(
         path(&summary, "observed_path"),
-        ["pod-c2/eth0 egress", "node-c/eni* ingress", "node-c/eth2 egress"]
+        [
+            "pod-c2/eth0 egress",
+            "node-c/eni* ingress",
+            "node-c/eth2 egress"
+        ]
     );
     assert_eq!(summary["interfaces"]["node-c/eth2"], 6);
     assert_eq!(summary["interfaces"]["node-c/eth0"], 0);
@@ -180,10 +206,16 @@ fn eni_pod_is_confirmed_through_its_eni_and_never_eth0() {
 #[test]
 fn a_netfilter_drop_is_pinpointed() {
     let lab = Lab::up("fdrp", "flannel");
-    let out = lab.exec("node-a", &["iptables", "-A", "FORWARD", "-p", "icmp", "-j", "DROP"]);
+    let out = lab.exec(
+        "node-a",
+        &["iptables", "-A", "FORWARD", "-p", "icmp", "-j", "DROP"],
+    );
     assert!(out.status.success(), "{out:?}");
     let run = follow(&lab, "pod-a1", "10.244.1.5", &["-c", "2"]);
-    let out = lab.exec("pod-a1", &["ping", "-c", "2", "-i", "0.2", "-W", "1", "10.244.1.5"]);
+    let out = lab.exec(
+        "pod-a1",
+        &["ping", "-c", "2", "-i", "0.2", "-W", "1", "10.244.1.5"],
+    );
     assert!(!out.status.success());
     let (code, objs, summary) = finish(run);
     assert_eq!(summary["verdict"], "dropped", "{summary:#}");
@@ -196,7 +228,11 @@ fn a_netfilter_drop_is_pinpointed() {
     assert!(drops[0]["hint"].as_str().unwrap().contains("netfilter"));
     let p = objs.iter().find(|o| o["type"] == "packet").unwrap();
     assert_eq!(p["fate"], "dropped");
-    assert_eq!(p["hops"].as_array().unwrap().len(), 3, "seen up to cni0, then dropped");
+    assert_eq!(
+        p["hops"].as_array().unwrap().len(),
+        3,
+        "seen up to cni0, then dropped"
+    );
 }
 
 #[test]
@@ -214,7 +250,10 @@ fn a_tc_program_attached_before_keeps_seeing_its_packets() {
             ..FilterSpec::default()
         })
         .unwrap();
-    for (i, (ns, ifname)) in [("pod-a1", "eth0"), ("node-a", "eth0")].into_iter().enumerate() {
+    for (i, (ns, ifname)) in [("pod-a1", "eth0"), ("node-a", "eth0")]
+        .into_iter()
+        .enumerate()
+    {
         other
             .attach_hop(&HopTarget {
                 netns: Some(lab.netns(ns)),
@@ -258,7 +297,10 @@ fn tc_programs(lab: &Lab, ns: &str, ifname: &str) -> String {
 fn nothing_stays_attached_after_sigkill() {
     let lab = Lab::up("fkil", "flannel");
     let run = follow(&lab, "pod-a1", "10.244.1.5", &[]);
-    assert!(tc_programs(&lab, "node-a", "cni0").contains("hop_ingress"), "attached while running");
+    assert!(
+        tc_programs(&lab, "node-a", "cni0").contains("hop_ingress"),
+        "attached while running"
+    );
     let pid = run.pid();
     run.signal(nix::sys::signal::Signal::SIGKILL);
     let (code, _, _) = run.wait(10);
