@@ -12,6 +12,7 @@
 //! - [`pcap`]: pcap/pcapng writing with rotation, and the capture filter language.
 pub mod capture;
 pub mod cli;
+pub mod demo;
 pub mod follow;
 pub mod lab;
 pub mod netns;

@@ -32,6 +32,9 @@ enum Command {
     /// Checks with a verdict (exit 0 pass, 1 fail, 2 error).
     #[command(subcommand)]
     Verify(podtrace::verify::VerifyCommand),
+    /// The whole story in two minutes on the lab: topology, follow, a drop, a rotating
+    /// capture, verify eni.
+    Demo(podtrace::demo::DemoArgs),
 }
 
 fn root() -> anyhow::Result<()> {
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Command::Follow(args) => root().and_then(|()| podtrace::follow::run(args)),
         Command::Capture(args) => root().and_then(|()| podtrace::capture::run(args)),
         Command::Verify(cmd) => root().and_then(|()| podtrace::verify::run(cmd)),
+        Command::Demo(args) => root().and_then(|()| podtrace::demo::run(args)),
     };
     match result {
         Ok(code) => code,
