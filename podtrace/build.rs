@@ -13,7 +13,7 @@ const SKIP: &str = "PODTRACE_SKIP_EBPF";
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed={SKIP}");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or_else(|| anyhow!("OUT_DIR not set"))?);
-    let object = out_dir.join("podtrace");
+    let object = out_dir.join("podtrace-ebpf");
     if env::var(SKIP).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
         println!("cargo:warning={SKIP} is set: building without the eBPF programs");
         fs::write(&object, b"").context("writing the empty eBPF placeholder")?;

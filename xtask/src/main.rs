@@ -89,7 +89,7 @@ fn test(extra: &[String]) -> Result<()> {
         ],
     )?;
     // The integration tests drive the podtrace binary itself.
-    run("cargo", &["build", "--workspace", "--bins"])?;
+    run("cargo", &["build", "--package", "podtrace", "--bins"])?;
     let mut args = vec!["test", "--workspace"];
     if !extra.is_empty() {
         args.push("--");

@@ -34,7 +34,7 @@ use podtrace_abi::{
 use crate::netns;
 
 /// The eBPF object built by build.rs from ../podtrace-ebpf.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podtrace"));
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podtrace-ebpf"));
 
 /// How a tc hop probe is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
