@@ -5,18 +5,28 @@ use anyhow::{bail, Result};
 
 use crate::topology::pod::{locate, PodLocation, PodRef};
 
-/// `POD` as every command takes it: `NAME`, `NAMESPACE/NAME`, `--pid PID` or `--netns PATH|NAME`.
-#[derive(clap::Args, Debug, Clone)]
+/// `POD` as every command takes it: `NAME`, `NAMESPACE/NAME`, `--pid PID`, `--netns PATH|NAME`
+/// or `--container ID`.
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct PodArgs {
-    /// The pod: NAME or NAMESPACE/NAME (lab pods by name; see --pid/--netns otherwise).
+    /// The pod: NAME or NAMESPACE/NAME (a lab pod, else a pod of the container runtime).
     #[arg(value_name = "POD")]
     pub pod: Option<String>,
     /// The pod by a process in it.
-    #[arg(long, value_name = "PID", conflicts_with_all = ["pod", "netns"])]
+    #[arg(long, value_name = "PID", conflicts_with_all = ["pod", "netns", "container"])]
     pub pid: Option<u32>,
     /// The pod by its network namespace: a path or a name in /run/netns.
-    #[arg(long, value_name = "PATH|NAME", conflicts_with_all = ["pod", "pid"])]
+    #[arg(long, value_name = "PATH|NAME", conflicts_with_all = ["pod", "pid", "container"])]
     pub netns: Option<String>,
+    /// The pod by one of its containers, through the container runtime: a container ID or a
+    /// unique prefix of one, as crictl takes it (a pod sandbox ID works too).
+    #[arg(long, value_name = "ID", conflicts_with_all = ["pod", "pid", "netns"])]
+    pub container: Option<String>,
+    /// The container runtime's CRI socket, as crictl's: unix:///PATH or PATH (default:
+    /// $CONTAINER_RUNTIME_ENDPOINT, else the containerd, CRI-O, cri-dockerd and k3s sockets
+    /// that exist). Given, POD is looked up there only.
+    #[arg(long, value_name = "SOCK", conflicts_with_all = ["pid", "netns"])]
+    pub runtime_endpoint: Option<String>,
     /// Which lab, when several are up (their --prefix).
     #[arg(long, value_name = "PREFIX")]
     pub lab: Option<String>,
@@ -24,17 +34,27 @@ pub struct PodArgs {
 
 impl PodArgs {
     pub fn pod_ref(&self) -> Result<PodRef> {
-        match (&self.pod, self.pid, &self.netns) {
-            (Some(name), None, None) => PodRef::parse_name(name),
-            (None, Some(pid), None) => Ok(PodRef::Pid(pid)),
-            (None, None, Some(ns)) => Ok(PodRef::Netns(ns.clone())),
-            (None, None, None) => bail!("name a pod: POD, --pid PID or --netns PATH|NAME"),
-            _ => bail!("name the pod one way only: POD, --pid or --netns"),
+        match (&self.pod, self.pid, &self.netns, &self.container) {
+            (Some(name), None, None, None) => PodRef::parse_name(name),
+            (None, Some(pid), None, None) => Ok(PodRef::Pid(pid)),
+            (None, None, Some(ns), None) => Ok(PodRef::Netns(ns.clone())),
+            (None, None, None, Some(id)) => Ok(PodRef::Container(id.clone())),
+            (None, None, None, None) => {
+                bail!("name a pod: POD, --pid PID, --netns PATH|NAME or --container ID")
+            }
+            _ => bail!("name the pod one way only: POD, --pid, --netns or --container"),
         }
     }
 
     pub fn locate(&self) -> Result<PodLocation> {
-        locate(&self.pod_ref()?, self.lab.as_deref())
+        if self.runtime_endpoint.is_some() && (self.pid.is_some() || self.netns.is_some()) {
+            bail!("--runtime-endpoint goes with POD or --container, not --pid or --netns");
+        }
+        locate(
+            &self.pod_ref()?,
+            self.lab.as_deref(),
+            self.runtime_endpoint.as_deref(),
+        )
     }
 }
 

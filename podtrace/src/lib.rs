@@ -10,8 +10,10 @@
 //! - [`verify`]: `verify eni`, proving ENI traffic bypasses the primary interface.
 //! - [`lab`]: the seeds' flannel and ENI topologies rebuilt in network namespaces.
 //! - [`pcap`]: pcap/pcapng writing with rotation, and the capture filter language.
+//! - [`cri`]: finding real pods through the container runtime's CRI socket (containerd, CRI-O).
 pub mod capture;
 pub mod cli;
+pub mod cri;
 pub mod demo;
 pub mod follow;
 pub mod lab;

@@ -18,6 +18,14 @@ const PACKAGES: &[&str] = &[
     "tcpdump",
     "tshark",
     "iperf3",
+    // CRI: protoc for the k8s-cri crate's build; a real containerd, runc and the CNI plugins
+    // for the CRI tests (tests/tests/cri.rs, which also builds a static pause binary with gcc).
+    "protobuf-compiler",
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "gcc",
+    "libc6-dev",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -82,15 +82,23 @@ pub enum StopOn {
 pub struct CaptureArgs {
     /// POD (NAME or NAMESPACE/NAME) then an optional filter expression in tcpdump's
     /// language (host, src, dst, net, port, tcp, udp, icmp, and, or, not, parentheses).
-    /// With --pid or --netns every word is the expression.
+    /// With --pid, --netns or --container every word is the expression.
     #[arg(value_name = "POD [EXPR...]")]
     pub words: Vec<String>,
     /// The pod by a process in it.
-    #[arg(long, value_name = "PID", conflicts_with = "netns")]
+    #[arg(long, value_name = "PID", conflicts_with_all = ["netns", "container"])]
     pub pid: Option<u32>,
     /// The pod by its network namespace (a path or a name in /run/netns).
-    #[arg(long, value_name = "PATH|NAME")]
+    #[arg(long, value_name = "PATH|NAME", conflicts_with = "container")]
     pub netns: Option<String>,
+    /// The pod by one of its containers, through the container runtime: a container ID or a
+    /// unique prefix of one, as crictl takes it (a pod sandbox ID works too).
+    #[arg(long, value_name = "ID")]
+    pub container: Option<String>,
+    /// The container runtime's CRI socket, as crictl's: unix:///PATH or PATH (default:
+    /// $CONTAINER_RUNTIME_ENDPOINT, else the usual containerd, CRI-O, cri-dockerd, k3s sockets).
+    #[arg(long, value_name = "SOCK", conflicts_with_all = ["pid", "netns"])]
+    pub runtime_endpoint: Option<String>,
     /// Which lab, when several are up.
     #[arg(long, value_name = "PREFIX")]
     pub lab: Option<String>,
@@ -283,14 +291,14 @@ impl CaptureSink {
     }
 }
 
-/// Splits `POD EXPR...` (or just EXPR with --pid/--netns).
+/// Splits `POD EXPR...` (or just EXPR with --pid/--netns/--container).
 fn split_words(args: &CaptureArgs) -> Result<(PodArgs, Vec<String>)> {
     let mut words = args.words.clone();
-    let pod = if args.pid.is_some() || args.netns.is_some() {
+    let pod = if args.pid.is_some() || args.netns.is_some() || args.container.is_some() {
         None
     } else {
         if words.is_empty() {
-            bail!("name a pod: POD, --pid PID or --netns PATH|NAME");
+            bail!("name a pod: POD, --pid PID, --netns PATH|NAME or --container ID");
         }
         Some(words.remove(0))
     };
@@ -299,6 +307,8 @@ fn split_words(args: &CaptureArgs) -> Result<(PodArgs, Vec<String>)> {
             pod,
             pid: args.pid,
             netns: args.netns.clone(),
+            container: args.container.clone(),
+            runtime_endpoint: args.runtime_endpoint.clone(),
             lab: args.lab.clone(),
         },
         words,

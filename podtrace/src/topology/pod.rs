@@ -1,6 +1,6 @@
-//! Finding a pod: by name (the lab's registry; the container runtime in its own module), by
-//! `--pid`, or by `--netns PATH|NAME`. The result says which network namespace is the pod's
-//! and, when known, which is its node's.
+//! Finding a pod: by name (the lab's registry first, then the container runtime's CRI socket,
+//! see [`crate::cri`]), by `--container ID` (CRI), by `--pid`, or by `--netns PATH|NAME`. The
+//! result says which network namespace is the pod's and, when known, which is its node's.
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -8,7 +8,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::lab::registry;
+use crate::{
+    cri::{self, Client, CriPod, Endpoints},
+    lab::registry,
+};
 
 /// How the user named the pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +24,9 @@ pub enum PodRef {
     Pid(u32),
     /// A path, or a name in /run/netns.
     Netns(String),
+    /// `--container ID`: a container (or pod sandbox) ID or a unique prefix of one, found
+    /// through CRI.
+    Container(String),
 }
 
 impl PodRef {
@@ -47,13 +53,28 @@ pub struct PodLocation {
     pub node: String,
     /// The node's namespace; `None` when it is not known yet (found from the veth peer).
     pub node_netns: Option<PathBuf>,
-    /// Where the pod was found: `lab:PREFIX`, `pid`, `netns`.
+    /// Where the pod was found: `lab:PREFIX`, `cri:unix:///SOCKET`, `pid`, `netns`.
     pub source: String,
 }
 
-/// Finds a pod. `lab` picks a lab by prefix when several are up.
-pub fn locate(pod: &PodRef, lab: Option<&str>) -> Result<PodLocation> {
+/// Finds a pod. `lab` picks a lab by prefix when several are up. `runtime_endpoint` (as
+/// crictl's `--runtime-endpoint`) sends the lookup to that CRI socket only; without it a name
+/// is looked up in the labs first, then in the container runtimes whose sockets are found
+/// (`$CONTAINER_RUNTIME_ENDPOINT`, else [`cri::DEFAULT_ENDPOINTS`]).
+pub fn locate(
+    pod: &PodRef,
+    lab: Option<&str>,
+    runtime_endpoint: Option<&str>,
+) -> Result<PodLocation> {
     match pod {
+        PodRef::Name { namespace, name } if runtime_endpoint.is_some() => {
+            let eps = cri::discover(runtime_endpoint)?;
+            cri_by_name(&eps, namespace.as_deref(), name, None)
+        }
+        PodRef::Container(id) => {
+            let eps = cri::discover(runtime_endpoint)?;
+            cri_by_container(&eps, id)
+        }
         PodRef::Name { namespace, name } => {
             let labs = match lab {
                 Some(prefix) => vec![registry::select(Some(prefix))?],
@@ -69,22 +90,19 @@ pub fn locate(pod: &PodRef, lab: Option<&str>) -> Result<PodLocation> {
             }
             match found.len() {
                 0 => {
-                    let shown = match namespace {
-                        Some(ns) => format!("{ns}/{name}"),
-                        None => name.clone(),
-                    };
                     let searched = if labs.is_empty() {
-                        "no lab is up and no container runtime was searched".to_owned()
+                        "no lab is up".to_owned()
                     } else {
                         format!(
-                            "searched lab(s) {}",
+                            "not in lab(s) {}",
                             labs.iter()
                                 .map(|r| r.prefix.as_str())
                                 .collect::<Vec<_>>()
                                 .join(", ")
                         )
                     };
-                    bail!("pod {shown} not found ({searched})")
+                    let eps = cri::discover(None)?;
+                    cri_by_name(&eps, namespace.as_deref(), name, Some(&searched))
                 }
                 1 => {
                     let (prefix, p) = found.remove(0);
@@ -137,6 +155,151 @@ pub fn locate(pod: &PodRef, lab: Option<&str>) -> Result<PodLocation> {
     }
 }
 
+/// What to look for in a runtime.
+enum CriSearch<'a> {
+    Name {
+        namespace: Option<&'a str>,
+        name: &'a str,
+    },
+    Id(&'a str),
+}
+
+/// Searches every endpoint. An explicit endpoint's failure is the error; with discovered
+/// sockets a failing runtime is reported only when nothing was found elsewhere. Returns the
+/// matches and what was searched without result (for "not found" messages).
+fn search_runtimes(
+    eps: &Endpoints,
+    what: &str,
+    search: &CriSearch<'_>,
+) -> Result<(Vec<CriPod>, Vec<String>)> {
+    let mut found = Vec::new();
+    let mut searched = Vec::new();
+    for ep in eps.list() {
+        let result = cri::block_on(async {
+            let mut client = Client::connect(&ep).await?;
+            let pods = match *search {
+                CriSearch::Name { namespace, name } => {
+                    cri::pods_named(&mut client, namespace, name).await?
+                }
+                CriSearch::Id(prefix) => cri::by_id_prefix(&mut client, prefix).await?,
+            };
+            Ok((pods, client.version().clone()))
+        });
+        match result {
+            Ok((pods, v)) => {
+                if pods.is_empty() {
+                    searched.push(format!("no {what} in {ep} ({} {})", v.name, v.version));
+                }
+                found.extend(pods);
+            }
+            Err(e) if matches!(eps, Endpoints::Given(_)) => return Err(e),
+            Err(e) => searched.push(format!("{e:#}")),
+        }
+    }
+    Ok((found, searched))
+}
+
+/// A pod by name through CRI. `lab_note` says what the labs gave, when they were searched.
+fn cri_by_name(
+    eps: &Endpoints,
+    namespace: Option<&str>,
+    name: &str,
+    lab_note: Option<&str>,
+) -> Result<PodLocation> {
+    let shown = match namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_owned(),
+    };
+    let mut searched: Vec<String> = lab_note.map(str::to_owned).into_iter().collect();
+    if eps.list().is_empty() {
+        searched.push(format!(
+            "no container runtime socket at {} (name one with --runtime-endpoint)",
+            cri::default_paths()
+        ));
+        bail!("pod {shown} not found ({})", searched.join("; "));
+    }
+    let (mut found, more) = search_runtimes(
+        eps,
+        &format!("pod {shown}"),
+        &CriSearch::Name { namespace, name },
+    )?;
+    searched.extend(more);
+    match found.len() {
+        0 => bail!("pod {shown} not found ({})", searched.join("; ")),
+        1 => cri_location(found.remove(0)),
+        n => bail!(
+            "pod {shown} matches {n} pods: {}; name one as NAMESPACE/NAME or with --container ID",
+            found
+                .iter()
+                .map(|p| format!("{} in {}", p.describe(), p.endpoint))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// A pod by `--container ID` (a container's or a pod sandbox's ID, or a prefix of one).
+fn cri_by_container(eps: &Endpoints, id: &str) -> Result<PodLocation> {
+    if id.is_empty() {
+        bail!("--container needs an ID (or a prefix of one)");
+    }
+    if eps.list().is_empty() {
+        bail!(
+            "container {id}: no container runtime socket at {} (name one with --runtime-endpoint)",
+            cri::default_paths()
+        );
+    }
+    let what = format!("container or pod sandbox with an ID starting {id:?}");
+    let (mut found, searched) = search_runtimes(eps, &what, &CriSearch::Id(id))?;
+    match found.len() {
+        0 => bail!("container {id} not found ({})", searched.join("; ")),
+        1 => cri_location(found.remove(0)),
+        n => bail!(
+            "container ID {id:?} is ambiguous: {n} match: {}; give more of the ID",
+            found
+                .iter()
+                .map(CriPod::describe)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Where a CRI pod's network is. The node's namespace is the runtime's (its socket's peer
+/// pid): a lab node's when the runtime runs inside one, else this machine's.
+fn cri_location(p: CriPod) -> Result<PodLocation> {
+    let netns = p.network_namespace()?;
+    let netns = crate::netns::resolve(&netns.to_string_lossy())
+        .with_context(|| format!("pod {}'s network namespace", p.display_name()))?;
+    cri::remember(&p.endpoint);
+    let (node, node_netns) = cri_node(&p);
+    Ok(PodLocation {
+        source: format!("cri:{}", p.endpoint),
+        name: p.name,
+        namespace: p.namespace,
+        netns,
+        node,
+        node_netns,
+    })
+}
+
+/// The node of a CRI pod: (name, namespace).
+fn cri_node(p: &CriPod) -> (String, Option<PathBuf>) {
+    let Some(runtime_ns) = p.runtime_netns() else {
+        // The runtime is in a pid namespace podtrace cannot see: find the node from the veth.
+        return (hostname(), None);
+    };
+    if let Some((name, path)) = lab_node(&runtime_ns) {
+        return (name, Some(path));
+    }
+    let root = PathBuf::from("/proc/1/ns/net");
+    let ino = |p: &Path| crate::netns::inode_of(p).ok();
+    if ino(&root).is_some() && ino(&root) == ino(&runtime_ns) {
+        return (hostname(), Some(root));
+    }
+    (hostname(), Some(runtime_ns))
+}
+
 /// A pod given by pid or netns: if the namespace is a lab pod's, use the lab's names.
 fn unnamed(name: String, netns: PathBuf, source: &str, lab: Option<&str>) -> PodLocation {
     let ino = crate::netns::inode_of(&netns).ok();
@@ -175,14 +338,15 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "node".to_owned())
 }
 
-/// A lab pod (in any lab that is up, or the chosen one) with this IP: the destination side of
+/// A lab pod (in any lab that is up, or the chosen one) with this IP, or else a pod with this
+/// IP in the container runtime the source pod was found through (CRI): the destination side of
 /// a path podtrace can observe too.
 pub fn lab_pod_by_ip(ip: Ipv4Addr, lab: Option<&str>) -> Option<PodLocation> {
     let labs = match lab {
         Some(prefix) => registry::select(Some(prefix)).into_iter().collect(),
-        None => registry::load_all().ok()?,
+        None => registry::load_all().unwrap_or_default(),
     };
-    labs.into_iter().find_map(|reg| {
+    let in_lab = labs.into_iter().find_map(|reg| {
         reg.pods.iter().find(|p| p.ip == ip).map(|p| PodLocation {
             name: p.name.clone(),
             namespace: p.namespace.clone(),
@@ -191,18 +355,36 @@ pub fn lab_pod_by_ip(ip: Ipv4Addr, lab: Option<&str>) -> Option<PodLocation> {
             node_netns: Some(p.node_netns.clone()),
             source: format!("lab:{}", reg.prefix),
         })
+    });
+    in_lab.or_else(|| cri_pod_by_ip(ip))
+}
+
+/// The pod with this IP in the runtime a pod of this run was found through.
+fn cri_pod_by_ip(ip: Ipv4Addr) -> Option<PodLocation> {
+    let ep = cri::used_endpoint()?;
+    let pod = cri::block_on(async {
+        let mut client = Client::connect(&ep).await?;
+        cri::pod_with_ip(&mut client, ip).await
     })
+    .map_err(|e| log::debug!("looking up {ip} in {ep}: {e:#}"))
+    .ok()??;
+    cri_location(pod).ok()
 }
 
 /// The name of the node whose namespace is `ns` in a lab, if any.
 pub fn lab_node_name(ns: &Path) -> Option<String> {
+    lab_node(ns).map(|(name, _)| name)
+}
+
+/// The lab node (or host) whose namespace is `ns`: its name and its namespace's path.
+pub fn lab_node(ns: &Path) -> Option<(String, PathBuf)> {
     let ino = crate::netns::inode_of(ns).ok()?;
     registry::load_all().ok()?.into_iter().find_map(|reg| {
         reg.nodes
             .iter()
             .chain(reg.hosts.iter())
             .find(|n| crate::netns::inode_of(&n.netns).ok() == Some(ino))
-            .map(|n| n.name.clone())
+            .map(|n| (n.name.clone(), n.netns.clone()))
     })
 }
 
