@@ -10,7 +10,7 @@ use podtrace_abi::{
 
 use crate::{
     maps::{bump, bump_hop, emit, filter, hop_id, CAPTURE_SCRATCH, EVENTS},
-    packet::{matches, parse_eth, Reader},
+    packet::{parse_eth, Reader},
 };
 
 /// The cookie of the network namespace this copy of the program serves, set by userspace at
@@ -48,12 +48,9 @@ pub fn hop_egress(ctx: TcContext) -> i32 {
 fn track(ctx: &TcContext, dir: u8) {
     bump(CNT_TC_SEEN);
     let Some(f) = filter() else { return };
-    let Some(flow) = parse_eth(&SkbReader(ctx), 0, f.vxlan_port) else {
+    let Some(flow) = parse_eth(&SkbReader(ctx), 0, f) else {
         return;
     };
-    if !matches(f, &flow) {
-        return;
-    }
     bump(CNT_TC_MATCHED);
     // SAFETY: a plain read of a global; volatile so the load-time value is used.
     let netns_cookie = unsafe { core::ptr::read_volatile(&NETNS_COOKIE) };

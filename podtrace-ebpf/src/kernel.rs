@@ -18,7 +18,7 @@ use podtrace_abi::{
 
 use crate::{
     maps::{bump, emit, filter, hop_id, FIB_STASH, OFFSETS},
-    packet::{matches, parse_ipv4, Reader},
+    packet::{parse_ipv4, Reader},
 };
 
 /// Reads kernel memory at `base + offset` (the packet's network header as base).
@@ -46,7 +46,11 @@ fn offsets() -> Option<&'static KernelOffsets> {
 
 /// The flow of the packet in `skb`, if it is one we trace.
 #[inline(always)]
-unsafe fn skb_flow(skb: *const u8, off: &KernelOffsets, vxlan_port: u16) -> Option<FlowInfo> {
+unsafe fn skb_flow(
+    skb: *const u8,
+    off: &KernelOffsets,
+    f: &podtrace_abi::Filter,
+) -> Option<FlowInfo> {
     // SAFETY: probe reads.
     unsafe {
         let head: *const u8 = read_at(skb, off.skb_head)?;
@@ -54,7 +58,7 @@ unsafe fn skb_flow(skb: *const u8, off: &KernelOffsets, vxlan_port: u16) -> Opti
         if nh == u16::MAX {
             return None;
         }
-        parse_ipv4(&KernelReader(head.wrapping_add(nh as usize)), 0, vxlan_port)
+        parse_ipv4(&KernelReader(head.wrapping_add(nh as usize)), 0, f)
     }
 }
 
@@ -111,10 +115,7 @@ unsafe fn on_drop(skb: *const u8, reason: u32) -> Option<()> {
     let off = offsets()?;
     // SAFETY: probe reads.
     unsafe {
-        let flow = skb_flow(skb, off, f.vxlan_port)?;
-        if !matches(f, &flow) {
-            return None;
-        }
+        let flow = skb_flow(skb, off, f)?;
         bump(CNT_DROP_MATCHED);
         if f.flags & FILTER_EMIT == 0 {
             return Some(());
@@ -167,10 +168,7 @@ unsafe fn on_xmit(skb: *const u8, dev: *const u8) -> Option<()> {
     let off = offsets()?;
     // SAFETY: probe reads.
     unsafe {
-        let flow = skb_flow(skb, off, f.vxlan_port)?;
-        if !matches(f, &flow) {
-            return None;
-        }
+        let flow = skb_flow(skb, off, f)?;
         bump(CNT_XMIT_MATCHED);
         if f.flags & FILTER_EMIT == 0 {
             return Some(());
