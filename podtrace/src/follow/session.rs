@@ -90,7 +90,10 @@ impl Session {
         opts: &SessionOptions,
     ) -> Result<Self> {
         let t0 = Instant::now();
-        let mut probes = Probes::load()?;
+        let mut probes = match opts.snaplen {
+            Some(_) => Probes::load_with_ring(crate::probes::CAPTURE_RING_BYTES)?,
+            None => Probes::load()?,
+        };
         let load_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
         probes.set_filter(FilterSpec {

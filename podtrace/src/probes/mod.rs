@@ -36,6 +36,11 @@ use crate::netns;
 /// The eBPF object built by build.rs from ../podtrace-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podtrace-ebpf"));
 
+/// The event ring buffer when only packet headers travel (4 MiB).
+pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
+/// The event ring buffer for capture sessions, whose records carry packets (64 MiB).
+pub const CAPTURE_RING_BYTES: u32 = 64 << 20;
+
 /// How a tc hop probe is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TcMode {
@@ -232,6 +237,15 @@ fn raise_memlock() {
 impl Probes {
     /// Loads the embedded eBPF object (nothing is attached yet; the filter is off).
     pub fn load() -> Result<Self> {
+        Self::load_with_ring(DEFAULT_RING_BYTES)
+    }
+
+    /// As [`Probes::load`], with an event ring buffer of `ring_bytes` (a power of two, at
+    /// least a page). Capture sessions want a large one: their records carry whole packets.
+    pub fn load_with_ring(ring_bytes: u32) -> Result<Self> {
+        if !ring_bytes.is_power_of_two() || ring_bytes < 4096 {
+            bail!("the event ring buffer size must be a power of two of at least 4096 bytes");
+        }
         if EBPF_OBJECT.is_empty() {
             bail!("this podtrace was built without its eBPF programs (PODTRACE_SKIP_EBPF); rebuild without it");
         }
@@ -244,6 +258,7 @@ impl Probes {
             .context("counting CPUs")?;
         let bpf = EbpfLoader::new()
             .map_max_entries("CAPTURE_SCRATCH", cpus as u32)
+            .map_max_entries("EVENTS", ring_bytes)
             .load(EBPF_OBJECT)
             .context("loading podtrace's eBPF object")?;
         let mut probes = Self {
