@@ -263,6 +263,14 @@ unsafe fn on_fib(tb_id: u32, flp: *const u8, nhc: *const u8, err: i32) -> Option
         if !(fwd || rev) || (f.proto != 0 && flow.proto != 0 && flow.proto != f.proto) {
             return None;
         }
+        if f.port != 0 && (flow.proto == 6 || flow.proto == 17) {
+            let ports: [u8; 4] = read_at(flp, off.flowi4_ports)?;
+            let dport = u16::from_be_bytes([ports[0], ports[1]]);
+            let sport = u16::from_be_bytes([ports[2], ports[3]]);
+            if dport != f.port && sport != f.port {
+                return None;
+            }
+        }
         bump(CNT_FIB_MATCHED);
         if f.flags & FILTER_EMIT == 0 {
             return Some(());

@@ -88,6 +88,8 @@ pub struct KernelOffsets {
     pub flowi4_saddr: u32,
     pub flowi4_daddr: u32,
     pub flowi4_proto: u32,
+    /// `flowi4.uli`: for TCP/UDP, the destination then the source port (network order).
+    pub flowi4_ports: u32,
     pub nhc_dev: u32,
     pub nhc_gw: u32,
     /// kretprobe on `fib_table_lookup`: `struct fib_table.tb_id`, `struct fib_result.nhc`.

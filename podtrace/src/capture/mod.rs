@@ -348,6 +348,9 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
         args.dst,
         &SessionOptions {
             snaplen: Some(args.out.kernel_snaplen()),
+            // The files need the packets; --stop-on needs drops. FIB lookups and transmits
+            // would only load the ring buffer at capture rates.
+            evidence: Some(vec![crate::probes::hooks::Evidence::Drop]),
             ..SessionOptions::default()
         },
     )?;

@@ -328,7 +328,12 @@ impl Correlator {
                 match target {
                     Some(o) if o.rec.fib.iter().any(same) => {}
                     Some(o) => o.rec.fib.push(fib),
-                    None => self.loose_fib.push(fib),
+                    // Kept for the summary, bounded: at high rates most lookups find no
+                    // open packet.
+                    None if self.loose_fib.len() < 256 && !self.loose_fib.iter().any(same) => {
+                        self.loose_fib.push(fib)
+                    }
+                    None => {}
                 }
             }
         }

@@ -78,6 +78,8 @@ pub struct SessionOptions {
     pub port: Option<u16>,
     /// Capture packet bytes (snap length).
     pub snaplen: Option<u32>,
+    /// Kernel-side evidence to attach (`None`: all of it).
+    pub evidence: Option<Vec<crate::probes::hooks::Evidence>>,
 }
 
 impl Session {
@@ -127,7 +129,11 @@ impl Session {
                 }
             }
         }
-        let hooks = probes.attach_kernel_hooks(None)?;
+        let wanted = opts
+            .evidence
+            .clone()
+            .unwrap_or_else(|| crate::probes::hooks::Evidence::ALL.to_vec());
+        let hooks = probes.attach_kernel_hooks(None, &wanted)?;
         let ring = probes.take_events()?;
         let attach_ms = t1.elapsed().as_secs_f64() * 1e3;
         Ok(Self {

@@ -216,6 +216,7 @@ fn kernel_offsets(btf: &btf::Btf) -> Result<KernelOffsets> {
         flowi4_daddr: btf.member_offset("flowi4", "daddr")?,
         flowi4_proto: btf.member_offset("flowi4", "__fl_common")?
             + btf.member_offset("flowi_common", "flowic_proto")?,
+        flowi4_ports: btf.member_offset("flowi4", "uli")?,
         nhc_dev: btf.member_offset("fib_nh_common", "nhc_dev")?,
         nhc_gw: btf.member_offset("fib_nh_common", "nhc_gw")?,
         fib_table_id: btf.member_offset("fib_table", "tb_id")?,
@@ -421,12 +422,13 @@ impl Probes {
     pub fn attach_kernel_hooks(
         &mut self,
         forced: Option<hooks::Mechanism>,
+        wanted: &[hooks::Evidence],
     ) -> Result<Vec<hooks::HookReport>> {
         let support = hooks::KernelSupport::detect();
         let order = hooks::preference(support, forced);
         let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
         let mut reports = Vec::new();
-        for evidence in hooks::Evidence::ALL {
+        for evidence in wanted.iter().copied() {
             let mut report = hooks::HookReport {
                 evidence,
                 mechanism: None,
