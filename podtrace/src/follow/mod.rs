@@ -133,6 +133,7 @@ pub fn run_loop(
 }
 
 pub fn run(args: FollowArgs) -> Result<ExitCode> {
+    let entered = Instant::now();
     let loc = args.pod.locate()?;
     let dest = crate::topology::pod::lab_pod_by_ip(args.dst, args.pod.lab.as_deref());
     let topo = crate::topology::resolve(&loc, Some(args.dst), dest.as_ref())?;
@@ -141,6 +142,7 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
         .ok_or_else(|| anyhow::anyhow!("pod {} has no IPv4 address", loc.name))?;
     let uplinks = session::node_uplinks(&topo)?;
     let plan = plan::build(&topo, uplinks);
+    let resolve_ms = entered.elapsed().as_secs_f64() * 1e3;
     let mut session = Session::start(
         plan,
         pod_ip,
@@ -149,9 +151,21 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
             proto: args.proto,
             port: args.port,
             snaplen: args.out.write.is_some().then(|| args.out.kernel_snaplen()),
+            evidence: None,
         },
     )?;
-    follow_with(&args, &topo, &mut session, pod_ip, &loc.netns)
+    let startup = Startup {
+        entered,
+        resolve_ms,
+    };
+    follow_with(&args, &topo, &mut session, pod_ip, &loc.netns, &startup)
+}
+
+/// When `run` was entered and how long finding the pod and its path took (for the ready line;
+/// the benchmark splits the start-up with them).
+struct Startup {
+    entered: Instant,
+    resolve_ms: f64,
 }
 
 fn follow_with(
@@ -160,6 +174,7 @@ fn follow_with(
     session: &mut Session,
     pod_ip: Ipv4Addr,
     pod_netns: &std::path::Path,
+    startup: &Startup,
 ) -> Result<ExitCode> {
     let json = args.json;
     let plan = session.plan.clone();
@@ -181,6 +196,10 @@ fn follow_with(
             "kernel_hooks": session.hooks,
             "load_ms": session.times.load_ms,
             "attach_ms": session.times.attach_ms,
+            // Locating the pod and resolving its path, before loading.
+            "resolve_ms": startup.resolve_ms,
+            // From entering `follow` to this line (resolve + load + attach + the rest).
+            "ready_ms": startup.entered.elapsed().as_secs_f64() * 1e3,
         });
         writeln!(stdout.lock(), "{ready}")?;
     } else {
