@@ -5,6 +5,8 @@
 //! - `test`: setup, then rustfmt, clippy (-D warnings), and every test, the privileged ones
 //!   included (run as root).
 //! - `demo`: setup, build, then run the demo.
+//! - `bench`: setup, release build, then the benchmark on its own lab (attach latency,
+//!   data-path overhead, lossless capture rate, memory; against tcpdump). Not part of `test`.
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode},
@@ -13,6 +15,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod setup;
 
 #[derive(Parser)]
@@ -34,6 +37,9 @@ enum Task {
     },
     /// Set up, build, and run the demo (needs root).
     Demo,
+    /// Set up, build (release), and benchmark podtrace against tcpdump on a lab (needs root);
+    /// writes bench/results/latest.json and latest.md.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +48,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
+        Task::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

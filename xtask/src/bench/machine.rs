@@ -1,0 +1,150 @@
+//! The machine and the code the benchmark ran on.
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Value};
+
+fn output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(crate::root())
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The commit checked out (a read-only git query).
+pub fn head_commit() -> String {
+    output("git", &["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into())
+}
+
+/// The 1, 5 and 15 minute load averages.
+pub fn loadavg() -> String {
+    read("/proc/loadavg")
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+pub struct Machine {
+    pub kernel: String,
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub os: String,
+    pub commit: String,
+    /// podtrace's sources in the work tree differ from the commit (or HEAD moved while the
+    /// benchmark built it).
+    pub dirty: bool,
+    pub podtrace_version: String,
+    pub tcpdump: String,
+    pub iperf3: String,
+    pub date: String,
+    pub loadavg: String,
+    /// At the end of the measurements (other work on the machine skews them).
+    pub loadavg_end: String,
+}
+
+impl Machine {
+    pub fn describe(podtrace: &std::path::Path) -> Machine {
+        let cpuinfo = read("/proc/cpuinfo");
+        let field = |name: &str| {
+            cpuinfo
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        };
+        let cores = cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("processor"))
+            .count();
+        let mem_kb: f64 = read("/proc/meminfo")
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0.0);
+        let os = read("/etc/os-release")
+            .lines()
+            .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+            .map(|v| v.trim_matches('"').to_owned())
+            .unwrap_or_default();
+        let commit = head_commit();
+        // What the podtrace binary is built from (the benchmark's own files do not count).
+        let dirty = output(
+            "git",
+            &[
+                "--no-optional-locks",
+                "status",
+                "--porcelain",
+                "--",
+                "podtrace",
+                "podtrace-ebpf",
+                "Cargo.toml",
+                "Cargo.lock",
+            ],
+        )
+        .is_some_and(|s| !s.is_empty());
+        let tcpdump_ver = Command::new("tcpdump")
+            .arg("--version")
+            .output()
+            .map(|o| {
+                let s = String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr);
+                s.lines().next().unwrap_or_default().to_owned()
+            })
+            .unwrap_or_default();
+        Machine {
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+            cpu: field("model name").unwrap_or_else(|| "unknown".into()),
+            cores,
+            memory_gib: mem_kb / (1024.0 * 1024.0),
+            os,
+            commit,
+            dirty,
+            podtrace_version: podtrace
+                .to_str()
+                .and_then(|p| output(p, &["--version"]))
+                .unwrap_or_default(),
+            tcpdump: tcpdump_ver,
+            iperf3: output("iperf3", &["--version"])
+                .and_then(|s| s.lines().next().map(str::to_owned))
+                .unwrap_or_default(),
+            date: output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_default(),
+            loadavg: loadavg(),
+            loadavg_end: String::new(),
+        }
+    }
+
+    pub fn commit_label(&self) -> String {
+        format!(
+            "{}{}",
+            self.commit.get(..12).unwrap_or(&self.commit),
+            if self.dirty {
+                " (+ uncommitted changes to podtrace)"
+            } else {
+                ""
+            }
+        )
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "kernel": self.kernel,
+            "cpu": self.cpu,
+            "cores": self.cores,
+            "memory_gib": (self.memory_gib * 10.0).round() / 10.0,
+            "os": self.os,
+            "loadavg_at_start": self.loadavg,
+            "loadavg_at_end": self.loadavg_end,
+        })
+    }
+}

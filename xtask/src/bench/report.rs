@@ -1,0 +1,349 @@
+//! The results as JSON (`latest.json`) and as a markdown table (`latest.md`, also printed).
+use std::{fmt::Write as _, time::Duration};
+
+use serde_json::{json, Value};
+
+use super::{
+    attach::Attach,
+    capture::Tool,
+    lab::Hop,
+    machine::Machine,
+    overhead::{self, Config},
+    sweep::{self, Sweep},
+    DST_IP, OTHER_PEER_IP, PEER, POD,
+};
+
+pub struct Results {
+    pub machine: Machine,
+    pub hops: Vec<Hop>,
+    pub attach: Attach,
+    pub overhead: overhead::Results,
+    pub sweep: Sweep,
+    pub elapsed: Duration,
+}
+
+fn mib(kb: u64) -> String {
+    format!("{:.1} MiB", kb as f64 / 1024.0)
+}
+
+fn count(x: f64) -> String {
+    let n = x.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl Results {
+    pub fn to_json(&self) -> Value {
+        let m = &self.machine;
+        json!({
+            "schema": 1,
+            "date": m.date,
+            "elapsed_s": (self.elapsed.as_secs_f64() * 10.0).round() / 10.0,
+            "machine": m.to_json(),
+            "podtrace": {
+                "commit": m.commit,
+                "uncommitted_changes": m.dirty,
+                "version": m.podtrace_version,
+                "binary": "target/release/podtrace",
+            },
+            "tools": {"tcpdump": m.tcpdump, "iperf3": m.iperf3},
+            "lab": {
+                "topology": "flannel",
+                "pod": POD, "peer": PEER, "dst": DST_IP,
+                "hops": self.hops.iter().map(|h| json!({"name": h.name, "role": h.role})).collect::<Vec<_>>(),
+            },
+            "attach_latency": self.attach.to_json(),
+            "overhead": self.overhead.to_json(),
+            "lossless_rate": self.sweep.to_json(),
+            "peak_rss_kb": self.memory().iter().map(|(k, _, kb)| (k.to_string(), json!(kb))).collect::<serde_json::Map<_, _>>(),
+        })
+    }
+
+    /// (key, label, peak RSS in kB) of every measured process kind.
+    fn memory(&self) -> Vec<(&'static str, String, u64)> {
+        let mut v = Vec::new();
+        for (key, c) in [
+            ("podtrace_capture_tcp", Config::Capture),
+            ("tcpdump_sum_tcp", Config::Tcpdump),
+        ] {
+            if let Some((_, _, rss)) = self.overhead.capture_stats(c) {
+                v.push((key, c.label(), rss));
+            }
+        }
+        let tcpdump_max = self
+            .overhead
+            .runs(Config::Tcpdump)
+            .iter()
+            .filter_map(|r| r.capture.as_ref().map(|c| c.rss_max_kb))
+            .max()
+            .unwrap_or(0);
+        v.push((
+            "tcpdump_single_max_tcp",
+            "one tcpdump process (the largest)".into(),
+            tcpdump_max,
+        ));
+        for (key, c) in [
+            ("podtrace_follow_other_peer", Config::FollowOtherPeer),
+            ("podtrace_follow_other_port", Config::FollowOtherPort),
+        ] {
+            let rss = self
+                .overhead
+                .follow_runs(c)
+                .iter()
+                .map(|f| f.rss_kb)
+                .max()
+                .unwrap_or(0);
+            v.push((key, c.label(), rss));
+        }
+        for t in &self.sweep.tools {
+            let key = match t.tool {
+                Tool::Podtrace => "podtrace_capture_udp_sweep",
+                Tool::Tcpdump => "tcpdump_sum_udp_sweep",
+            };
+            v.push((
+                key,
+                format!("{} in the UDP sweep", t.tool.name()),
+                t.peak_rss_kb(),
+            ));
+        }
+        v
+    }
+
+    pub fn markdown(&self) -> String {
+        let m = &self.machine;
+        let mut s = String::new();
+        let _ = writeln!(s, "# podtrace benchmark\n");
+        let _ = writeln!(
+            s,
+            "`cargo xtask bench`, {} ({:.0} s of measurement). Lab: flannel topology, {POD} (node-a) → {PEER} ({DST_IP}, node-b), {} hops: {}.\n",
+            m.date,
+            self.elapsed.as_secs_f64(),
+            self.hops.len(),
+            self.hops.iter().map(|h| format!("`{}`", h.name)).collect::<Vec<_>>().join(", ")
+        );
+        let _ = writeln!(s, "| machine | |\n|---|---|");
+        let _ = writeln!(s, "| kernel | {} |", m.kernel);
+        let _ = writeln!(s, "| CPU | {} × {} |", m.cores, m.cpu);
+        let _ = writeln!(s, "| memory | {:.1} GiB |", m.memory_gib);
+        let _ = writeln!(s, "| OS | {} |", m.os);
+        let _ = writeln!(
+            s,
+            "| podtrace | {} (release build), commit {} |",
+            m.podtrace_version,
+            m.commit_label()
+        );
+        let _ = writeln!(s, "| tools | {}; {} |", m.tcpdump, m.iperf3);
+        let _ = writeln!(
+            s,
+            "| load average (1, 5, 15 min) | {} at start, {} at the end (the benchmark's own load included) |\n",
+            m.loadavg, m.loadavg_end
+        );
+
+        // Attach latency.
+        let a = &self.attach;
+        let _ = writeln!(
+            s,
+            "## Attach latency\n\n`podtrace follow {POD} --dst {DST_IP} --json`: from process start to the `ready` line (probes live on {} hops of both nodes, plus {}); {} runs after a warm-up.\n",
+            a.hops,
+            a.kernel_hooks.join(", "),
+            a.runs.len()
+        );
+        let _ = writeln!(s, "| phase | median | max |\n|---|---:|---:|");
+        for (f, label) in [
+            ("total", "**total: start → probes live**"),
+            (
+                "process",
+                "process start (exec, arguments; total − ready_ms)",
+            ),
+            (
+                "resolve",
+                "resolve (pod, namespaces, links, routes of both nodes)",
+            ),
+            ("load", "load (BTF, eBPF object, maps)"),
+            (
+                "attach",
+                "attach (a program copy per namespace, tc on every hop, names, kernel hooks)",
+            ),
+            ("other", "other (before the ready line)"),
+        ] {
+            let _ = writeln!(
+                s,
+                "| {label} | {:.1} ms | {:.1} ms |",
+                a.median(f),
+                a.max(f)
+            );
+        }
+
+        // Overhead.
+        let o = &self.overhead;
+        let _ = writeln!(
+            s,
+            "\n## Data-path overhead\n\niperf3 TCP {POD} → {PEER}, {} s per run, {} runs per configuration (interleaved), median. Captured/lost: median over the runs, all hops together (podtrace: \"packets written\" / \"lost before reaching the writer\"; tcpdump: \"packets captured\" / \"dropped by kernel\", summed over its {} processes). Tool CPU: user + system seconds of the tool's processes over the run (start and stop included), from `wait4`. Capture files on tmpfs.\n",
+            o.seconds,
+            o.runs(Config::Baseline).len(),
+            self.hops.len()
+        );
+        let _ = writeln!(
+            s,
+            "| configuration | Gbit/s | × baseline | captured | lost | lost % | tool CPU | peak RSS |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for c in Config::ALL {
+            let (captured, lost, share, rss) = match (c, o.capture_stats(c)) {
+                (_, Some((cap, lost, rss))) => (
+                    count(cap),
+                    count(lost),
+                    format!("{:.0} %", 100.0 * lost / (cap + lost).max(1.0)),
+                    mib(rss),
+                ),
+                (Config::FollowOtherPeer | Config::FollowOtherPort, None) => {
+                    let runs = o.follow_runs(c);
+                    let rss = runs.iter().map(|f| f.rss_kb).max().unwrap_or(0);
+                    let hops = runs.first().map_or(0, |f| f.hops.len());
+                    let lost: u64 = runs.iter().map(|f| f.lost).sum();
+                    let packets: u64 = runs.iter().map(|f| f.packets).sum();
+                    (
+                        format!("{packets} packets ({hops} hops probed)"),
+                        lost.to_string(),
+                        "–".into(),
+                        mib(rss),
+                    )
+                }
+                _ => ("–".into(), "–".into(), "–".into(), "–".into()),
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {:.2} | {:.3} | {captured} | {lost} | {share} | {} | {rss} |",
+                c.label(),
+                o.median_gbps(c),
+                o.ratio(c),
+                o.median_cpu_s(c)
+                    .map(|x| format!("{x:.1} s"))
+                    .unwrap_or_else(|| "–".into())
+            );
+        }
+        let probed = |c: Config| {
+            o.follow_runs(c)
+                .first()
+                .map(|f| {
+                    f.hops
+                        .iter()
+                        .map(|h| format!("`{h}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default()
+        };
+        let on_path = o
+            .follow_runs(Config::FollowOtherPeer)
+            .first()
+            .map_or(0, |f| {
+                f.hops
+                    .iter()
+                    .filter(|h| self.hops.iter().any(|p| &p.name == *h))
+                    .count()
+            });
+        let _ = writeln!(
+            s,
+            "\nIdle `follow`: `--dst {OTHER_PEER_IP}` (pod-a2) probes that path's hops ({}), {on_path} of them on the iperf3 path; `--port 9` keeps {PEER} as the peer, so every hop of the iperf3 path is probed ({}) and the filter rejects every packet. Both keep the kernel hooks (drops, FIB lookups, device transmits), which see every packet of the machine. podtrace's \"lost\" counts ring-buffer events of every kind (hop packet records and FIB/transmit/drop events), not only packets.",
+            probed(Config::FollowOtherPeer),
+            probed(Config::FollowOtherPort)
+        );
+
+        // Lossless rate.
+        let w = &self.sweep;
+        let _ = writeln!(
+            s,
+            "\n## Lossless capture rate\n\nUDP datagrams ({}-byte payload) {POD} → {PEER}, paced, {} s per step, rates doubling from 5 000/s then bisected. Lossless: the tool reports 0 lost (podtrace) / 0 dropped by kernel (tcpdump) **and** every hop's capture holds every datagram sent. Both tools keep only these datagrams (podtrace: `udp dst port {}` EXPR; tcpdump: `{}`). Path ceiling with nothing attached, sender flat out: **{} datagrams/s** (best of {} samples: {}).\n",
+            sweep::PAYLOAD,
+            w.seconds,
+            sweep::PORT,
+            super::capture::tcpdump_udp_filter(sweep::PORT),
+            count(w.ceiling_pps()),
+            w.ceiling.len(),
+            w.ceiling
+                .iter()
+                .map(|c| format!("{}/s", count(c.achieved_pps())))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let _ = writeln!(
+            s,
+            "| tool | highest lossless rate | lowest lossy rate | peak RSS |\n|---|---:|---:|---:|"
+        );
+        for t in &w.tools {
+            let best = t
+                .best()
+                .map(|b| {
+                    format!(
+                        "{}{} datagrams/s",
+                        if t.sender_bound { "≥ " } else { "" },
+                        count(b.achieved_pps())
+                    )
+                })
+                .unwrap_or_else(|| "none tried was lossless".into());
+            let lossy = t
+                .first_lossy()
+                .map(|b| format!("{} datagrams/s", count(b.achieved_pps())))
+                .unwrap_or_else(|| "–".into());
+            let _ = writeln!(
+                s,
+                "| {} | **{best}** | {lossy} | {} |",
+                t.tool.name(),
+                mib(t.peak_rss_kb())
+            );
+        }
+        if w.tools.iter().any(|t| t.sender_bound) {
+            let _ = writeln!(
+                s,
+                "\n≥: no loss at any rate tried; the sender could go no faster with the tool attached (the capture's per-packet kernel work runs in the sending CPU's softirq, and the consumer shares the machine's {} cores), so the path slowed down before the capture lost anything.",
+                m.cores
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\n| tool | target/s | sent/s | sent | fewest on a hop | lost | lossless |\n|---|---:|---:|---:|---:|---:|---|"
+        );
+        for t in &w.tools {
+            for st in &t.steps {
+                let (min_hop, lost) = st
+                    .report
+                    .as_ref()
+                    .map(|r| (r.per_hop.iter().map(|(_, n)| *n).min().unwrap_or(0), r.lost))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} | {} |",
+                    t.tool.name(),
+                    if st.target_pps == 0 {
+                        "flat out".into()
+                    } else {
+                        count(st.target_pps as f64)
+                    },
+                    count(st.achieved_pps()),
+                    count(st.sent as f64),
+                    count(min_hop as f64),
+                    count(lost as f64),
+                    if st.lossless { "yes" } else { "no" }
+                );
+            }
+        }
+
+        // Memory.
+        let _ = writeln!(
+            s,
+            "\n## Peak RSS\n\npodtrace: `wait4` maxrss and VmHWM; tcpdump: VmHWM of each process `lab exec` started, read before it stops.\n"
+        );
+        let _ = writeln!(s, "| process | peak RSS |\n|---|---:|");
+        for (_, label, kb) in self.memory() {
+            let _ = writeln!(s, "| {label} | {} |", mib(kb));
+        }
+        s
+    }
+}
