@@ -38,8 +38,10 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// The event ring buffer when only packet headers travel (4 MiB).
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
-/// The event ring buffer for capture sessions, whose records carry packets (64 MiB).
-pub const CAPTURE_RING_BYTES: u32 = 64 << 20;
+/// The event ring buffer for capture sessions, whose records carry packets (16 MiB: room for
+/// bursts of GSO-sized records; a larger one did not reduce loss under sustained load in
+/// `cargo xtask bench`, and costs its size in resident memory).
+pub const CAPTURE_RING_BYTES: u32 = 16 << 20;
 
 /// How a tc hop probe is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
