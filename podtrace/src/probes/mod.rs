@@ -184,6 +184,7 @@ const BPFFS: &str = "/sys/fs/bpf";
 /// is that namespace's, sharing the primary object's maps.
 struct NsPrograms {
     netns: Option<PathBuf>,
+    cookie: u64,
     bpf: Ebpf,
 }
 
@@ -315,6 +316,7 @@ impl Probes {
         }
         self.per_ns.push(NsPrograms {
             netns: ns.map(Path::to_path_buf),
+            cookie,
             bpf,
         });
         Ok(self.per_ns.len() - 1)
@@ -360,7 +362,7 @@ impl Probes {
         }
         let ns = target.netns.as_deref();
         let ns_index = self.ns_programs(ns).with_context(|| where_(target))?;
-        let cookie = netns::cookie_of(ns)?;
+        let cookie = self.per_ns[ns_index].cookie;
         let ifname = target.ifname.as_str();
         let ifindex = netns::run_in(ns, || {
             nix::net::if_::if_nametoindex(ifname)
