@@ -403,12 +403,8 @@ fn step_capture() -> Result<()> {
     )
 }
 
-fn step_verify_eni() -> Result<()> {
-    header(
-        4,
-        "Does the ENI pod really bypass eth0?",
-        "seeds 000/004: ip rule, ip route show table N, tcpdump on eth0 and eth2 while pinging",
-    );
+/// Runs and shows `podtrace verify eni pod-c2 --dst 10.19.0.11 --probe`.
+fn verify_pod_c2() -> Result<(i32, String)> {
     show("podtrace verify eni pod-c2 --dst 10.19.0.11 --probe");
     let (code, out, _) = podtrace(&[
         "verify",
@@ -421,6 +417,16 @@ fn step_verify_eni() -> Result<()> {
         PREFIX,
     ])?;
     indent(&out);
+    Ok((code, out))
+}
+
+fn step_verify_eni() -> Result<()> {
+    header(
+        4,
+        "Does the ENI pod really bypass eth0?",
+        "seeds 000/004: ip rule, ip route show table N, tcpdump on eth0 and eth2 while pinging",
+    );
+    let (code, out) = verify_pod_c2()?;
     check(
         code == 0 && out.contains("PASS"),
         "pod-c2's traffic used eth2 and table 3 both ways; 0 packets on eth0",
@@ -446,18 +452,7 @@ fn step_verify_eni() -> Result<()> {
     if !deleted {
         bail!("pod-c2's rule was not found");
     }
-    show("podtrace verify eni pod-c2 --dst 10.19.0.11 --probe");
-    let (code, out, _) = podtrace(&[
-        "verify",
-        "eni",
-        "pod-c2",
-        "--dst",
-        "10.19.0.11",
-        "--probe",
-        "--lab",
-        PREFIX,
-    ])?;
-    indent(&out);
+    let (code, out) = verify_pod_c2()?;
     check(
         code == 1
             && out.contains("egress left via eth0: no `from 10.19.0.32` rule selects table 3"),

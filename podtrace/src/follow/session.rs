@@ -256,7 +256,10 @@ pub fn node_uplinks(topo: &Topology) -> Result<Vec<crate::topology::Hop>> {
             hop.name = format!("{}/{}", h.node, l.name);
             hop.ifname = l.name.clone();
             hop.ifindex = l.index;
-            hop.mac = l.mac.as_ref().map(crate::topology::snapshot::mac_string);
+            hop.mac = l
+                .mac
+                .as_ref()
+                .map(|m| crate::topology::snapshot::mac_string(m));
             hop.mtu = l.mtu;
             hop.master = None;
             hop.kind = l.kind.clone();

@@ -31,13 +31,7 @@ use rtnetlink::{
 /// A MAC address.
 pub type Mac = [u8; 6];
 
-/// Formats a MAC the usual way (`aa:bb:cc:dd:ee:ff`).
-pub fn mac_string(mac: &[u8]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
+pub use crate::topology::snapshot::mac_string;
 
 /// What the lab needs to know about a link in one namespace.
 #[derive(Debug, Clone)]

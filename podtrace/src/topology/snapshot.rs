@@ -6,7 +6,8 @@ use std::net::Ipv4Addr;
 /// A MAC address.
 pub type Mac = [u8; 6];
 
-pub fn mac_string(mac: &Mac) -> String {
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn mac_string(mac: &[u8]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
