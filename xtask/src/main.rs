@@ -16,6 +16,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod build;
 mod setup;
 
 #[derive(Parser)]

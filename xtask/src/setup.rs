@@ -42,6 +42,7 @@ pub fn run() -> Result<()> {
     }
     debian_packages()?;
     nightly()?;
+    musl_target()?;
     bpf_linker()?;
     eprintln!("xtask: setup complete");
     Ok(())
@@ -112,6 +113,19 @@ fn nightly() -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// The musl target of the stable toolchain: the static release binary (VM guests, the OCI
+/// image) is built for it.
+fn musl_target() -> Result<()> {
+    let target = crate::build::STATIC_TARGET;
+    let installed = output("rustup", &["target", "list", "--installed"]).unwrap_or_default();
+    if installed.lines().any(|l| l.trim() == target) {
+        eprintln!("xtask: rust target {target}: present");
+        return Ok(());
+    }
+    eprintln!("xtask: installing rust target {target} (static release builds)");
+    sh("rustup", &["target", "add", target])
 }
 
 fn bpf_linker() -> Result<()> {

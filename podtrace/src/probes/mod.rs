@@ -580,7 +580,7 @@ pub fn read_event(bytes: &[u8]) -> Option<Event> {
 /// Mounts bpffs on /sys/fs/bpf unless one is there (as bpftool does).
 fn ensure_bpffs() -> Result<()> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    if nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC) {
+    if nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC) {
         return Ok(());
     }
     nix::mount::mount(
