@@ -2,6 +2,11 @@
 //! unique name prefixes so tests run side by side, and small command runners.
 //!
 //! Every guard cleans up in `Drop`, so a failing or panicking test leaves nothing behind.
+//!
+//! [`fuzzing`] is the harness of the fuzz targets in `fuzz/`, shared with the normal suite's
+//! replay of their corpora (`tests/fuzz_corpus.rs`).
+pub mod fuzzing;
+
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},

@@ -3,7 +3,8 @@
 //! - `setup`: install what a fresh Debian 12 machine lacks to build and test podtrace
 //!   (idempotent; a no-op in seconds when everything is there).
 //! - `test`: setup, then rustfmt, clippy (-D warnings), and every test, the privileged ones
-//!   included (run as root).
+//!   included (run as root); then each fuzz target for a short fixed time.
+//! - `fuzz [--seconds N] [TARGET]`: the cargo-fuzz targets in `fuzz/` (see `fuzz.rs`).
 //! - `demo`: setup, build, then run the demo.
 //! - `bench`: setup, release build, then the benchmark on its own lab (attach latency,
 //!   data-path overhead, lossless capture rate, memory; against tcpdump). Not part of `test`.
@@ -17,6 +18,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build;
+mod fuzz;
 mod setup;
 
 #[derive(Parser)]
@@ -38,6 +40,9 @@ enum Task {
     },
     /// Set up, build, and run the demo (needs root).
     Demo,
+    /// Run the cargo-fuzz targets in fuzz/ (nightly, libFuzzer), each for --seconds N or
+    /// until stopped; new inputs go to target/fuzz-corpus/, crashes to fuzz/artifacts/.
+    Fuzz(fuzz::FuzzArgs),
     /// Set up, build (release), and benchmark podtrace against tcpdump on a lab (needs root);
     /// writes bench/results/latest.json and latest.md.
     Bench(bench::BenchArgs),
@@ -49,6 +54,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
+        Task::Fuzz(args) => fuzz::run(args),
         Task::Bench(args) => bench::run(args),
     };
     match result {
@@ -103,7 +109,10 @@ fn test(extra: &[String]) -> Result<()> {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));
     }
-    run("cargo", &args)
+    run("cargo", &args)?;
+    // Each fuzz target for a short, fixed time from the committed seeds: a regression in a
+    // parser shows here even when no seed reproduces it.
+    fuzz::smoke()
 }
 
 fn demo() -> Result<()> {

@@ -44,6 +44,7 @@ pub fn run() -> Result<()> {
     nightly()?;
     musl_target()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -126,6 +127,29 @@ fn musl_target() -> Result<()> {
     }
     eprintln!("xtask: installing rust target {target} (static release builds)");
     sh("rustup", &["target", "add", target])
+}
+
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz, for the fuzz targets in fuzz/ (`cargo xtask fuzz`, and the short run in
+/// `cargo xtask test`). Built from crates.io with the stable toolchain; runs the targets
+/// with nightly.
+pub fn cargo_fuzz() -> Result<()> {
+    if let Some(v) = output("cargo", &["fuzz", "--version"]) {
+        eprintln!("xtask: {}: present", v.trim());
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
+    sh(
+        "cargo",
+        &[
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+        ],
+    )
 }
 
 fn bpf_linker() -> Result<()> {

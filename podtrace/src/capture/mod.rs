@@ -17,7 +17,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use podtrace_abi::{Event, KIND_DROP, KIND_TC, MAX_SNAPLEN};
 
 use crate::{
-    cli::{parse_duration, parse_ipv4, PodArgs},
+    cli::{parse_duration, parse_file_size, parse_ipv4, PodArgs},
     follow::{
         correlate::{after_delivery, Observation, Seen},
         plan::{self, Hook, Plan},
@@ -38,7 +38,7 @@ pub struct OutputArgs {
     #[arg(short = 'w', value_name = "FILE")]
     pub write: Option<PathBuf>,
     /// Rotate when a file would exceed MB million bytes.
-    #[arg(short = 'C', value_name = "MB", requires = "write")]
+    #[arg(short = 'C', value_name = "MB", value_parser = parse_file_size, requires = "write")]
     pub file_size: Option<u64>,
     /// Rotate every DUR (90, 90s, 10m, 1h); FILE may hold strftime patterns.
     #[arg(short = 'G', value_name = "DUR", value_parser = parse_duration, requires = "write")]

@@ -21,7 +21,8 @@ use pcap_file::{DataLink, Endianness, TsResolution};
 use super::error::CaptureError;
 use super::rotate::{FileNamer, NameTimeZone, RotationPolicy};
 
-/// tcpdump's default snap length, also used for `-s 0`.
+/// tcpdump's default snap length, also used for `-s 0`, and the longest record Wireshark and
+/// libpcap read: the writer never uses a larger one.
 pub const DEFAULT_SNAPLEN: u32 = 262_144;
 
 /// Encoded records are collected up to this many bytes before a `write(2)`.
@@ -345,8 +346,8 @@ pub struct CaptureWriter {
 impl CaptureWriter {
     /// Create the first capture file and write its header.
     ///
-    /// `path` is the `-w` argument (a strftime pattern with `-G`); `snaplen` 0 means
-    /// [`DEFAULT_SNAPLEN`]. Hops may be added later with [`add_hop`](Self::add_hop).
+    /// `path` is the `-w` argument (a strftime pattern with `-G`); `snaplen` 0 or above
+    /// [`DEFAULT_SNAPLEN`] (the most readers accept) means [`DEFAULT_SNAPLEN`]. Hops may be added later with [`add_hop`](Self::add_hop).
     pub fn create(
         path: impl Into<PathBuf>,
         format: CaptureFormat,
@@ -376,7 +377,8 @@ impl CaptureWriter {
         let path = path.into();
         policy.validate()?;
         FileNamer::check(&path, &policy)?;
-        let snaplen = if snaplen == 0 {
+        // tcpdump's rule too: Wireshark and libpcap refuse records longer than 262144 bytes.
+        let snaplen = if snaplen == 0 || snaplen > DEFAULT_SNAPLEN {
             DEFAULT_SNAPLEN
         } else {
             snaplen
@@ -567,9 +569,10 @@ impl CaptureWriter {
                 hops: self.hops.len(),
             });
         }
-        self.stats.lost += n;
+        // Counts from the kernel, summed: saturate rather than wrap (or panic).
+        self.stats.lost = self.stats.lost.saturating_add(n);
         if let Some(cur) = self.current.as_mut() {
-            cur.lost_per_hop[hop] += n;
+            cur.lost_per_hop[hop] = cur.lost_per_hop[hop].saturating_add(n);
         }
         Ok(())
     }
@@ -578,9 +581,9 @@ impl CaptureWriter {
     /// hop (e.g. a perf buffer's lost-samples count). pcapng stores them as a comment on the
     /// first interface's statistics block.
     pub fn add_lost_unattributed(&mut self, n: u64) {
-        self.stats.lost += n;
+        self.stats.lost = self.stats.lost.saturating_add(n);
         if let Some(cur) = self.current.as_mut() {
-            cur.lost_unattributed += n;
+            cur.lost_unattributed = cur.lost_unattributed.saturating_add(n);
         }
     }
 

@@ -1570,3 +1570,228 @@ fn writer_and_errors_can_move_between_threads() {
     send::<CaptureWriter>();
     sync::<CaptureError>();
 }
+
+// ---------------------------------------------------------------------------------------
+// Property tests of the rotation ring (-C, -G, -W together or apart): whatever the packet
+// sizes, timestamps and idle gaps, never more than W files, no file above C unless one
+// packet alone is, names in the ring's order and contents in time order.
+
+mod ring_props {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Packet { len: usize, dt_ms: u64 },
+        Tick { dt_ms: u64 },
+    }
+
+    fn steps() -> impl Strategy<Value = Vec<Step>> {
+        prop::collection::vec(
+            prop_oneof![
+                4 => (46usize..1600, 0u64..2500).prop_map(|(len, dt_ms)| Step::Packet { len, dt_ms }),
+                1 => (0u64..6000).prop_map(|dt_ms| Step::Tick { dt_ms }),
+            ],
+            1..50,
+        )
+    }
+
+    /// The packets (their sequence numbers) of a complete file.
+    fn seqs_any(path: &Path, format: CaptureFormat) -> Vec<u32> {
+        match format {
+            CaptureFormat::PcapNg => seqs(path),
+            CaptureFormat::Pcap => {
+                let mut r =
+                    pcap_file::pcap::PcapReader::new(fs::File::open(path).unwrap()).unwrap();
+                let mut v = Vec::new();
+                while let Some(p) = r.next_raw_packet() {
+                    v.push(seq_of(&p.unwrap().data));
+                }
+                v
+            }
+        }
+    }
+
+    /// The ring index a numbered name ends with (`cap.pcap3` → 3), `None` without a suffix.
+    fn ring_index(path: &Path) -> Option<u32> {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        let digits: String = name
+            .chars()
+            .rev()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        let digits: String = digits.chars().rev().collect();
+        name.strip_suffix(digits.as_str())
+            .filter(|stem| stem.ends_with(".pcap"))
+            .and_then(|_| digits.parse().ok())
+    }
+
+    fn check_files(
+        files: &[PathBuf],
+        format: CaptureFormat,
+        c: Option<u64>,
+        w: u32,
+        time_names: bool,
+        closed: usize,
+    ) -> Result<Vec<u32>, TestCaseError> {
+        prop_assert!(
+            files.len() <= w as usize,
+            "{} files, -W {w}: {files:?}",
+            files.len()
+        );
+        let mut all = Vec::new();
+        for (i, f) in files.iter().enumerate().take(closed) {
+            let s = seqs_any(f, format);
+            let size = fs::metadata(f).unwrap().len();
+            if let Some(c) = c {
+                prop_assert!(
+                    size <= c || s.len() <= 1,
+                    "{}: {size} bytes > -C {c}",
+                    f.display()
+                );
+            }
+            if i > 0 && !time_names && w > 1 {
+                let (a, b) = (ring_index(&files[i - 1]), ring_index(f));
+                prop_assert_eq!(b, a.map(|a| (a + 1) % w), "{:?}", files);
+            }
+            all.extend(s);
+        }
+        if time_names {
+            // Named after the start of their interval: in creation order by name, up to
+            // the ring counter of size rotations within one interval.
+            let stems: Vec<String> = files
+                .iter()
+                .map(|f| {
+                    f.to_string_lossy()
+                        .trim_end_matches(|c: char| c.is_ascii_digit())
+                        .to_string()
+                })
+                .collect();
+            prop_assert!(stems.windows(2).all(|p| p[0] <= p[1]), "{stems:?}");
+        }
+        Ok(all)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn never_more_than_w_files_none_above_c_names_in_order(
+            pcapng in any::<bool>(),
+            c in prop::option::of(300u64..6000),
+            g_secs in prop::option::of(1u64..5),
+            w in 1u32..6,
+            time_names in any::<bool>(),
+            steps in steps(),
+        ) {
+            prop_assume!(c.is_some() || g_secs.is_some());
+            let format = if pcapng { CaptureFormat::PcapNg } else { CaptureFormat::Pcap };
+            let time_names = time_names && g_secs.is_some();
+            let dir = TempDir::new("ringprop");
+            let name = if time_names { "cap-%Y%m%d-%H%M%S.pcap" } else { "cap.pcap" };
+            let mut policy = RotationPolicy::none().with_max_files(w);
+            if let Some(c) = c {
+                policy = policy.with_max_file_bytes(c);
+            }
+            if let Some(g) = g_secs {
+                policy = policy.with_interval(Duration::from_secs(g));
+            }
+            let mut wr = CaptureWriter::create_with(dir.join(name), format, policy, 0, hops2(), opts())
+                .unwrap();
+            let mut t = T0;
+            let mut seq = 0u32;
+            for s in &steps {
+                match *s {
+                    Step::Packet { len, dt_ms } => {
+                        t += dt_ms * 1_000_000;
+                        wr.write((seq % 2) as usize, Direction::Inbound, t, len as u32, &pkt(seq, len))
+                            .unwrap();
+                        seq += 1;
+                    }
+                    Step::Tick { dt_ms } => {
+                        t += dt_ms * 1_000_000;
+                        wr.tick(t).unwrap();
+                    }
+                }
+                let files = wr.files().to_vec();
+                prop_assert_eq!(files.len(), dir.names().len(), "files() is what is on disk");
+                // Every file but the current one is complete.
+                check_files(&files, format, c, w, time_names, files.len() - 1)?;
+            }
+            let files = wr.files().to_vec();
+            let stats = wr.finish().unwrap();
+            let kept: Vec<PathBuf> = files.into_iter().filter(|f| f.exists()).collect();
+            prop_assert_eq!(kept.len(), dir.names().len());
+            let all = check_files(&kept, format, c, w, time_names, kept.len())?;
+            // The newest packets, in order, the last one included. (Not with -W 1: an idle
+            // -G interval starts a new, empty file in place of the only one.)
+            prop_assert!(all.windows(2).all(|p| p[0] < p[1]), "{all:?}");
+            if seq > 0 && w > 1 {
+                prop_assert_eq!(all.last().copied(), Some(seq - 1));
+            }
+            if stats.files_deleted == 0 {
+                prop_assert_eq!(all.len() as u32, seq);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Regression tests for what fuzzing the writer found.
+
+/// Loss counts added up past u64 overflowed (a panic in debug builds, a wrap otherwise);
+/// they saturate. Found by the `writer` fuzz target (fuzz/corpus/writer/crash-lost-count-overflow).
+#[test]
+fn regression_lost_counts_saturate() {
+    let dir = TempDir::new("lostsat");
+    let mut w = CaptureWriter::create_with(
+        dir.join("l.pcapng"),
+        CaptureFormat::PcapNg,
+        RotationPolicy::none(),
+        0,
+        hops2(),
+        opts(),
+    )
+    .unwrap();
+    w.add_lost(0, u64::MAX - 1).unwrap();
+    w.add_lost(0, 5).unwrap();
+    w.add_lost_unattributed(u64::MAX);
+    w.add_lost_unattributed(1);
+    let stats = w.finish().unwrap();
+    assert_eq!(stats.lost, u64::MAX);
+    let f = read_ng(&dir.join("l.pcapng"));
+    assert_eq!(f.isbs[0].ifdrop, Some(u64::MAX));
+}
+
+/// A snap length above tcpdump's maximum (262144) let packets longer than Wireshark reads
+/// into the file ("a record that's too big"): the writer caps it, as tcpdump does.
+#[test]
+fn regression_snaplen_is_capped_at_the_readers_maximum() {
+    for format in [CaptureFormat::PcapNg, CaptureFormat::Pcap] {
+        let dir = TempDir::new("bigsnap");
+        let path = dir.join("b.pcap");
+        let mut w = CaptureWriter::create_with(
+            &path,
+            format,
+            RotationPolicy::none(),
+            1 << 30,
+            hops2(),
+            opts(),
+        )
+        .unwrap();
+        assert_eq!(w.snaplen(), DEFAULT_SNAPLEN);
+        let big = vec![0x45u8; 300_000];
+        w.write(0, Direction::Inbound, T0, 0, &big).unwrap();
+        let stats = w.finish().unwrap();
+        assert_eq!(stats.packets_truncated, 1);
+        if format == CaptureFormat::PcapNg {
+            let f = read_ng(&path);
+            assert_eq!(f.idbs[0].snaplen, DEFAULT_SNAPLEN);
+            assert_eq!(f.epbs[0].data.len(), DEFAULT_SNAPLEN as usize);
+            assert_eq!(f.epbs[0].orig_len, 300_000);
+        }
+        if let Some(n) = wireshark_count(&path) {
+            assert_eq!(n, 1, "{format}");
+        }
+    }
+}
