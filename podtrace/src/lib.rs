@@ -11,10 +11,14 @@
 //! - [`lab`]: the seeds' flannel and ENI topologies rebuilt in network namespaces.
 //! - [`pcap`]: pcap/pcapng writing with rotation, and the capture filter language.
 //! - [`cri`]: finding real pods through the container runtime's CRI socket (containerd, CRI-O).
+//! - [`crash`]: what a panic looks like (one line, exit 2); [`fault`]: panics on demand for
+//!   the tests of that.
 pub mod capture;
 pub mod cli;
+pub mod crash;
 pub mod cri;
 pub mod demo;
+pub mod fault;
 pub mod follow;
 pub mod lab;
 pub mod netns;

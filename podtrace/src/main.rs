@@ -1,6 +1,7 @@
 //! The `podtrace` command line. Each subcommand lives in its own module of the library; this
 //! file only parses arguments, checks privileges and maps results to exit codes:
-//! 0 success, 1 a negative verdict, 2 usage or runtime error (one line on stderr).
+//! 0 success, 1 a negative verdict, 2 usage or runtime error (one line on stderr), and 2 as
+//! well after an internal error (a panic: one line, see `podtrace::crash`).
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -42,6 +43,18 @@ fn root() -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    podtrace::crash::install_hook();
+    // A panic unwinds to here, dropping probes and capture writers on its way (detached,
+    // files completed); its one line is out already.
+    let code = std::panic::catch_unwind(run).unwrap_or(ExitCode::from(2));
+    if podtrace::crash::panicked() {
+        // Also when a worker's panic was caught and the run went on.
+        return ExitCode::from(2);
+    }
+    code
+}
+
+fn run() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
@@ -68,7 +81,10 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("podtrace: {e:#}");
+            // A worker thread's panic, turned into this error: its line is out already.
+            if !podtrace::crash::panicked() {
+                eprintln!("podtrace: {e:#}");
+            }
             ExitCode::from(2)
         }
     }

@@ -148,6 +148,7 @@ pub fn run_in<T: Send>(ns: Option<&Path>, f: impl FnOnce() -> Result<T> + Send) 
     };
     std::thread::scope(|s| {
         s.spawn(move || {
+            crate::fault::point("netns-worker");
             if let Some(file) = &file {
                 setns(file, CloneFlags::CLONE_NEWNET).context("setns(CLONE_NEWNET)")?;
             }

@@ -257,9 +257,15 @@ impl Running {
     /// Starts `podtrace ARGS...` and waits (up to 30 s) until it says its probes are live:
     /// a `{"type":"ready"}` line on stdout, or `probes live` on stderr.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`Running::start`] with extra environment variables for podtrace.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         use std::io::BufRead as _;
         let mut child = Command::new(podtrace_bin())
             .args(args)
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()

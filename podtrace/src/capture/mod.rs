@@ -257,6 +257,7 @@ impl CaptureSink {
         self.writer()?.write(i, dir, ts, ev.skb_len, data)?;
         self.written += 1;
         self.bytes += data.len() as u64;
+        crate::fault::point("capture-packet");
         Ok(())
     }
 
@@ -362,6 +363,7 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
         session.hooks_line()
     );
     eprintln!("probes live");
+    crate::fault::point_on_thread("capture-attached");
     let live = std::io::stderr().is_terminal();
     let started = Instant::now();
     let count = args.count;
