@@ -26,6 +26,8 @@ const PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "gcc",
     "libc6-dev",
+    // cargo-fuzz's libfuzzer-sys builds libFuzzer (C++).
+    "g++",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
