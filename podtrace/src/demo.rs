@@ -434,21 +434,9 @@ fn step_verify_eni() -> Result<()> {
     println!();
     let ns = crate::netns::path_of(&format!("{PREFIX}node-c"));
     show("podtrace lab exec node-c -- ip rule del from 10.19.0.32 lookup 3   (the fault)");
-    let deleted = crate::topology::read::in_netns(Some(&ns), |h| async move {
-        use futures::TryStreamExt as _;
-        let mut rules = h.rule().get(rtnetlink::IpVersion::V4).execute();
-        while let Some(rule) = rules.try_next().await? {
-            let from_pod = rule.attributes.iter().any(|a| {
-                matches!(a, rtnetlink::packet_route::rule::RuleAttribute::Source(ip)
-                    if *ip == std::net::IpAddr::from([10, 19, 0, 32]))
-            });
-            if from_pod {
-                h.rule().del(rule).execute().await?;
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    })?;
+    let deleted = crate::netlink::in_ns(&ns, |nl| {
+        nl.del_rules_from(std::net::Ipv4Addr::new(10, 19, 0, 32))
+    })? > 0;
     if !deleted {
         bail!("pod-c2's rule was not found");
     }

@@ -14,8 +14,8 @@
 pub mod eni;
 pub mod exec;
 pub mod flannel;
-pub mod nl;
 pub mod registry;
+pub mod resolver;
 
 use std::{
     collections::BTreeSet,
@@ -30,7 +30,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Subcommand, ValueEnum};
 
-use crate::netns;
+use crate::{netlink as nl, netns};
 use registry::{LabInterface, LabNode, LabPod, Registry};
 
 /// The default name prefix.
@@ -416,9 +416,9 @@ impl Build<'_> {
             // Deterministic reverse-path filtering whatever the machine's defaults (new
             // namespaces inherit them): loose (2) on every device, as on most distributions
             // and on the AWS VPC CNI's eth0; `all` 0 so that the device value counts.
-            nl::sysctl("net/ipv4/conf/all/rp_filter", "0")?;
-            nl::sysctl("net/ipv4/conf/default/rp_filter", "2")?;
-            nl::sysctl("net/ipv4/conf/lo/rp_filter", "2")
+            netns::sysctl("net/ipv4/conf/all/rp_filter", "0")?;
+            netns::sysctl("net/ipv4/conf/default/rp_filter", "2")?;
+            netns::sysctl("net/ipv4/conf/lo/rp_filter", "2")
         })
         .with_context(|| format!("preparing namespace {full}"))?;
         if role != "pod" {
@@ -471,20 +471,20 @@ fn build(b: &mut Build, topology: Topology) -> Result<Registry> {
 /// The interfaces of the namespace at `ns` as the registry records them (`lo` left out).
 pub fn interfaces_of(ns: &Path) -> Result<Vec<LabInterface>> {
     nl::in_ns(ns, |nl| {
-        let links = nl.links()?;
-        let addrs = nl.addrs()?;
+        let snap = nl.snapshot()?;
+        let (links, addrs) = (&snap.links, &snap.addrs);
         let mut out = Vec::new();
         for l in links.iter().filter(|l| l.name != "lo") {
             out.push(LabInterface {
                 name: l.name.clone(),
                 ifindex: l.index,
                 kind: l.kind.clone(),
-                mac: nl::mac_string(&l.mac),
+                mac: l.mac.map(|m| nl::mac_string(&m)).unwrap_or_default(),
                 mtu: l.mtu,
                 addresses: addrs
                     .iter()
-                    .filter(|(i, _, _)| *i == l.index)
-                    .map(|(_, ip, len)| format!("{ip}/{len}"))
+                    .filter(|a| a.index == l.index)
+                    .map(|a| format!("{}/{}", a.ip, a.prefix))
                     .collect(),
                 master: l
                     .master
@@ -583,6 +583,35 @@ impl Drop for InterruptGuard {
             }
         }
     }
+}
+
+/// Random bytes from the kernel.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut buf = [0u8; N];
+    let mut filled = 0;
+    while filled < N {
+        // SAFETY: writes at most N - filled bytes into buf[filled..].
+        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), N - filled, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e).context("getrandom");
+        }
+        filled += n as usize;
+    }
+    Ok(buf)
+}
+
+/// `len` random lowercase hex digits.
+pub fn random_hex(len: usize) -> Result<String> {
+    let bytes = random_bytes::<16>()?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    if len > hex.len() {
+        bail!("random_hex: at most {} digits", hex.len());
+    }
+    Ok(hex[..len].to_owned())
 }
 
 #[cfg(test)]

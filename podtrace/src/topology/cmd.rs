@@ -18,11 +18,10 @@ pub struct TopoArgs {
 }
 
 pub fn run(args: TopoArgs) -> Result<ExitCode> {
-    let loc = args.pod.locate()?;
-    let dest = args
-        .dst
-        .and_then(|ip| super::pod::lab_pod_by_ip(ip, args.pod.lab.as_deref()));
-    let topo = super::resolve(&loc, args.dst, dest.as_ref())?;
+    let chain = args.pod.resolvers();
+    let loc = args.pod.locate(&chain)?;
+    let dest = args.dst.and_then(|ip| chain.by_ip(ip));
+    let topo = super::resolve(&loc, args.dst, dest.as_ref(), &chain)?;
     if args.json {
         println!("{}", super::render::json(&topo));
     } else {
