@@ -364,3 +364,6 @@ pub fn proc_counts(ns: Option<&Path>) -> Result<(Option<u64>, Option<u64>)> {
         Ok((read("nf_conntrack_count")?, read("nf_conntrack_max")?))
     })
 }
+
+#[cfg(test)]
+mod tests;

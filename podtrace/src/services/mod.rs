@@ -18,3 +18,6 @@ pub mod read;
 pub mod topo;
 
 pub use model::{Backend, NodeServices, ServicePort};
+
+#[cfg(test)]
+mod tests;

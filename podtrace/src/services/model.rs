@@ -355,6 +355,10 @@ fn service_chain(rules: &Ruleset, chain: &str) -> Option<String> {
         if seen.contains(&c) || seen.len() > 32 {
             continue;
         }
+        if !rules.has_chain("nat", &c) {
+            seen.push(c);
+            continue;
+        }
         if c.starts_with("KUBE-SVC-") {
             return Some(c);
         }
@@ -427,15 +431,11 @@ pub fn from_rules(rules: &Ruleset) -> NodeServices {
         else {
             continue;
         };
-        let kind = r
-            .comment
-            .as_deref()
-            .and_then(|c| {
-                ["external IP", "loadbalancer IP"]
-                    .into_iter()
-                    .find(|k| c.ends_with(k))
-            })
-            .filter(|_| !t.starts_with("KUBE-SVC-") || entry.cluster_ip.is_some());
+        let kind = r.comment.as_deref().and_then(|c| {
+            ["external IP", "loadbalancer IP"]
+                .into_iter()
+                .find(|k| c.ends_with(k))
+        });
         match kind {
             Some(k) => entry.external.push(Frontend {
                 kind: k.to_owned(),
