@@ -264,10 +264,10 @@ fn step_drop() -> Result<()> {
         "Packets vanish: where, and why?",
         "seeds 001/002: intermittent loss between pods; here a netfilter DROP on node-a",
     );
-    show("podtrace lab exec node-a -- iptables -A FORWARD -p icmp -j DROP   (the fault)");
+    show("podtrace lab exec node-a -- iptables -I FORWARD -p icmp -j DROP   (the fault)");
     if !lab_exec(
         "node-a",
-        &["iptables", "-A", "FORWARD", "-p", "icmp", "-j", "DROP"],
+        &["iptables", "-I", "FORWARD", "-p", "icmp", "-j", "DROP"],
     )? {
         bail!("could not inject the fault");
     }

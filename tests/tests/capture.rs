@@ -373,7 +373,7 @@ fn stop_on_drop_keeps_what_led_to_it() {
     assert!(ok.status.success());
     let out = lab.exec(
         "node-a",
-        &["iptables", "-A", "FORWARD", "-p", "icmp", "-j", "DROP"],
+        &["iptables", "-I", "FORWARD", "-p", "icmp", "-j", "DROP"],
     );
     assert!(out.status.success());
     let _ = lab.exec("pod-a1", &["ping", "-c", "1", "-W", "1", "10.244.1.5"]);

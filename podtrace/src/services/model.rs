@@ -581,19 +581,14 @@ pub fn from_rules(rules: &Ruleset) -> NodeServices {
                 let is_node_port = chain == "KUBE-EXTERNAL-SERVICES"
                     && r.dst_type.as_ref().is_some_and(|d| d.value == "LOCAL");
                 match (is_node_port, ip, port) {
-                    (true, _, Some(p)) => {
-                        if !sp.node_ports.contains(&p) {
-                            sp.node_ports.push(p);
-                        }
-                    }
-                    (false, Some(ip), Some(p)) if chain == "KUBE-SERVICES" => {
-                        let ext = r.comment.as_deref().is_some_and(|c| {
-                            sp.cluster_ip.is_some_and(|c2| c2 != ip) && c.contains("external")
-                        });
-                        if sp.cluster_ip.is_none() && !ext {
-                            sp.cluster_ip = Some(ip);
-                            sp.port = Some(p);
-                        }
+                    (true, _, Some(p)) if !sp.node_ports.contains(&p) => sp.node_ports.push(p),
+                    // The first address a "has no endpoints" rule catches is the cluster IP
+                    // (kube-proxy writes it before the external ones).
+                    (false, Some(ip), Some(p))
+                        if chain == "KUBE-SERVICES" && sp.cluster_ip.is_none() =>
+                    {
+                        sp.cluster_ip = Some(ip);
+                        sp.port = Some(p);
                     }
                     _ => {}
                 }
