@@ -141,9 +141,9 @@ impl Background {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        std::thread::sleep(Duration::from_millis(100));
-        let out: Vec<String> = self.stdout.try_iter().collect();
-        let err: Vec<String> = self.stderr.try_iter().collect();
+        // Everything it printed: the readers end at the pipes' end of file.
+        let out: Vec<String> = self.stdout.iter().collect();
+        let err: Vec<String> = self.stderr.iter().collect();
         Ok((status.code().unwrap_or(-1), out.join("\n"), err.join("\n")))
     }
 }
@@ -264,10 +264,10 @@ fn step_drop() -> Result<()> {
         "Packets vanish: where, and why?",
         "seeds 001/002: intermittent loss between pods; here a netfilter DROP on node-a",
     );
-    show("podtrace lab exec node-a -- iptables -A FORWARD -p icmp -j DROP   (the fault)");
+    show("podtrace lab exec node-a -- iptables -I FORWARD -p icmp -j DROP   (the fault)");
     if !lab_exec(
         "node-a",
-        &["iptables", "-A", "FORWARD", "-p", "icmp", "-j", "DROP"],
+        &["iptables", "-I", "FORWARD", "-p", "icmp", "-j", "DROP"],
     )? {
         bail!("could not inject the fault");
     }

@@ -270,10 +270,11 @@ fn rotation_by_time_and_by_both() {
             "4",
         ],
     );
-    // About 4.2 MB of UDP in under a second (size rotations), then 1.5 s of pings, far below
-    // a megabyte (at least one time rotation among them).
+    // About 4.2 MB of UDP in under a second (size rotations), then 3 s of pings, far below
+    // a megabyte. The last file of the burst runs at most 1 s into the pings; after it,
+    // time rotations make at least two files of pings only.
     udp_burst(&lab, "pod-a1", "10.244.1.5", 7001, 300, 1400);
-    let _ = lab.exec("pod-a1", &["ping", "-c", "7", "-i", "0.25", "10.244.1.5"]);
+    let _ = lab.exec("pod-a1", &["ping", "-c", "13", "-i", "0.25", "10.244.1.5"]);
     run.signal(nix::sys::signal::Signal::SIGINT);
     let (code, _, stderr) = run.wait(20);
     assert_eq!(code, Some(0), "{stderr}");
@@ -287,8 +288,8 @@ fn rotation_by_time_and_by_both() {
     let mut icmp_only = 0;
     for f in &files {
         assert!(std::fs::metadata(f).unwrap().len() <= 1_000_000);
-        let udp = tshark(f, "udp.dstport == 7001", &["frame.number"]);
-        let icmp = tshark(f, "icmp", &["frame.number"]);
+        let udp = tshark(f, "udp.dstport == 7001 and not icmp", &["frame.number"]);
+        let icmp = tshark(f, "icmp.type == 8 or icmp.type == 0", &["frame.number"]);
         assert!(!udp.is_empty() || !icmp.is_empty(), "{f:?} has packets");
         if udp.is_empty() {
             icmp_only += 1;
@@ -388,7 +389,7 @@ fn stop_on_drop_keeps_what_led_to_it() {
     assert!(ok.status.success());
     let out = lab.exec(
         "node-a",
-        &["iptables", "-A", "FORWARD", "-p", "icmp", "-j", "DROP"],
+        &["iptables", "-I", "FORWARD", "-p", "icmp", "-j", "DROP"],
     );
     assert!(out.status.success());
     let _ = lab.exec("pod-a1", &["ping", "-c", "1", "-W", "1", "10.244.1.5"]);

@@ -224,7 +224,7 @@ fn a_netfilter_drop_is_pinpointed() {
     let lab = Lab::up("fdrp", "flannel");
     let out = lab.exec(
         "node-a",
-        &["iptables", "-A", "FORWARD", "-p", "icmp", "-j", "DROP"],
+        &["iptables", "-I", "FORWARD", "-p", "icmp", "-j", "DROP"],
     );
     assert!(out.status.success(), "{out:?}");
     let run = follow(&lab, "pod-a1", "10.244.1.5", &["-c", "2"]);

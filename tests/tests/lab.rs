@@ -100,6 +100,7 @@ fn empty_registry(prefix: &str) -> Registry {
         pods: Vec::new(),
         nodes: Vec::new(),
         hosts: Vec::new(),
+        services: Vec::new(),
     }
 }
 
