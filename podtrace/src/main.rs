@@ -42,6 +42,12 @@ fn root() -> anyhow::Result<()> {
     podtrace::privilege::require_root()
 }
 
+/// Root, and SIGINT/SIGTERM as a request to stop that detaches everything on the way out.
+fn tracing() -> anyhow::Result<()> {
+    root()?;
+    podtrace::signals::install()
+}
+
 fn main() -> ExitCode {
     podtrace::crash::install_hook();
     // A panic unwinds to here, dropping probes and capture writers on its way (detached,
@@ -73,9 +79,9 @@ fn run() -> ExitCode {
     let result = match cli.command {
         Command::Lab(args) => root().and_then(|()| podtrace::lab::run(args)),
         Command::Topo(args) => root().and_then(|()| podtrace::topology::cmd::run(args)),
-        Command::Follow(args) => root().and_then(|()| podtrace::follow::run(args)),
-        Command::Capture(args) => root().and_then(|()| podtrace::capture::run(args)),
-        Command::Verify(cmd) => root().and_then(|()| podtrace::verify::run(cmd)),
+        Command::Follow(args) => tracing().and_then(|()| podtrace::follow::run(args)),
+        Command::Capture(args) => tracing().and_then(|()| podtrace::capture::run(args)),
+        Command::Verify(cmd) => tracing().and_then(|()| podtrace::verify::run(cmd)),
         Command::Demo(args) => root().and_then(|()| podtrace::demo::run(args)),
     };
     match result {
