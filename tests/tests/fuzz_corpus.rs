@@ -53,6 +53,32 @@ fn registry_corpus() {
     replay("registry");
 }
 
+#[test]
+fn iptables_corpus() {
+    replay("iptables");
+}
+
+#[test]
+fn conntrack_corpus() {
+    replay("conntrack");
+}
+
+/// The targets xtask runs (fuzz/Cargo.toml's binaries) are the ones the harness knows.
+#[test]
+fn every_target_has_a_harness_and_seeds() {
+    let manifest = std::fs::read_to_string(fuzzing::fuzz_dir().join("Cargo.toml")).unwrap();
+    let bins: Vec<&str> = manifest
+        .lines()
+        .filter_map(|l| l.strip_prefix("name = \""))
+        .map(|l| l.trim_end_matches('"'))
+        .filter(|n| *n != "podtrace-fuzz")
+        .collect();
+    assert_eq!(bins, fuzzing::TARGETS);
+    for t in fuzzing::TARGETS {
+        assert!(!corpus(t).is_empty());
+    }
+}
+
 /// Removes a writer input's output directory, also when the test fails.
 struct Cleanup(PathBuf);
 

@@ -11,10 +11,14 @@
 //! | `packet` | [`packet::check`] | frame bytes (raw, or built: VLAN, IPv4, TCP/UDP, VXLAN inside) to a summary |
 //! | `writer` | [`writer::check`] | the pcap/pcapng writer fed arbitrary packets, lengths, hops and rotation |
 //! | `registry` | [`registry::check`] | the lab registry file |
+//! | `iptables` | [`iptables::check`] | `iptables-save` output, read for kube-proxy's Services |
+//! | `conntrack` | [`conntrack::check`] | ctnetlink answers (netlink messages, conntrack attributes) |
 //!
 //! Every check panics on a violated property, as a fuzz target must.
 
+pub mod conntrack;
 pub mod filter;
+pub mod iptables;
 pub mod packet;
 pub mod registry;
 pub mod writer;
@@ -30,6 +34,8 @@ pub const TARGETS: &[&str] = &[
     "packet",
     "writer",
     "registry",
+    "iptables",
+    "conntrack",
 ];
 
 /// Decodes fuzz bytes into a structured input exactly as libfuzzer-sys does for
@@ -60,14 +66,19 @@ pub fn run_target(target: &str, data: &[u8], scratch: &Path) -> Vec<PathBuf> {
             }
         }
         "registry" => registry::check(data),
+        "iptables" => iptables::check(data),
+        "conntrack" => conntrack::check(data),
         other => panic!("no fuzz target {other:?}; targets: {TARGETS:?}"),
     }
     Vec::new()
 }
 
+/// The repository's `fuzz/` directory.
+pub fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
+}
+
 /// The committed seed corpus of a target: `fuzz/corpus/TARGET/` in the repository.
 pub fn corpus_dir(target: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
-        .join(target)
+    fuzz_dir().join("corpus").join(target)
 }
