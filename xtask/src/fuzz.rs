@@ -19,7 +19,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::root;
 
 /// Seconds per target in `cargo xtask test`.
-pub const SMOKE_SECONDS: u64 = 20;
+pub const SMOKE_SECONDS: u64 = 15;
 
 #[derive(clap::Args)]
 pub struct FuzzArgs {
