@@ -206,6 +206,36 @@ impl Lab {
         lab
     }
 
+    /// As [`Lab::up`], with one agent per node (`lab up --agents`).
+    pub fn up_with_agents(tag: &str, topology: &str) -> Self {
+        require_root();
+        let lab = Self {
+            prefix: unique_prefix(tag),
+        };
+        podtrace_ok(&[
+            "lab",
+            "up",
+            "--topology",
+            topology,
+            "--prefix",
+            &lab.prefix,
+            "--agents",
+        ]);
+        lab
+    }
+
+    /// `lab status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&podtrace_ok(&[
+            "lab",
+            "status",
+            "--json",
+            "--prefix",
+            &self.prefix,
+        ]))
+        .expect("lab status --json")
+    }
+
     /// Runs `podtrace ARGS... --lab PREFIX`.
     pub fn podtrace(&self, args: &[&str]) -> Output {
         let mut full = args.to_vec();

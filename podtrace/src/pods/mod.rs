@@ -126,6 +126,14 @@ impl Chain {
     /// Finds a pod: the first resolver that knows it wins; a pod given by pid or namespace is
     /// then named by whoever recognises its namespace.
     pub fn locate(&self, pod: &PodRef) -> Result<PodLocation> {
+        match self.lookup(pod)? {
+            Ok(loc) => Ok(loc),
+            Err(not_found) => bail!("{not_found}"),
+        }
+    }
+
+    /// As [`Chain::locate`], telling "not found" (`Ok(Err(what was searched))`) from a failure.
+    pub fn lookup(&self, pod: &PodRef) -> Result<std::result::Result<PodLocation, String>> {
         let mut searched = Vec::new();
         for r in &self.resolvers {
             match r.find(pod)? {
@@ -146,16 +154,16 @@ impl Chain {
                         loc.node = node;
                         loc.node_netns = Some(ns);
                     }
-                    return Ok(loc);
+                    return Ok(Ok(loc));
                 }
                 Lookup::Missing(what) => searched.push(what),
                 Lookup::NotMine => {}
             }
         }
-        match searched.as_slice() {
-            [] => bail!("{} not found: nothing to search", pod.shown()),
-            s => bail!("{} not found ({})", pod.shown(), s.join("; ")),
-        }
+        Ok(Err(match searched.as_slice() {
+            [] => format!("{} not found: nothing to search", pod.shown()),
+            s => format!("{} not found ({})", pod.shown(), s.join("; ")),
+        }))
     }
 
     /// The pod with address `ip` that a resolver knows.
