@@ -8,7 +8,8 @@
 //! It runs inside a network namespace of the test (`nsenter --net=`), so the CNI bridge
 //! plugin makes its bridge and veths there, never in the root namespace. As a kind-style node
 //! ([`NodeSpec::own_mounts`]) it also gets a mount namespace of its own (`unshare --mount`,
-//! propagation slave) with per-node directories over `/run/containerd` and `/var/lib/cni`,
+//! propagation slave) with per-node directories over `/run` and `/var/lib` (for
+//! `/run/containerd` and `/var/lib/cni`: nothing of the machine's is made or touched),
 //! and `netns_mounts_under_state_dir = true`: the pod netns paths it reports then exist only
 //! in its mount namespace, as on a kind node seen from the host. With
 //! [`NodeSpec::hostname`] it gets a UTS namespace with that hostname too, as a node container
@@ -55,8 +56,8 @@ pub struct NodeSpec {
     pub bridge: String,
     /// The pod subnet of this node.
     pub subnet: String,
-    /// A mount namespace of its own (a kind-style node): per-node `/run/containerd` and
-    /// `/var/lib/cni`, pod netns files under the state dir.
+    /// A mount namespace of its own (a kind-style node): per-node `/run` and `/var/lib`, pod
+    /// netns files under the state dir.
     pub own_mounts: bool,
     /// A UTS namespace of its own with this hostname (needs `own_mounts`).
     pub hostname: Option<String>,
@@ -194,39 +195,6 @@ fn build_pause_image(dir: &Path) -> PathBuf {
     tarball
 }
 
-/// Directories of the machine a kind-style node binds its own over (they must exist as mount
-/// points); made if missing and removed again on drop. Create it before the nodes, so that
-/// it is dropped after them.
-pub struct HostDirs {
-    made: Vec<PathBuf>,
-}
-
-impl HostDirs {
-    pub const PATHS: [&'static str; 2] = ["/run/containerd", "/var/lib/cni"];
-
-    pub fn ensure() -> Self {
-        let mut made = Vec::new();
-        for p in Self::PATHS {
-            let p = PathBuf::from(p);
-            if !p.exists() {
-                fs::create_dir_all(&p).unwrap();
-                made.push(p);
-            }
-        }
-        Self { made }
-    }
-}
-
-impl Drop for HostDirs {
-    fn drop(&mut self) {
-        for p in self.made.iter().rev() {
-            if let Err(e) = fs::remove_dir(p) {
-                eprintln!("cleanup: removing {}: {e}", p.display());
-            }
-        }
-    }
-}
-
 impl Containerd {
     /// Starts containerd as `spec` says and imports the pause image. `tag` names everything
     /// it makes (unique per test run).
@@ -235,15 +203,7 @@ impl Containerd {
         let dir = PathBuf::from(format!("/tmp/podtrace-cri-{tag}"));
         let _ = fs::remove_dir_all(&dir);
         for sub in [
-            "root",
-            "state",
-            "cni",
-            "ipam",
-            "opt",
-            "runc",
-            "logs",
-            "run",
-            "cni-cache",
+            "root", "state", "cni", "ipam", "opt", "runc", "logs", "run", "var-lib",
         ] {
             fs::create_dir_all(dir.join(sub)).unwrap();
         }
@@ -333,9 +293,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             if me.spec.own_pids {
                 cmd.args(["--pid", "--fork", "--kill-child", "--mount-proc"]);
             }
-            let mut script = format!(
-                "set -e; mount --bind {d}/run /run/containerd; mount --bind {d}/cni-cache /var/lib/cni; "
-            );
+            // Its own /run and /var/lib (for /run/containerd and /var/lib/cni), so that
+            // nothing of the machine's is made, used or removed: containerd's root, state,
+            // runc root and the CNI dirs are all under the directory.
+            let mut script =
+                format!("set -e; mount --bind {d}/run /run; mount --bind {d}/var-lib /var/lib; ");
             if let Some(h) = &me.spec.hostname {
                 script += &format!("hostname {h}; ");
             }

@@ -9,7 +9,8 @@
 //!   other node (as kindnet routes pod networks), pod CIDRs as in the k8s lab: node-a
 //!   10.244.0.0/24, node-b 10.244.1.0/24, bridge `cni0` made by the CNI bridge plugin;
 //! - a containerd per node, started with `nsenter --net=` the node and `unshare --mount`
-//!   (propagation slave) with per-node `/run/containerd` and `/var/lib/cni` and
+//!   (propagation slave) with per-node `/run` and `/var/lib` (for `/run/containerd` and
+//!   `/var/lib/cni`) and
 //!   `netns_mounts_under_state_dir = true`: the pod netns paths it reports exist only in its
 //!   mount namespace, so podtrace must enter the pods through their sandbox pids. node-b's
 //!   containerd also has a UTS namespace whose hostname is its node name and a PID namespace
@@ -31,13 +32,12 @@ use std::{
 use podtrace::cri;
 use podtrace_tests::{
     assert_one_line_error,
-    containerd::{Containerd, HostDirs, NodeSpec},
+    containerd::{Containerd, NodeSpec},
     in_netns, json_lines, json_of, podtrace, roles, run_ok, unique_prefix, Killed, Netns, Running,
 };
 use serde_json::Value;
 
-/// A kind-style two-node layout. Fields drop in order: runtimes first, namespaces, then the
-/// machine's directories.
+/// A kind-style two-node layout. Fields drop in order: runtimes first, then namespaces.
 struct TwoNodes {
     /// The node name node-b's containerd has as its hostname.
     b_name: String,
@@ -46,7 +46,6 @@ struct TwoNodes {
     node_b: Netns,
     node_a: Netns,
     _fabric: Netns,
-    _dirs: HostDirs,
 }
 
 fn ino(p: &Path) -> u64 {
@@ -58,7 +57,6 @@ fn ino(p: &Path) -> u64 {
 impl TwoNodes {
     fn up(prefix: &str) -> Self {
         podtrace_tests::require_root();
-        let dirs = HostDirs::ensure();
         let fabric = Netns::new(&format!("{prefix}fabric"));
         let node_a = Netns::new(&format!("{prefix}node-a"));
         let node_b = Netns::new(&format!("{prefix}node-b"));
@@ -131,7 +129,6 @@ impl TwoNodes {
             node_b,
             node_a,
             _fabric: fabric,
-            _dirs: dirs,
         }
     }
 }
@@ -565,7 +562,8 @@ fn pods_on_kind_style_nodes_are_found_by_namespace_identity() {
     let (code, _, stderr) = run.wait(30);
     assert_eq!(code, Some(0), "capture --container: {stderr}");
     let read = run_ok("tcpdump", &["-n", "-r", pcap.to_str().unwrap(), "icmp"]);
-    assert_eq!(String::from_utf8_lossy(&read.stdout).lines().count(), 2);
+    let packets = String::from_utf8_lossy(&read.stdout);
+    assert_eq!(packets.lines().count(), 2, "{packets}\n{stderr}");
 
     // verify eni is for ENI pods: a clear refusal, by name and by pid.
     let out = podtrace(&[

@@ -1,11 +1,16 @@
 //! Pods through the container runtime's CRI socket (containerd, CRI-O, cri-dockerd, k3s), by
-//! name or by container/sandbox ID; the destination of a path by its IP in the same runtime.
+//! name or by container/sandbox ID, in the runtime named or in every runtime of the machine
+//! ([`cri::discover`]); the destination of a path by its IP, in the same runtime first, then
+//! in the machine's others (another node of a kind-style cluster); the pod behind a `--pid` or
+//! `--netns` namespace ([`Resolver::identify`]).
 //!
 //! The runtime reports each sandbox's network namespace as a path in *its* mount namespace
 //! (`/run/netns/cni-…`, or under its state dir), which podtrace may not see: a runtime in a
 //! mount namespace of its own (a kind-style node), or podtrace in a DaemonSet container. Then
 //! podtrace enters the sandbox through its pid (`/proc/PID/ns/net`, visible with the host's PID
-//! namespace) and says so.
+//! namespace; a pid of a runtime with a PID namespace of its own is translated first) and says
+//! so ([`sandbox_netns`]). The node is the runtime's network namespace, named by
+//! [`super::node`]'s rules.
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
