@@ -586,6 +586,28 @@ fn pods_on_kind_style_nodes_are_found_by_namespace_identity() {
     ]);
     assert_one_line_error(&out, &["server", "not on an ENI"]);
 
+    // The same pod name on both nodes: with the runtimes found, both are named and the
+    // command refuses; the runtime named picks one.
+    let twin_a = n.a.run_pod("default", "twin");
+    let twin_b = n.b.run_pod("default", "twin");
+    let out = podtrace_discovering(&["topo", "twin"]);
+    assert_one_line_error(
+        &out,
+        &[
+            "matches 2 pods",
+            &twin_a.id[..12],
+            &twin_b.id[..12],
+            &url_a,
+            &url_b,
+        ],
+    );
+    let twin = json_of(
+        &podtrace(&["topo", "twin", "--runtime-endpoint", &url_b, "--json"]),
+        "topo twin on node-b",
+    );
+    assert_eq!(twin["pod"]["ip"], twin_b.ip.as_str());
+    assert_eq!(twin["pod"]["node"], b_name.as_str());
+
     // A sandbox stopped between its lookup and the opening of its namespace: looked up while
     // ready, stopped, then opened.
     let ep_b = n.b.endpoint();

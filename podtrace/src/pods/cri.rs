@@ -126,7 +126,7 @@ impl Resolver for CriResolver {
             1 => Ok(Lookup::Found(self.location(found.remove(0))?)),
             n => match search {
                 Search::Name { .. } => bail!(
-                    "{what} matches {n} pods: {}; name one as NAMESPACE/NAME or with --container ID",
+                    "{what} matches {n} pods: {}; name one as NAMESPACE/NAME, with --container ID or with --runtime-endpoint",
                     found
                         .iter()
                         .map(|p| format!("{} in {}", p.describe(), p.endpoint))
