@@ -204,6 +204,11 @@ impl Consumer for Capturer {
             if let TraceEvent::Lost { total } = ev {
                 self.lost = *total;
             }
+            // Checked before writing too: after a stop the engine drains what the kernel still
+            // holds into this consumer, and -c COUNT means COUNT packets in the files.
+            if self.count.is_some_and(|c| self.sink.written >= c) {
+                return Ok(Some(Stop::Count));
+            }
             self.sink.on_event(ev)?;
             if self.count.is_some_and(|c| self.sink.written >= c) {
                 return Ok(Some(Stop::Count));

@@ -3,6 +3,7 @@
 //! runtime (CRI), a process id, a namespace path. The chain is assembled by the command line
 //! ([`crate::cli::PodArgs::resolvers`]); nothing here is global.
 pub mod cri;
+pub mod node;
 pub mod process;
 
 use std::{
@@ -69,9 +70,11 @@ pub struct PodLocation {
     pub node_netns: Option<PathBuf>,
     /// Where the pod was found: `lab:PREFIX`, `cri:unix:///SOCKET`, `pid`, `netns`.
     pub source: String,
-    /// How its namespace was entered, when that needs saying (the runtime's path was not
-    /// visible here, so the sandbox's pid was used).
+    /// How its namespace was entered (the runtime's path, or the sandbox's pid when that path
+    /// is not visible here), for `topo`'s evidence.
     pub entered_by: Option<String>,
+    /// Why the node has its name ([`node`]'s rules), when a rule named it.
+    pub node_named_by: Option<String>,
 }
 
 /// What a resolver made of a pod reference.
@@ -153,6 +156,7 @@ impl Chain {
                     {
                         loc.node = node;
                         loc.node_netns = Some(ns);
+                        loc.node_named_by = None;
                     }
                     return Ok(Ok(loc));
                 }
@@ -238,6 +242,7 @@ mod tests {
             node_netns: None,
             source: source.into(),
             entered_by: None,
+            node_named_by: None,
         }
     }
 

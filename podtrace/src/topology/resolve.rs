@@ -59,6 +59,9 @@ pub fn resolve(
             });
         }
     }
+    if let Some(how) = &side.loc.node_named_by {
+        evidence.insert(0, format!("node {} named by {how}", side.loc.node));
+    }
     if let Some(how) = &side.loc.entered_by {
         evidence.insert(0, format!("pod namespace entered {how}"));
     }
@@ -253,7 +256,7 @@ fn decide(
             vxlan = Some(under);
             if let Some(dp) = dest_pod {
                 let o = resolve_side(dp, namespaces, chain)?;
-                hops.extend(o.inbound_hops());
+                hops.extend(o.inbound_hops(Some(src)));
                 other = Some(o);
             }
         }
@@ -268,7 +271,7 @@ fn decide(
                 };
                 if elsewhere {
                     let o = resolve_side(dp, namespaces, chain)?;
-                    hops.extend(o.inbound_hops());
+                    hops.extend(o.inbound_hops(Some(src)));
                     other = Some(o);
                 }
             }
