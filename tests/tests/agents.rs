@@ -373,6 +373,7 @@ fn an_agent_refuses_another_nodes_namespaces() {
             .resolve(pb::ResolveRequest {
                 what: Some(pb::resolve_request::What::Pod("pod-b1".into())),
                 dst: String::new(),
+                from: String::new(),
             })
             .await
             .unwrap()

@@ -177,13 +177,17 @@ impl pb::agent_server::Agent for AgentService {
         req: Request<pb::ResolveRequest>,
     ) -> Result<Response<pb::ResolveReply>, Status> {
         let req = req.into_inner();
-        let dst =
-            match req.dst.as_str() {
-                "" => None,
-                s => Some(s.parse::<Ipv4Addr>().map_err(|_| {
-                    Status::invalid_argument(format!("{s:?} is not an IPv4 address"))
-                })?),
-            };
+        let ip = |s: &str| -> Result<Option<Ipv4Addr>, Status> {
+            match s {
+                "" => Ok(None),
+                s => s
+                    .parse::<Ipv4Addr>()
+                    .map(Some)
+                    .map_err(|_| Status::invalid_argument(format!("{s:?} is not an IPv4 address"))),
+            }
+        };
+        let dst = ip(&req.dst)?;
+        let from = ip(&req.from)?;
         let me = self.clone();
         let reply = blocking(move || {
             let chain = (me.chain)();
@@ -201,8 +205,11 @@ impl pb::agent_server::Agent for AgentService {
                         .map_err(|_| anyhow::anyhow!("{ip:?} is not an IPv4 address"))?;
                     match chain.by_ip(ip) {
                         Some(loc) if me.boundary.contains(&loc.netns).unwrap_or(false) => {
-                            let t =
-                                crate::topology::resolve::inbound(&me.on_this_node(loc), &chain)?;
+                            let t = crate::topology::resolve::inbound(
+                                &me.on_this_node(loc),
+                                &chain,
+                                from,
+                            )?;
                             Ok(me.half(t))
                         }
                         _ => Err(format!("no pod with address {ip} on node {}", me.node)),
