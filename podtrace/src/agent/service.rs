@@ -68,11 +68,21 @@ async fn blocking<T: Send + 'static>(
         .map_err(internal)
 }
 
-/// This machine's clocks, read together: (monotonic, realtime) in ns.
+/// This machine's clocks, read together: (monotonic, realtime) in ns. The realtime clock is
+/// read on both sides of the monotonic one, three times, and the tightest pair kept, so a
+/// thread descheduled between two reads does not skew the pair.
 pub fn clocks() -> (u64, u64) {
-    let mono = crate::trace::run::monotonic_ns();
-    let real = crate::pcap::wall_clock_ns();
-    (mono, real)
+    let mut best = (u64::MAX, 0, 0);
+    for _ in 0..3 {
+        let before = crate::pcap::wall_clock_ns();
+        let mono = crate::trace::run::monotonic_ns();
+        let after = crate::pcap::wall_clock_ns();
+        let width = after.saturating_sub(before);
+        if width < best.0 {
+            best = (width, mono, before + width / 2);
+        }
+    }
+    (best.1, best.2)
 }
 
 impl AgentService {
