@@ -4,6 +4,8 @@
 //!   cni0, pods pod-a1, pod-a2 (node-a) and pod-b1 (node-b). See [`flannel`].
 //! - `eni`: node-c with AWS VPC CNI routing (eth0, ENIs eth1 and eth2, tables 2 and 3), pods
 //!   pod-c1 and pod-c2, the host `master` and a `vpc` namespace. See [`eni`].
+//! - `flannel-nodes`: the flannel cluster's nodes without pods or cni0, plus the host
+//!   `control-plane`: the nodes of a real cluster (`cargo xtask k8s up`). See [`flannel`].
 //!
 //! Every namespace is `/run/netns/{prefix}{name}` (prefix `pt-` by default), e.g.
 //! `pt-node-a`, `pt-pod-a1`, `pt-underlay`, `pt-vpc`, `pt-master`. Nothing is connected to
@@ -37,9 +39,19 @@ use registry::{LabInterface, LabNode, LabPod, Registry};
 pub const DEFAULT_PREFIX: &str = "pt-";
 
 /// Every namespace name (without prefix) a lab can have.
-pub const NETNS_NAMES: [&str; 11] = [
-    "underlay", "node-a", "node-b", "pod-a1", "pod-a2", "pod-b1", "vpc", "master", "node-c",
-    "pod-c1", "pod-c2",
+pub const NETNS_NAMES: [&str; 12] = [
+    "underlay",
+    "node-a",
+    "node-b",
+    "pod-a1",
+    "pod-a2",
+    "pod-b1",
+    "vpc",
+    "master",
+    "node-c",
+    "pod-c1",
+    "pod-c2",
+    flannel::CONTROL_PLANE,
 ];
 
 /// The namespace name of lab member `name`: `{prefix}{name}`.
@@ -56,6 +68,9 @@ pub enum Topology {
     Eni,
     /// Both.
     All,
+    /// node-a and node-b with flannel VXLAN but no pods and no cni0 (a CNI plugin makes
+    /// them), and the host control-plane on the underlay: for a real cluster's kubelets.
+    FlannelNodes,
 }
 
 impl Topology {
@@ -64,11 +79,15 @@ impl Topology {
             Topology::Flannel => "flannel",
             Topology::Eni => "eni",
             Topology::All => "all",
+            Topology::FlannelNodes => "flannel-nodes",
         }
     }
 
     fn flannel(self) -> bool {
-        matches!(self, Topology::Flannel | Topology::All)
+        matches!(
+            self,
+            Topology::Flannel | Topology::All | Topology::FlannelNodes
+        )
     }
 
     fn eni(self) -> bool {
@@ -431,7 +450,8 @@ impl Build<'_> {
 
 fn build(b: &mut Build, topology: Topology) -> Result<Registry> {
     if topology.flannel() {
-        flannel::build(b).context("building the flannel cluster")?;
+        flannel::build(b, topology != Topology::FlannelNodes)
+            .context("building the flannel cluster")?;
     }
     if topology.eni() {
         eni::build(b).context("building the ENI node")?;
@@ -594,7 +614,12 @@ mod tests {
     #[test]
     fn every_topology_namespace_is_known_to_teardown() {
         let all: BTreeSet<&str> = NETNS_NAMES.iter().copied().collect();
-        let built: BTreeSet<&str> = flannel::NETNS.iter().chain(&eni::NETNS).copied().collect();
+        let built: BTreeSet<&str> = flannel::NETNS
+            .iter()
+            .chain(&eni::NETNS)
+            .chain(&[flannel::CONTROL_PLANE])
+            .copied()
+            .collect();
         assert_eq!(all, built);
         assert_eq!(all.len(), NETNS_NAMES.len(), "duplicates in NETNS_NAMES");
         for p in flannel::PODS {
