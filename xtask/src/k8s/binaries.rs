@@ -109,7 +109,12 @@ fn debian_mirror() -> String {
             }
         }
     }
-    for text in &texts {
+    mirror_in(&texts).unwrap_or_else(|| "http://deb.debian.org/debian".to_owned())
+}
+
+/// The first bookworm mirror named in APT source files (deb822 or one-line format).
+fn mirror_in(texts: &[String]) -> Option<String> {
+    for text in texts {
         // deb822: a stanza with URIs and Suites naming bookworm.
         for stanza in text.split("\n\n") {
             let field = |name: &str| {
@@ -120,7 +125,7 @@ fn debian_mirror() -> String {
             if let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:")) {
                 if suites.split_whitespace().any(|s| s == "bookworm") {
                     if let Some(uri) = uris.split_whitespace().next() {
-                        return uri.to_owned();
+                        return Some(uri.to_owned());
                     }
                 }
             }
@@ -132,11 +137,11 @@ fn debian_mirror() -> String {
                 .filter(|w| !w.starts_with('['))
                 .collect();
             if words.len() >= 3 && words[0] == "deb" && words[2] == "bookworm" {
-                return words[1].to_owned();
+                return Some(words[1].to_owned());
             }
         }
     }
-    "http://deb.debian.org/debian".to_owned()
+    None
 }
 
 fn build(work: &Path) -> Result<()> {
@@ -268,4 +273,29 @@ fn cmd(program: &str, args: &[String], dir: &Path, env: &[(&str, String)]) -> Re
         bail!("`{program} {}` failed ({status})", args.join(" "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mirror_in;
+
+    #[test]
+    fn mirror_from_apt_sources() {
+        let deb822 = "Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: \
+                      bookworm-security\n\nTypes: deb\n# comment\nURIs: http://mirror.example/debian\n\
+                      Suites: bookworm bookworm-updates\nComponents: main\n";
+        assert_eq!(
+            mirror_in(&[deb822.to_owned()]).as_deref(),
+            Some("http://mirror.example/debian")
+        );
+        let list = "deb [signed-by=/k.gpg] http://ftp.example/debian bookworm main\n";
+        assert_eq!(
+            mirror_in(&[list.to_owned()]).as_deref(),
+            Some("http://ftp.example/debian")
+        );
+        assert_eq!(
+            mirror_in(&["deb http://x/debian bullseye main".to_owned()]),
+            None
+        );
+    }
 }
