@@ -280,8 +280,6 @@ fn start(l: &Layout, podtrace: &Path, daemons: &mut Vec<Daemon>, clock: &Clock) 
     let cm_kc = s(&cp.join("controller-manager.kubeconfig"));
     let cm_args = vec![
         format!("--kubeconfig={cm_kc}"),
-        format!("--authentication-kubeconfig={cm_kc}"),
-        format!("--authorization-kubeconfig={cm_kc}"),
         format!(
             "--service-account-private-key-file={}",
             s(&pki.join("sa.key"))
@@ -303,8 +301,6 @@ fn start(l: &Layout, podtrace: &Path, daemons: &mut Vec<Daemon>, clock: &Clock) 
     let sched_kc = s(&cp.join("scheduler.kubeconfig"));
     let sched_args = vec![
         format!("--kubeconfig={sched_kc}"),
-        format!("--authentication-kubeconfig={sched_kc}"),
-        format!("--authorization-kubeconfig={sched_kc}"),
         "--leader-elect=false".into(),
         "--port=0".into(),
         "--bind-address=127.0.0.1".into(),
