@@ -441,6 +441,9 @@ impl K8sCluster {
         let mut child = Command::new("kubectl")
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
+            // Discovery cache in the cluster's directory (removed with it), not ~/.kube.
+            .arg("--cache-dir")
+            .arg(self.kubeconfig.with_file_name("kube-cache"))
             .args(args)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())

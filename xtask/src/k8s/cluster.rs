@@ -490,10 +490,12 @@ fn image_archives() -> Vec<PathBuf> {
     v
 }
 
-/// Runs kubectl with the cluster's admin kubeconfig; its stdout, or an error with stderr.
+/// Runs kubectl with the cluster's admin kubeconfig (and a discovery cache in the state
+/// directory, not the user's ~/.kube); its stdout, or an error with stderr.
 pub fn kubectl(l: &Layout, args: &[&str]) -> Result<String> {
     let kc = s(&l.kubeconfig());
-    let mut full = vec!["--kubeconfig", kc.as_str()];
+    let cache = s(&l.kube_cache());
+    let mut full = vec!["--kubeconfig", kc.as_str(), "--cache-dir", cache.as_str()];
     full.extend_from_slice(args);
     procs::run_quiet("kubectl", &full)
 }
@@ -812,6 +814,9 @@ fn teardown(l: &Layout, podtrace: &Path, clock: &Clock) -> Result<bool> {
             let _ = fs::remove_file(created_mountpoints_file());
         }
         let _ = fs::remove_dir(super::STATE_ROOT);
+        if let Some(parent) = Path::new(super::STATE_ROOT).parent() {
+            let _ = fs::remove_dir(parent);
+        }
     }
     clock.step("mounts, cgroups, lab and files removed");
     match first_err {

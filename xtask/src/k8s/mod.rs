@@ -178,6 +178,11 @@ impl Layout {
         self.state.join("relay.port")
     }
 
+    /// kubectl's discovery cache for xtask's and the tests' calls (`--cache-dir`).
+    pub fn kube_cache(&self) -> PathBuf {
+        self.state.join("kube-cache")
+    }
+
     /// A summary for tools and tests (paths, sockets, addresses).
     pub fn cluster_json(&self) -> PathBuf {
         self.state.join("cluster.json")
