@@ -68,6 +68,7 @@ fn podtrace_bin(given: Option<PathBuf>, build: bool) -> Result<PathBuf> {
 /// `cargo xtask k8s up`.
 pub fn up(prefix: &str, podtrace: Option<PathBuf>) -> Result<()> {
     require_root()?;
+    Layout::new(prefix)?;
     if !binaries::present() {
         bail!(
             "the Kubernetes {} binaries are not in {}: run `cargo xtask setup` first",
@@ -76,8 +77,8 @@ pub fn up(prefix: &str, podtrace: Option<PathBuf>) -> Result<()> {
         );
     }
     images::ensure_test_images()?;
+    let l = Layout::new(prefix)?;
     let podtrace = podtrace_bin(podtrace, true)?;
-    let l = Layout::new(prefix);
     let clock = Clock(Instant::now());
     if teardown(&l, &podtrace, &clock)? {
         clock.step("removed a stale cluster");
@@ -129,7 +130,7 @@ pub fn up(prefix: &str, podtrace: Option<PathBuf>) -> Result<()> {
 /// `cargo xtask k8s down`.
 pub fn down(prefix: &str, podtrace: Option<PathBuf>) -> Result<()> {
     require_root()?;
-    let l = Layout::new(prefix);
+    let l = Layout::new(prefix)?;
     let podtrace = podtrace_bin(podtrace, false)?;
     let clock = Clock(Instant::now());
     if teardown(&l, &podtrace, &clock)? {

@@ -111,11 +111,25 @@ pub struct Layout {
 }
 
 impl Layout {
-    pub fn new(prefix: &str) -> Self {
-        Self {
+    /// The layout of cluster `prefix`: 1 to 32 characters out of A-Z a-z 0-9 - _ . (not
+    /// starting with a dot), as the lab's prefixes.
+    pub fn new(prefix: &str) -> Result<Self> {
+        let ok = !prefix.is_empty()
+            && prefix.len() <= 32
+            && !prefix.starts_with('.')
+            && prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            anyhow::bail!(
+                "invalid prefix {prefix:?}: 1 to 32 characters out of A-Z a-z 0-9 - _ . (not \
+                 starting with a dot)"
+            );
+        }
+        Ok(Self {
             prefix: prefix.to_owned(),
             state: PathBuf::from(STATE_ROOT).join(prefix),
-        }
+        })
     }
 
     /// The name of the cluster in kubeconfigs: the prefix without its trailing dashes.
@@ -186,5 +200,26 @@ impl Layout {
     /// A summary for tools and tests (paths, sockets, addresses).
     pub fn cluster_json(&self) -> PathBuf {
         self.state.join("cluster.json")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout() {
+        let l = Layout::new("k8s-").unwrap();
+        assert_eq!(l.state, PathBuf::from("/var/lib/podtrace/k8s/k8s-"));
+        assert_eq!(l.netns("node-a"), PathBuf::from("/run/netns/k8s-node-a"));
+        assert_eq!(l.cgroup_root("node-b"), "/k8s-node-b");
+        assert_eq!(l.cluster_name(), "k8s");
+        assert_eq!(
+            l.containerd_sock("node-a"),
+            PathBuf::from("/var/lib/podtrace/k8s/k8s-/node-a/run/containerd/containerd.sock")
+        );
+        for bad in ["", "..", "../x", "a/b", ".x", "a b", &"x".repeat(33)] {
+            assert!(Layout::new(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }
