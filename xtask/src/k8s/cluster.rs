@@ -442,10 +442,11 @@ fn start(l: &Layout, podtrace: &Path, daemons: &mut Vec<Daemon>, clock: &Clock) 
                 continue;
             };
             if !patched.contains(&n.name) {
-                if item["spec"]["podCIDR"].is_null() {
-                    let patch = serde_json::json!({"spec": {"podCIDR": n.pod_cidr,
-                                                            "podCIDRs": [n.pod_cidr]}});
-                    kubectl(
+                let patch = serde_json::json!({"spec": {"podCIDR": n.pod_cidr,
+                                                        "podCIDRs": [n.pod_cidr]}});
+                // Retried on the next round when it fails.
+                if !item["spec"]["podCIDR"].is_null()
+                    || kubectl(
                         l,
                         &[
                             "patch",
@@ -455,9 +456,11 @@ fn start(l: &Layout, podtrace: &Path, daemons: &mut Vec<Daemon>, clock: &Clock) 
                             "-p",
                             &patch.to_string(),
                         ],
-                    )?;
+                    )
+                    .is_ok()
+                {
+                    patched.push(n.name);
                 }
-                patched.push(n.name);
             }
             let is_ready = item["status"]["conditions"].as_array().is_some_and(|c| {
                 c.iter()
@@ -467,7 +470,7 @@ fn start(l: &Layout, podtrace: &Path, daemons: &mut Vec<Daemon>, clock: &Clock) 
                 ready += 1;
             }
         }
-        Ok(ready == NODES.len())
+        Ok(ready == NODES.len() && patched.len() == NODES.len())
     })?;
     clock.step("node-a and node-b Ready");
     wait_for(
