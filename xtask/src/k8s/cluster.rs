@@ -16,7 +16,11 @@ use super::{
 
 /// Directories kubelet 1.20 and containerd use whatever their flags say; each node gets its
 /// own (bind-mounted in its mount namespace from `NODE/SOURCE`). The machine only gets the
-/// empty mount points, created when missing.
+/// empty mount points, created when missing and left in place (as the kubelet and
+/// containerd packages would): removing one that another node's mount namespace binds over
+/// would detach that bind (rmdir of a mount point in another mount namespace succeeds). The
+/// CRI test removes /run/containerd and /var/lib/cni when it made them: once they exist it
+/// never makes them.
 const NODE_BINDS: [(&str, &str); 5] = [
     ("kubelet", "/var/lib/kubelet"),
     ("log/pods", "/var/log/pods"),
@@ -24,11 +28,6 @@ const NODE_BINDS: [(&str, &str); 5] = [
     ("run/containerd", "/run/containerd"),
     ("cni", "/var/lib/cni"),
 ];
-
-/// Lists the mount points `up` had to create (removed by the last `down`).
-fn created_mountpoints_file() -> PathBuf {
-    Path::new(super::STATE_ROOT).join(".created-mountpoints")
-}
 
 fn require_root() -> Result<()> {
     // SAFETY: plain syscall.
@@ -542,18 +541,11 @@ fn wait_for(
     }
 }
 
-/// The machine-side mount points of [`NODE_BINDS`]; those created are recorded.
+/// The machine-side mount points of [`NODE_BINDS`] (never removed: see there).
 fn mount_points() -> Result<()> {
-    let mut created = fs::read_to_string(created_mountpoints_file()).unwrap_or_default();
     for (_, target) in NODE_BINDS {
-        if !Path::new(target).exists() {
-            fs::create_dir_all(target).with_context(|| format!("creating {target}"))?;
-            created.push_str(target);
-            created.push('\n');
-        }
+        fs::create_dir_all(target).with_context(|| format!("creating {target}"))?;
     }
-    fs::create_dir_all(super::STATE_ROOT)?;
-    fs::write(created_mountpoints_file(), created)?;
     Ok(())
 }
 
@@ -804,20 +796,8 @@ fn teardown(l: &Layout, podtrace: &Path, clock: &Clock) -> Result<bool> {
             first_err.get_or_insert(anyhow::anyhow!("removing {state}: {e}"));
         }
     }
-    // 5. The mount points made on the machine, once no cluster is left.
-    let others = fs::read_dir(super::STATE_ROOT)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|e| !e.file_name().to_string_lossy().starts_with('.'));
-    if !others {
-        if let Ok(text) = fs::read_to_string(created_mountpoints_file()) {
-            for dir in text.lines().filter(|d| !d.is_empty()) {
-                let _ = fs::remove_dir(dir);
-            }
-            let _ = fs::remove_file(created_mountpoints_file());
-        }
-        let _ = fs::remove_dir(super::STATE_ROOT);
+    // 5. The state root, once no cluster is left (the mount points stay: NODE_BINDS).
+    if fs::remove_dir(super::STATE_ROOT).is_ok() {
         if let Some(parent) = Path::new(super::STATE_ROOT).parent() {
             let _ = fs::remove_dir(parent);
         }
