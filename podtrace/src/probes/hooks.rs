@@ -3,10 +3,10 @@
 //! tracepoints otherwise. Decided at run time, per hook, and reported.
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A kind of evidence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Evidence {
     Drop,
@@ -41,7 +41,7 @@ impl Evidence {
 }
 
 /// The mechanism chosen for one kind of evidence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mechanism {
     Kprobe,
@@ -93,7 +93,7 @@ pub fn preference(support: KernelSupport, forced: Option<Mechanism>) -> Vec<Mech
 }
 
 /// What was attached for one evidence kind, or why nothing was.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HookReport {
     pub evidence: Evidence,
     pub mechanism: Option<Mechanism>,
