@@ -15,6 +15,7 @@
 //! - [`cri`]: finding real pods through the container runtime's CRI socket (containerd, CRI-O).
 //! - [`crash`]: what a panic looks like (one line, exit 2); [`fault`]: panics on demand for
 //!   the tests of that.
+pub mod agent;
 pub mod capture;
 pub mod cli;
 pub mod conntrack;
@@ -24,13 +25,17 @@ pub mod demo;
 pub mod diagnose;
 pub mod fault;
 pub mod follow;
+pub mod front;
 pub mod lab;
 pub mod netlink;
 pub mod netns;
+pub mod parse;
 pub mod pcap;
 pub mod pods;
 pub mod privilege;
 pub mod probes;
+pub mod random;
+pub mod remote;
 pub mod services;
 pub mod signals;
 pub mod topology;
