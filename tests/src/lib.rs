@@ -5,8 +5,8 @@
 //!
 //! [`fuzzing`] is the harness of the fuzz targets in `fuzz/`, shared with the normal suite's
 //! replay of their corpora (`tests/fuzz_corpus.rs`).
-pub mod fuzzing;
 pub mod containerd;
+pub mod fuzzing;
 
 use std::{
     net::Ipv4Addr,
