@@ -111,12 +111,20 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
         .ok_or_else(|| anyhow!("capture needs -w FILE"))?;
     let chain = pod_args.resolvers();
     let loc = pod_args.locate(&chain)?;
-    let dest = args.dst.and_then(|ip| chain.by_ip(ip));
-    let topo = topology::resolve(&loc, args.dst, dest.as_ref(), &chain)?;
-    let pod_ip = topo
-        .pod_ip
-        .ok_or_else(|| anyhow!("pod {} has no IPv4 address", loc.name))?;
-    let plan = topology::plan::build(&topo, topology::plan::filter(&topo, pod_ip, args.dst));
+    // With --dst, the path through whatever the node rewrites it to (a Service's backends,
+    // a masquerade): the translated packets are captured too.
+    let (topo, plan) = match args.dst {
+        Some(dst) => crate::follow::plan_for(&loc, dst, None, None, &chain)?,
+        None => {
+            let topo = topology::resolve(&loc, None, None, &chain)?;
+            let pod_ip = topo
+                .pod_ip
+                .ok_or_else(|| anyhow!("pod {} has no IPv4 address", loc.name))?;
+            let plan = topology::plan::build(&topo, topology::plan::filter(&topo, pod_ip, None));
+            (topo, plan)
+        }
+    };
+    let pod_ip = plan.filter.pod;
     let sink = CaptureSink::create(&out, &plan, filter, args.stop_on, args.tail)?;
     let (engine, events) = Engine::start(
         &plan,
@@ -135,6 +143,19 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
         plan.hops.len(),
         engine.info.hooks_line()
     );
+    if let Some(n) = &plan.nat {
+        let to: Vec<String> = n.targets.iter().map(|t| t.label()).collect();
+        eprintln!(
+            "{} is rewritten on {}: its translated packets are captured too ({})",
+            args.dst.map(|d| d.to_string()).unwrap_or_default(),
+            n.node,
+            if to.is_empty() {
+                "no backend: only what reaches the node".to_owned()
+            } else {
+                to.join(", ")
+            }
+        );
+    }
     eprintln!("probes live");
     let mut capture = Capturer {
         sink,

@@ -5,6 +5,8 @@
 //! - [`correlate`]: one record per packet across hops, in the kernel's order, and the verdict.
 //! - [`output`]: text and JSON.
 pub mod correlate;
+pub mod facts;
+pub mod nat;
 pub mod output;
 
 use std::{
@@ -29,6 +31,112 @@ use crate::{
     },
 };
 use correlate::{Correlator, PacketRecord};
+use facts::LiveFacts;
+use nat::{ConntrackSource, CtAnswer, NoConntrack, Tuple};
+
+use crate::{
+    conntrack::{msg::tcp_state_name, Conntrack},
+    pods::{Chain, PodLocation},
+    probes::nat::NatFlows,
+    topology::Topology,
+};
+
+/// The plan for `loc → dst`: through the node's rewrite when its rules rewrite `dst` (a
+/// Service frontend, a masquerade), else the plain path. A pod's own address is refused: its
+/// packets to itself never leave it.
+pub fn plan_for(
+    loc: &PodLocation,
+    dst: Ipv4Addr,
+    port: Option<u16>,
+    proto: Option<u8>,
+    chain: &Chain,
+) -> Result<(Topology, Plan)> {
+    if let Some(p) = crate::services::path::plan(loc, dst, port, proto, chain)? {
+        return Ok((p.topo, p.plan));
+    }
+    let dest = chain.by_ip(dst);
+    let topo = topology::resolve(loc, Some(dst), dest.as_ref(), chain)?;
+    let pod_ip = topo
+        .pod_ip
+        .ok_or_else(|| anyhow::anyhow!("pod {} has no IPv4 address", loc.name))?;
+    if pod_ip == dst {
+        bail!(
+            "{dst} is {}'s own address: its packets to itself never leave it (the kernel delivers them over lo), so there is no path to follow; follow a Service it backs, or another pod",
+            loc.name
+        );
+    }
+    let mut filter = topology::plan::filter(&topo, pod_ip, Some(dst));
+    filter.proto = proto;
+    filter.port = port;
+    let plan = topology::plan::build(&topo, filter);
+    Ok((topo, plan))
+}
+
+/// The translating node's conntrack table, over ctnetlink.
+pub struct LiveConntrack {
+    ns: usize,
+    node: String,
+    path: std::path::PathBuf,
+    socket: Option<Conntrack>,
+}
+
+impl LiveConntrack {
+    pub fn new(plan: &Plan, ns: usize) -> Self {
+        let n = &plan.namespaces[ns.min(plan.namespaces.len().saturating_sub(1))];
+        Self {
+            ns,
+            node: n.owner.clone(),
+            path: n.path.clone(),
+            socket: None,
+        }
+    }
+}
+
+fn ct_tuple(t: &Tuple) -> crate::conntrack::Tuple {
+    match t.proto {
+        1 => crate::conntrack::Tuple::icmp_echo(t.src, t.dst, t.sport),
+        p => crate::conntrack::Tuple::ports(p, t.src, t.sport, t.dst, t.dport),
+    }
+}
+
+fn our_tuple(t: &crate::conntrack::Tuple) -> Option<Tuple> {
+    let v4 = |a: std::net::IpAddr| match a {
+        std::net::IpAddr::V4(v) => Some(v),
+        _ => None,
+    };
+    let (sport, dport) = match t.proto {
+        1 => (t.icmp_id?, t.icmp_id?),
+        _ => (t.sport?, t.dport?),
+    };
+    Some(Tuple {
+        src: v4(t.src)?,
+        sport,
+        dst: v4(t.dst)?,
+        dport,
+        proto: t.proto,
+    })
+}
+
+impl ConntrackSource for LiveConntrack {
+    fn get(&mut self, ns: usize, orig: &Tuple) -> Option<CtAnswer> {
+        if ns != self.ns {
+            return None;
+        }
+        if self.socket.is_none() {
+            self.socket = Conntrack::open(Some(&self.path))
+                .map_err(|e| log::debug!("conntrack on {}: {e:#}", self.node))
+                .ok();
+        }
+        let e = self.socket.as_mut()?.get(&ct_tuple(orig)).ok()??;
+        Some(CtAnswer {
+            node: self.node.clone(),
+            orig: e.orig.as_ref().and_then(our_tuple).unwrap_or(*orig),
+            reply: our_tuple(e.reply.as_ref()?)?,
+            status: e.status.names().into_iter().map(str::to_owned).collect(),
+            tcp_state: e.tcp_state.map(|s| tcp_state_name(s).to_owned()),
+        })
+    }
+}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct FollowArgs {
@@ -80,28 +188,22 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
     let entered = Instant::now();
     let chain = args.pod.resolvers();
     let loc = args.pod.locate(&chain)?;
-    let dest = chain.by_ip(args.dst);
-    let topo = topology::resolve(&loc, Some(args.dst), dest.as_ref(), &chain)?;
-    let pod_ip = topo
-        .pod_ip
-        .ok_or_else(|| anyhow::anyhow!("pod {} has no IPv4 address", loc.name))?;
-    let mut filter = topology::plan::filter(&topo, pod_ip, Some(args.dst));
-    filter.proto = args.proto;
-    filter.port = args.port;
-    let plan = topology::plan::build(&topo, filter);
+    let (topo, plan) = plan_for(&loc, args.dst, args.port, args.proto, &chain)?;
+    let pod_ip = plan.filter.pod;
     let resolve_ms = entered.elapsed().as_secs_f64() * 1e3;
     // Capture files are checked (and created) before anything is attached.
     let sink = match args.out.sink_options()? {
         Some(o) => Some(CaptureSink::create(&o, &plan, None, None, Duration::ZERO)?),
         None => None,
     };
-    let (engine, events) = Engine::start(
+    let (mut engine, events) = Engine::start(
         &plan,
         &TraceOptions {
             snaplen: args.out.write.is_some().then(|| args.out.kernel_snaplen()),
             ..TraceOptions::default()
         },
     )?;
+    let nat_flows = engine.nat_flows();
     let hooks = engine.info.hooks.clone();
     let json = args.json;
     if json {
@@ -133,22 +235,40 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
             topo.cni
         );
         println!("kernel evidence: {}", engine.info.hooks_line());
-        println!(
-            "expected →  {}",
-            plan.forward
-                .iter()
-                .filter_map(|s| plan
-                    .hop(s.hop)
-                    .map(|h| format!("{} {}", h.name, s.hook.as_str())))
-                .collect::<Vec<_>>()
-                .join(" > ")
-        );
+        match &plan.nat {
+            Some(nat) => print!("{}", output::nat_plan_text(&plan, nat)),
+            None => println!(
+                "expected →  {}",
+                plan.forward
+                    .iter()
+                    .filter_map(|s| plan.hop(s.hop).map(|h| format!(
+                        "{} {}",
+                        h.name,
+                        s.hook.as_str()
+                    )))
+                    .collect::<Vec<_>>()
+                    .join(" > ")
+            ),
+        }
         eprintln!("probes live");
     }
     std::io::stdout().flush()?;
 
+    let correlator = match &plan.nat {
+        Some(nat) => Correlator::with_sources(
+            plan.clone(),
+            Box::new(LiveConntrack::new(&plan, nat.ns)),
+            Box::new(LiveFacts::start(&plan)),
+        ),
+        None => Correlator::with_sources(
+            plan.clone(),
+            Box::new(NoConntrack),
+            Box::new(LiveFacts::start(&plan)),
+        ),
+    };
     let mut follower = Follower {
-        correlator: Correlator::new(plan.clone()),
+        correlator,
+        nat_flows,
         records: Vec::new(),
         json,
         count: args.count,
@@ -186,13 +306,7 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
             ns.display()
         );
     }
-    let summary = output::summary(
-        &plan,
-        &follower.records,
-        &follower.correlator.counts,
-        lost,
-        &hooks,
-    );
+    let summary = output::summary(&follower.correlator, &follower.records, lost, &hooks);
     if json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -208,6 +322,8 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
 /// `follow`'s consumer of the event stream.
 struct Follower {
     correlator: Correlator,
+    /// Widens the kernel filter to translations conntrack reveals.
+    nat_flows: Option<NatFlows>,
     records: Vec<PacketRecord>,
     json: bool,
     count: Option<u64>,
@@ -245,6 +361,19 @@ impl Follower {
         Ok(())
     }
 
+    /// Gives the kernel filter the translated forms conntrack revealed.
+    fn widen(&mut self) -> Result<()> {
+        let flows = self.correlator.convs.take_new_flows();
+        if let Some(n) = self.nat_flows.as_mut() {
+            for f in flows {
+                if let Err(e) = n.insert(&f) {
+                    log::warn!("{e:#}");
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn reached(&self) -> bool {
         self.count.is_some_and(|c| self.records.len() as u64 >= c)
     }
@@ -267,6 +396,7 @@ impl Consumer for Follower {
             }
             closed.extend(self.correlator.feed(ev));
         }
+        self.widen()?;
         self.emit(closed)?;
         Ok(self.reached().then_some(Stop::Count))
     }
@@ -276,6 +406,7 @@ impl Consumer for Follower {
             sink.tick()?;
         }
         let done = self.correlator.flush(monotonic_ns(), 300_000_000);
+        self.widen()?;
         self.emit(done)?;
         if self.live {
             eprint!(
