@@ -209,7 +209,7 @@ struct Open {
 }
 
 /// How long after a packet was last seen a route lookup without a place is still its.
-const FIB_PLACE_NS: u64 = 50_000_000;
+const FIB_PLACE_NS: u64 = 2_000_000;
 
 /// Groups events into packet records.
 pub struct Correlator {
@@ -678,7 +678,11 @@ impl Correlator {
                     .find_map(|f| f.gateway.as_ref()?.parse().ok())
                     .unwrap_or(t.dst);
                 if let Some(n) = self.facts.neighbour(ns, d.at.ifindex, nh) {
-                    ev.neighbour = Some((nh, n.state));
+                    let state = match n.mac {
+                        Some(m) => format!("{} {m}", n.state),
+                        None => n.state,
+                    };
+                    ev.neighbour = Some((nh, state));
                 }
             }
             "NETFILTER_DROP" => {
@@ -778,16 +782,25 @@ impl Correlator {
         let reached_end = expected.last().is_some_and(seen);
         // A bridge that does not know the destination's MAC yet floods the frame to every
         // port: the other pods get copies and drop them (OTHERHOST). Delivered all the same.
+        let off_path = |h: &&HopSeen| {
+            !expected
+                .iter()
+                .any(|s| s.hop == h.hop && (s.hook == h.hook || s.hook == Hook::Bridged))
+        };
         let flood: Vec<u32> = unexpected
             .iter()
             .copied()
             .filter(|hop| {
-                rec.hops.iter().filter(|h| h.hop == *hop).all(|h| {
-                    self.plan.hop(h.hop).is_some_and(|p| {
-                        (p.role == Role::HostVeth && h.hook == Hook::Egress)
-                            || (p.role == Role::PodEth0 && h.hook == Hook::Ingress)
+                rec.hops
+                    .iter()
+                    .filter(|h| h.hop == *hop)
+                    .filter(off_path)
+                    .all(|h| {
+                        self.plan.hop(h.hop).is_some_and(|p| {
+                            (p.role == Role::HostVeth && h.hook == Hook::Egress)
+                                || (p.role == Role::PodEth0 && h.hook == Hook::Ingress)
+                        })
                     })
-                })
             })
             .collect();
         let drop_is_flood = rec.drop.as_ref().is_none_or(|d| d.reason == "OTHERHOST");
@@ -1267,5 +1280,438 @@ mod tests {
         let order: Vec<u32> = recs[0].hops.iter().map(|h| h.hop).collect();
         let want: Vec<u32> = plan.forward.iter().map(|s| s.hop).collect();
         assert_eq!(order, want);
+    }
+
+    // ---- through NAT ----
+
+    use crate::{
+        follow::nat::{ConntrackSource, CtAnswer, Learnt, Tuple},
+        topology::plan::Builder,
+        trace::{
+            event::Quoted,
+            nat::{NatKind, NatPlan, NatTarget, RejectRule, ServiceInfo},
+        },
+    };
+
+    const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+    const B1: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
+    const A2: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 7);
+    const CNI0: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+
+    /// pod-a1 → VIP, backends pod-b1 (across nodes) and pod-a2 (same node); `snat`: the
+    /// node masquerades connections to both (a NodePort, say) to cni0's address.
+    fn service_plan(snat: bool) -> Plan {
+        let mut b = Builder::default();
+        let cross = pt::cross_node();
+        let same = pt::topo(
+            vec![
+                pt::hop(Role::PodEth0, "pod-a1", "node-a", "eth0"),
+                pt::hop(Role::HostVeth, "node-a", "node-a", "veth1"),
+                pt::hop(Role::Bridge, "node-a", "node-a", "cni0"),
+                pt::hop(Role::HostVeth, "node-a", "node-a", "veth3"),
+                pt::hop(Role::PodEth0, "pod-a2", "node-a", "eth0"),
+            ],
+            vec![],
+        );
+        let (f1, r1) = b.path(&cross);
+        let (f2, r2) = b.path(&same);
+        let mut filter = crate::topology::plan::filter(&cross, POD, Some(VIP));
+        filter.proto = Some(6);
+        let target =
+            |ip, pod: &str, node: &str, forward: Vec<Step>, reverse: Vec<Step>| NatTarget {
+                ip,
+                port: Some(8080),
+                chain: Some(format!("KUBE-SEP-{pod}")),
+                share_ppm: Some(500_000),
+                pod: Some(pod.into()),
+                node: Some(node.into()),
+                snat: snat.then_some(CNI0),
+                snat_rule: snat.then(|| "KUBE-EXT masquerade".to_owned()),
+                hairpin: false,
+                forward,
+                reverse,
+            };
+        let mut plan = b.finish(f1.clone(), r1.clone(), filter);
+        let ns = plan.hops[1].ns;
+        plan.nat = Some(NatPlan {
+            kind: NatKind::Service,
+            node: "node-a".into(),
+            ns,
+            read_with: "iptables-save".into(),
+            service: Some(ServiceInfo {
+                name: "default/web:http".into(),
+                protocol: "tcp".into(),
+                frontend: "cluster IP".into(),
+                ip: VIP,
+                port: Some(80),
+                chain: Some("KUBE-SVC-WEB".into()),
+                rejects: vec![],
+            }),
+            targets: vec![
+                target(B1, "pod-b1", "node-b", f1, r1),
+                target(A2, "pod-a2", "node-a", f2, r2),
+            ],
+            notes: vec![],
+            bridge_nf_call_iptables: Some(true),
+        });
+        plan.validate().unwrap();
+        plan
+    }
+
+    fn tcp(
+        src: Ipv4Addr,
+        sport: u16,
+        dst: Ipv4Addr,
+        dport: u16,
+        id: u16,
+        seq: u32,
+        flags: u8,
+    ) -> Flow {
+        Flow {
+            src,
+            dst,
+            proto: 6,
+            sport,
+            dport,
+            ip_id: id,
+            seq,
+            flags,
+            ..Flow::default()
+        }
+    }
+
+    fn tuple_of(f: &Flow) -> Tuple {
+        Tuple::of(f)
+    }
+
+    /// Conntrack answers from a table: original tuple → reply tuple.
+    struct Table(Vec<(Tuple, Tuple, Vec<&'static str>)>);
+
+    impl ConntrackSource for Table {
+        fn get(&mut self, _: usize, orig: &Tuple) -> Option<CtAnswer> {
+            self.0
+                .iter()
+                .find(|(o, _, _)| o == orig)
+                .map(|(o, r, st)| CtAnswer {
+                    node: "node-a".into(),
+                    orig: *o,
+                    reply: *r,
+                    status: st.iter().map(|s| s.to_string()).collect(),
+                    tcp_state: Some("SYN_SENT".into()),
+                })
+        }
+    }
+
+    fn names(plan: &Plan, r: &PacketRecord) -> Vec<String> {
+        r.hops
+            .iter()
+            .map(|h| format!("{} {}", plan.hop(h.hop).unwrap().name, h.hook.as_str()))
+            .collect()
+    }
+
+    /// Feeds a forward packet along `steps`, translated to `to` from step `at` on.
+    fn walk_nat(c: &mut Correlator, f: Flow, to: Flow, steps: &[Step], at: usize, t0: u64) {
+        for (i, s) in steps.iter().enumerate() {
+            if s.hook != Hook::Bridged {
+                tc(
+                    c,
+                    if i < at { f } else { to },
+                    t0 + i as u64 * 1000,
+                    s.hop,
+                    s.hook,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn packets_that_differ_only_after_translation_are_told_apart_by_conntrack() {
+        // Two connections whose first packets carry the same IP id and sequence; node-a
+        // masquerades both to cni0's address with the same port and sends one to pod-b1, the
+        // other to pod-a2. Only conntrack can say which translated packet is which.
+        let plan = service_plan(true);
+        let (ta, tb) = (
+            plan.nat.as_ref().unwrap().targets[0].clone(),
+            plan.nat.as_ref().unwrap().targets[1].clone(),
+        );
+        let a = tcp(POD, 40000, VIP, 80, 7, 1000, 0x02);
+        let b = tcp(POD, 40001, VIP, 80, 7, 1000, 0x02);
+        let a_nat = tcp(CNI0, 50000, B1, 8080, 7, 1000, 0x02);
+        let b_nat = tcp(CNI0, 50000, A2, 8080, 7, 1000, 0x02);
+        let table = Table(vec![
+            (
+                tuple_of(&a),
+                tuple_of(&a_nat).rev(),
+                vec!["DST_NAT", "SRC_NAT"],
+            ),
+            (
+                tuple_of(&b),
+                tuple_of(&b_nat).rev(),
+                vec!["DST_NAT", "SRC_NAT"],
+            ),
+        ]);
+        let mut c = Correlator::with_sources(plan.clone(), Box::new(table), Box::new(NoFacts));
+        // Interleaved, as two CPUs would.
+        tc(&mut c, a, 1_000, ta.forward[0].hop, Hook::Egress);
+        tc(&mut c, b, 1_100, tb.forward[0].hop, Hook::Egress);
+        tc(&mut c, a, 2_000, ta.forward[1].hop, Hook::Ingress);
+        tc(&mut c, b, 2_100, tb.forward[1].hop, Hook::Ingress);
+        walk_nat(&mut c, a, a_nat, &ta.forward[2..], 0, 3_000);
+        walk_nat(&mut c, b, b_nat, &tb.forward[2..], 0, 3_100);
+        let recs = c.finish();
+        assert_eq!(recs.len(), 2, "{recs:#?}");
+        for r in &recs {
+            assert_eq!(
+                r.fate,
+                Fate::Complete,
+                "{:?} {:?}",
+                names(&plan, r),
+                r.missing
+            );
+        }
+        let by_sport = |p: u16| recs.iter().find(|r| r.flow.sport == p).unwrap();
+        assert_eq!(by_sport(40000).target, Some(0), "a went to pod-b1");
+        assert_eq!(by_sport(40001).target, Some(1), "b went to pod-a2");
+        // Each record shows its own translation, at node-a, DNAT and SNAT.
+        let t = &by_sport(40001).nat[0];
+        assert_eq!(t.node, "node-a");
+        assert_eq!(
+            t.hook,
+            "nat PREROUTING (DNAT) and POSTROUTING (SNAT), in the bridge (br_netfilter)"
+        );
+        assert_eq!(t.to.to_string(), "10.244.0.1:50000 > 10.244.0.7:8080");
+        assert!(c
+            .convs
+            .list
+            .iter()
+            .all(|v| v.learnt == Some(Learnt::Conntrack)));
+        assert_eq!(c.convs.ambiguous, 0);
+
+        // Without conntrack the same packets are ambiguous: neither is guessed.
+        let mut c = Correlator::new(plan.clone());
+        tc(&mut c, a, 1_000, ta.forward[0].hop, Hook::Egress);
+        tc(&mut c, b, 1_100, tb.forward[0].hop, Hook::Egress);
+        tc(&mut c, a_nat, 3_000, ta.forward[2].hop, Hook::Ingress);
+        tc(&mut c, b_nat, 3_100, tb.forward[3].hop, Hook::Egress);
+        let recs = c.finish();
+        assert_eq!(c.convs.ambiguous, 2);
+        assert!(recs.iter().all(|r| r.target.is_none()));
+    }
+
+    #[test]
+    fn without_conntrack_the_model_and_the_invariants_tie_translations() {
+        // No masquerade: the translated packet keeps the pod's port (the model).
+        let plan = service_plan(false);
+        let ta = plan.nat.as_ref().unwrap().targets[0].clone();
+        let a = tcp(POD, 40000, VIP, 80, 9, 5, 0x02);
+        let a_nat = tcp(POD, 40000, B1, 8080, 9, 5, 0x02);
+        let mut c = Correlator::new(plan.clone());
+        walk_nat(&mut c, a, a_nat, &ta.forward, 2, 0);
+        // The reply, translated back on node-a.
+        let r = tcp(B1, 8080, POD, 40000, 3, 77, 0x12);
+        let r_back = tcp(VIP, 80, POD, 40000, 3, 77, 0x12);
+        walk_nat(&mut c, r, r_back, &ta.reverse, 7, 50_000);
+        let recs = c.finish();
+        assert_eq!(recs.len(), 2, "{recs:#?}");
+        assert!(
+            recs.iter()
+                .all(|r| r.fate == Fate::Complete && r.target == Some(0)),
+            "{recs:#?}"
+        );
+        assert_eq!(c.convs.list[0].learnt, Some(Learnt::Model));
+        assert_eq!(recs[1].nat[0].hook, "nat POSTROUTING (the DNAT undone)");
+        assert_eq!(recs[1].nat[0].after, "node-a/flannel.1 ingress");
+
+        // Masqueraded to a new port: the IP id and sequence tie it to the one open packet.
+        let plan = service_plan(true);
+        let ta = plan.nat.as_ref().unwrap().targets[0].clone();
+        let mut c = Correlator::new(plan);
+        let a = tcp(POD, 40002, VIP, 80, 11, 99, 0x02);
+        let a_nat = tcp(CNI0, 61000, B1, 8080, 11, 99, 0x02);
+        walk_nat(&mut c, a, a_nat, &ta.forward, 2, 0);
+        let recs = c.finish();
+        assert_eq!(recs.len(), 1, "{recs:#?}");
+        assert_eq!(recs[0].fate, Fate::Complete);
+        assert_eq!(c.convs.list[0].learnt, Some(Learnt::Invariants));
+    }
+
+    #[test]
+    fn a_reply_not_translated_back_is_dropped_by_the_pod_and_said_so() {
+        let mut plan = service_plan(false);
+        plan.nat.as_mut().unwrap().bridge_nf_call_iptables = Some(false);
+        let tb = plan.nat.as_ref().unwrap().targets[1].clone();
+        let a = tcp(POD, 40010, VIP, 80, 1, 10, 0x02);
+        let a_nat = tcp(POD, 40010, A2, 8080, 1, 10, 0x02);
+        let table = Table(vec![(
+            tuple_of(&a),
+            tuple_of(&a_nat).rev(),
+            vec!["DST_NAT"],
+        )]);
+        let mut c = Correlator::with_sources(plan.clone(), Box::new(table), Box::new(NoFacts));
+        walk_nat(&mut c, a, a_nat, &tb.forward, 2, 0);
+        // pod-a2's SYN-ACK crosses the bridge without netfilter: still the backend's.
+        let r = tcp(A2, 8080, POD, 40010, 5, 500, 0x12);
+        walk(&mut c, r, &tb.reverse, 10_000);
+        drop_at(
+            &mut c,
+            r,
+            20_000,
+            tb.reverse.last().unwrap().hop,
+            false,
+            "NO_SOCKET",
+        );
+        let recs = c.finish();
+        let back = recs
+            .iter()
+            .find(|r| r.direction == Direction::Reverse)
+            .unwrap();
+        assert!(back.untranslated, "{back:#?}");
+        assert_eq!(back.fate, Fate::Dropped);
+        let hint = &back.drop.as_ref().unwrap().hint;
+        assert!(
+            hint.contains("from 10.244.0.7:8080 instead of 10.96.0.10:80"),
+            "{hint}"
+        );
+        assert!(
+            hint.contains("bridge-nf-call-iptables is 0 on node-a"),
+            "{hint}"
+        );
+        assert_eq!(verdict(&recs), Verdict::Dropped);
+        let faults = crate::follow::output::faults(&c, plan.nat.as_ref().unwrap(), &recs);
+        assert!(
+            faults.iter().any(|f| f.kind == "nat_not_undone"),
+            "{faults:?}"
+        );
+    }
+
+    #[test]
+    fn a_service_without_endpoints_is_rejected_and_the_icmp_error_joins_the_connection() {
+        let mut plan = service_plan(false);
+        {
+            let n = plan.nat.as_mut().unwrap();
+            n.targets.clear();
+            let s = n.service.as_mut().unwrap();
+            s.rejects.push(RejectRule {
+                table: "filter".into(),
+                chain: "KUBE-SERVICES".into(),
+                target: "REJECT".into(),
+                reject_with: Some("icmp-port-unreachable".into()),
+                comment: Some("default/web:http has no endpoints".into()),
+            });
+        }
+        let mut c = Correlator::new(plan.clone());
+        let syn = tcp(POD, 40020, VIP, 80, 1, 1, 0x02);
+        walk(&mut c, syn, &plan.forward[..3], 0);
+        drop_at(
+            &mut c,
+            syn,
+            4_000,
+            plan.forward[2].hop,
+            true,
+            "NETFILTER_DROP",
+        );
+        // node-a's port unreachable, from cni0's address, quoting the SYN.
+        let err = Flow {
+            src: CNI0,
+            dst: POD,
+            proto: 1,
+            flags: 3,
+            icmp_code: 3,
+            ip_id: 42,
+            about: Some(Quoted {
+                src: POD,
+                dst: VIP,
+                proto: 6,
+                sport: 40020,
+                dport: 80,
+            }),
+            ..Flow::default()
+        };
+        let back = &plan.reverse;
+        walk(&mut c, err, &back[back.len() - 3..], 6_000);
+        let recs = c.finish();
+        assert_eq!(recs.len(), 2, "{recs:#?}");
+        assert!(recs.iter().all(|r| r.conv == recs[0].conv));
+        let e = recs.iter().find(|r| r.flow.is_icmp_error()).unwrap();
+        assert_eq!(e.direction, Direction::Reverse);
+        assert_eq!(e.fate, Fate::Complete, "{e:#?}");
+        let d = recs[0].drop.as_ref().unwrap();
+        assert!(
+            d.hint.contains("default/web:http has no endpoints"),
+            "{}",
+            d.hint
+        );
+        let faults = crate::follow::output::faults(&c, plan.nat.as_ref().unwrap(), &recs);
+        let f = faults
+            .iter()
+            .find(|f| f.kind == "no_endpoints")
+            .expect("no_endpoints");
+        assert!(
+            f.text.contains("ICMP port unreachable from 10.244.0.1"),
+            "{}",
+            f.text
+        );
+    }
+
+    #[test]
+    fn a_lookup_without_a_route_is_placed_where_the_packet_was_and_names_the_drop() {
+        let plan = plan_of(&pt::cross_node());
+        let mut c = Correlator::new(plan.clone());
+        // A reply from pod-b1 dies on node-b: no route back.
+        let f = flow(DST, POD, 3, 9, 0);
+        walk(&mut c, f, &plan.reverse[..3], 1_000);
+        let fib = |ts, err, table| {
+            TraceEvent::Fib(FibEvent {
+                ts_ns: ts,
+                ns: None,
+                table,
+                oif: None,
+                gateway: None,
+                err,
+                flow: Flow {
+                    src: DST,
+                    dst: POD,
+                    proto: 1,
+                    ..Flow::default()
+                },
+            })
+        };
+        // The table had no answer (-EAGAIN); nothing else on node-b.
+        c.feed(&fib(3_500, -11, 254));
+        drop_at(&mut c, f, 4_000, plan.reverse[2].hop, true, "IP_INNOROUTES");
+        // A lookup long after anything of ours was seen is another pod's (another lab's).
+        c.feed(&fib(900_000_000, -101, 254));
+        let recs = c.finish();
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].fib.len(), 1, "{:?}", recs[0].fib);
+        assert_eq!(
+            recs[0].fib[0].text(),
+            "fib node-b: no route to 10.244.0.9 in table main (where the packet was last seen)"
+        );
+        let d = recs[0].drop.as_ref().unwrap();
+        assert!(
+            d.hint
+                .contains("node-b has no route to 10.244.0.9 in table main"),
+            "{}",
+            d.hint
+        );
+        assert!(c.loose_fib.is_empty(), "{:?}", c.loose_fib);
+    }
+
+    #[test]
+    fn a_flooded_copy_dropped_by_another_pod_is_not_a_divergence() {
+        let plan = service_plan(false);
+        let tb = plan.nat.as_ref().unwrap().targets[1].clone();
+        let a = tcp(POD, 40030, VIP, 80, 2, 2, 0x02);
+        let a_nat = tcp(POD, 40030, A2, 8080, 2, 2, 0x02);
+        let mut c = Correlator::new(plan.clone());
+        walk_nat(&mut c, a, a_nat, &tb.forward, 2, 0);
+        // The bridge floods the frame back to pod-a1's port too, which drops it.
+        tc(&mut c, a_nat, 9_000, tb.forward[1].hop, Hook::Egress);
+        tc(&mut c, a_nat, 9_500, tb.forward[0].hop, Hook::Ingress);
+        drop_at(&mut c, a_nat, 9_900, tb.forward[0].hop, false, "OTHERHOST");
+        let recs = c.finish();
+        assert_eq!(recs[0].fate, Fate::Complete, "{recs:#?}");
+        assert!(recs[0].notes[0].contains("flooded"), "{:?}", recs[0].notes);
     }
 }

@@ -717,7 +717,21 @@ pub fn faults(c: &Correlator, n: &NatPlan, records: &[PacketRecord]) -> Vec<Faul
         if recs.is_empty() {
             continue;
         }
-        let replies = recs.iter().any(|r| r.direction == Direction::Reverse);
+        let replies = recs
+            .iter()
+            .any(|r| r.direction == Direction::Reverse && !r.flow.is_icmp_error());
+        let errors: Vec<String> = recs
+            .iter()
+            .filter(|r| r.direction == Direction::Reverse && r.flow.is_icmp_error())
+            .map(|r| {
+                format!(
+                    "; ICMP {} from {}",
+                    icmp_error_name(r.flow.flags, r.flow.icmp_code),
+                    r.hops.first().map(|h| h.tuple.src).unwrap_or(r.flow.src)
+                )
+            })
+            .take(1)
+            .collect();
         let translated = v.translated.is_some_and(|t| t != v.orig);
         match v.target.and_then(|t| n.targets.get(t)) {
             Some(t) if !replies => {
@@ -745,9 +759,10 @@ pub fn faults(c: &Correlator, n: &NatPlan, records: &[PacketRecord]) -> Vec<Faul
                 push(Fault {
                     kind: "no_reply",
                     text: format!(
-                        "no reply from backend {} for {}{died}{ct}",
+                        "no reply from backend {} for {}{died}{}{ct}",
                         t.label(),
-                        v.orig
+                        v.orig,
+                        errors.concat()
                     ),
                 });
             }

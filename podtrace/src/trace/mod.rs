@@ -287,3 +287,18 @@ fn read_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_vxlan_port_reaches_the_filter() {
+        let (first, more) = super::vxlan_ports(&[8472, 4789, 8472, 0]).unwrap();
+        assert_eq!(first, 4789);
+        assert_eq!(more[0], 8472);
+        assert!(more[1..].iter().all(|p| *p == 0));
+        let (first, _) = super::vxlan_ports(&[]).unwrap();
+        assert_eq!(first, podtrace_abi::DEFAULT_VXLAN_PORT);
+        let many: Vec<u16> = (1..=9).collect();
+        assert!(super::vxlan_ports(&many).is_err());
+    }
+}
