@@ -220,7 +220,7 @@ pub fn hint(reason: &str, ev: &Evidence) -> String {
             format!("a malformed or truncated header reached {place} ({reason})")
         }
         "OTHERHOST" => format!(
-            "{place} got a frame for another host's MAC: a stale neighbour entry for {} on the sender?",
+            "{place} got a frame for another host's MAC and dropped it: a bridge flooded it, knowing no port for the destination's MAC (is the port of {} down, its pod gone?), or the sender has a stale neighbour entry for it",
             ev.dst_text()
         ),
         "NO_SOCKET" => format!(

@@ -189,6 +189,9 @@ pub struct PacketRecord {
     /// The path it was judged against.
     #[serde(skip)]
     pub expected: Vec<Step>,
+    /// Copies a bridge flooded to other ports (see the notes).
+    #[serde(skip)]
+    pub flooded: Vec<Step>,
 }
 
 /// (conversation, direction, IP id, TCP sequence or ICMP sequence, flags, ICMP error).
@@ -308,6 +311,7 @@ impl Correlator {
                         nat: Vec::new(),
                         untranslated: false,
                         expected: Vec::new(),
+                        flooded: Vec::new(),
                     },
                     last_ts: ts,
                 },
@@ -589,8 +593,16 @@ impl Correlator {
                 (_, Some(y)) => y.node.clone(),
                 _ => "?".to_owned(),
             };
-            let dnat = a.tuple.dst != b.tuple.dst || a.tuple.dport != b.tuple.dport;
-            let snat = a.tuple.src != b.tuple.src || a.tuple.sport != b.tuple.sport;
+            // An ICMP echo's identifier stands for both ports: a masquerade rewrites it as
+            // the source port on the way out, as the destination port on the way back.
+            let icmp = a.tuple.proto == 1;
+            let id_changed = icmp && a.tuple.sport != b.tuple.sport;
+            let dnat = a.tuple.dst != b.tuple.dst
+                || (!icmp && a.tuple.dport != b.tuple.dport)
+                || (id_changed && !fwd);
+            let snat = a.tuple.src != b.tuple.src
+                || (!icmp && a.tuple.sport != b.tuple.sport)
+                || (id_changed && fwd);
             let mut hook = match (fwd, dnat, snat) {
                 (true, true, false) => "nat PREROUTING (DNAT)",
                 (true, false, true) => "nat POSTROUTING (SNAT)",
@@ -717,9 +729,39 @@ impl Correlator {
         ev
     }
 
+    /// The target a record's own headers show it was translated to (its last translated
+    /// form), if any: a connection whose first packets died unconfirmed in conntrack may be
+    /// translated anew, to another backend, by a retransmission.
+    fn seen_target(&self, rec: &PacketRecord) -> Option<usize> {
+        let nat = self.plan.nat.as_ref()?;
+        let mut tuples: Vec<Tuple> = rec.hops.iter().map(|h| h.tuple).collect();
+        if let Some(d) = &rec.drop {
+            tuples.push(d.tuple);
+        }
+        tuples.iter().rev().find_map(|t| {
+            let (ip, port) = match rec.direction {
+                Direction::Forward => (t.dst, t.dport),
+                Direction::Reverse => (t.src, t.sport),
+            };
+            nat.targets
+                .iter()
+                .position(|x| x.ip == ip && x.port.is_none_or(|p| p == port) && !x.hairpin)
+                .or_else(|| {
+                    nat.targets
+                        .iter()
+                        .position(|x| x.hairpin && x.ip == ip && x.port.is_none_or(|p| p == port))
+                })
+        })
+    }
+
     fn finalize(&mut self, mut rec: PacketRecord) -> PacketRecord {
         let conv = self.convs.list.get(rec.conv).cloned();
-        rec.target = conv.as_ref().and_then(|c| c.target);
+        rec.target = if rec.flow.is_icmp_error() {
+            None
+        } else {
+            self.seen_target(&rec)
+        }
+        .or_else(|| conv.as_ref().and_then(|c| c.target));
         let expected = self.expected_for(&rec);
         self.order(&mut rec, &expected);
         let seen = |s: &Step| rec.hops.iter().any(|h| h.hop == s.hop && h.hook == s.hook);
@@ -819,6 +861,16 @@ impl Correlator {
                 }
             ));
             rec.drop = None;
+            rec.flooded = rec
+                .hops
+                .iter()
+                .filter(|h| flood.contains(&h.hop))
+                .filter(off_path)
+                .map(|h| Step {
+                    hop: h.hop,
+                    hook: h.hook,
+                })
+                .collect();
             unexpected.clear();
         }
         let last = expected.last().and_then(|s| self.plan.hop(s.hop)).cloned();

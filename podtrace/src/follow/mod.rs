@@ -196,6 +196,9 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
         Some(o) => Some(CaptureSink::create(&o, &plan, None, None, Duration::ZERO)?),
         None => None,
     };
+    // The nodes' conntrack counters before anything is traced: a drop's hint says what
+    // moved during the run.
+    let facts = LiveFacts::start(&plan);
     let (mut engine, events) = Engine::start(
         &plan,
         &TraceOptions {
@@ -258,13 +261,9 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
         Some(nat) => Correlator::with_sources(
             plan.clone(),
             Box::new(LiveConntrack::new(&plan, nat.ns)),
-            Box::new(LiveFacts::start(&plan)),
+            Box::new(facts),
         ),
-        None => Correlator::with_sources(
-            plan.clone(),
-            Box::new(NoConntrack),
-            Box::new(LiveFacts::start(&plan)),
-        ),
+        None => Correlator::with_sources(plan.clone(), Box::new(NoConntrack), Box::new(facts)),
     };
     let mut follower = Follower {
         correlator,

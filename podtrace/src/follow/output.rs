@@ -312,6 +312,11 @@ pub fn packet_text(plan: &Plan, r: &PacketRecord) -> String {
         let name = plan.hop(h.hop).map(|p| p.name.as_str()).unwrap_or("?");
         let mark = if r.unexpected.contains(&h.hop) {
             "  ← not on the expected path"
+        } else if r.flooded.contains(&Step {
+            hop: h.hop,
+            hook: h.hook,
+        }) {
+            "  (a flooded copy)"
         } else {
             ""
         };
@@ -487,6 +492,9 @@ fn observed(plan: &Plan, records: &[&PacketRecord], d: Direction) -> Vec<StepJso
             hop: h.hop,
             hook: h.hook,
         };
+        if best.flooded.contains(&s) {
+            continue;
+        }
         // A bridge crossed between two ports seen in a row.
         if let (Some(prev), Some(i)) = (steps.last(), expected.iter().position(|e| *e == s)) {
             if i >= 2 && expected[i - 1].hook == Hook::Bridged && expected[i - 2] == *prev {
@@ -942,13 +950,17 @@ pub fn summary_text(plan: &Plan, s: &Summary) -> String {
         let _ = writeln!(out, "{f}");
     }
     if let Some(n) = &s.nat {
+        let to = match n.kind {
+            NatKind::Service => "backend",
+            NatKind::Masquerade => "to",
+        };
         for c in &n.connections {
             let _ = writeln!(
                 out,
                 "connection {}{}{}",
                 c.conv.orig,
                 match (&c.conv.translated, &c.backend) {
-                    (Some(t), Some(b)) if *t != c.conv.orig => format!(" → {t} (backend {b})"),
+                    (Some(t), Some(b)) if *t != c.conv.orig => format!(" → {t} ({to} {b})"),
                     (Some(t), None) if *t != c.conv.orig => format!(" → {t}"),
                     _ => String::new(),
                 },
