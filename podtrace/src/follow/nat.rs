@@ -389,9 +389,7 @@ impl Conversations {
             self.touch(c, dir, ts, f.is_some());
             return Some((c, dir));
         }
-        if self.nat.is_none() {
-            return None;
-        }
+        self.nat.as_ref()?;
         // Conntrack may know it by now.
         let pending: Vec<usize> = self
             .list
