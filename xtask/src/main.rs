@@ -7,6 +7,8 @@
 //! - `demo`: setup, build, then run the demo.
 //! - `bench`: setup, release build, then the benchmark on its own lab (attach latency,
 //!   data-path overhead, lossless capture rate, memory; against tcpdump). Not part of `test`.
+//! - `k8s up|down`: a real two-node Kubernetes cluster inside a lab (src/k8s/README.md).
+//! - `image`: podtrace's OCI image (the static binary), for containerd to import.
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode},
@@ -17,6 +19,8 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build;
+mod image;
+mod k8s;
 mod setup;
 
 #[derive(Parser)]
@@ -41,6 +45,11 @@ enum Task {
     /// Set up, build (release), and benchmark podtrace against tcpdump on a lab (needs root);
     /// writes bench/results/latest.json and latest.md.
     Bench(bench::BenchArgs),
+    /// A real two-node Kubernetes 1.20 cluster inside a lab (needs root and `setup`):
+    /// `k8s up` (last line: `export KUBECONFIG=PATH`), `k8s down`.
+    K8s(k8s::K8sArgs),
+    /// Build podtrace's OCI image (static binary, no Docker): target/image/podtrace.tar.
+    Image,
 }
 
 fn main() -> ExitCode {
@@ -50,6 +59,8 @@ fn main() -> ExitCode {
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
         Task::Bench(args) => bench::run(args),
+        Task::K8s(args) => k8s::run(args),
+        Task::Image => image::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

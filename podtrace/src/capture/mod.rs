@@ -16,7 +16,8 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::{
-    cli::{parse_duration, parse_ipv4, OutputArgs, PodArgs},
+    cli::{parse_duration, parse_ipv4, OutputArgs, PodArgs, RemoteArgs},
+    front,
     pcap::{
         sink::{self, CaptureSink, StopOn},
         CaptureFilter,
@@ -25,7 +26,7 @@ use crate::{
     topology,
     trace::{
         run::{drive, Consumer, Stop, Until},
-        Engine, TraceEvent, TraceOptions,
+        TraceEvent, TraceOptions,
     },
 };
 
@@ -71,6 +72,8 @@ pub struct CaptureArgs {
     /// How long to keep capturing after the --stop-on event.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "2s")]
     pub tail: Duration,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// Splits `POD EXPR...` (or just EXPR with --pid/--netns/--container).
@@ -109,24 +112,28 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
         .out
         .sink_options()?
         .ok_or_else(|| anyhow!("capture needs -w FILE"))?;
-    let chain = pod_args.resolvers();
-    let loc = pod_args.locate(&chain)?;
     // With --dst, the path through whatever the node rewrites it to (a Service's backends,
     // a masquerade): the translated packets are captured too.
-    let (topo, plan) = match args.dst {
-        Some(dst) => crate::follow::plan_for(&loc, dst, None, None, &chain)?,
-        None => {
-            let topo = topology::resolve(&loc, None, None, &chain)?;
-            let pod_ip = topo
-                .pod_ip
-                .ok_or_else(|| anyhow!("pod {} has no IPv4 address", loc.name))?;
-            let plan = topology::plan::build(&topo, topology::plan::filter(&topo, pod_ip, None));
-            (topo, plan)
-        }
+    let (path, nat_plan) = match args.dst {
+        Some(dst) => front::resolve_nat(&pod_args, &args.remote, dst, None, None)?,
+        None => (front::resolve(&pod_args, &args.remote, None)?, None),
     };
-    let pod_ip = plan.filter.pod;
+    let topo = &path.topo;
+    let pod_ip = topo
+        .pod_ip
+        .ok_or_else(|| anyhow!("pod {} has no IPv4 address", topo.pod.name))?;
+    if args.dst == Some(pod_ip) {
+        bail!(
+            "{pod_ip} is {}'s own address: its packets to itself never leave it (the kernel delivers them over lo), so no hop sees them",
+            topo.pod.name
+        );
+    }
+    let plan = match nat_plan {
+        Some(p) => p,
+        None => topology::plan::build(topo, topology::plan::filter(topo, pod_ip, args.dst)),
+    };
     let sink = CaptureSink::create(&out, &plan, filter, args.stop_on, args.tail)?;
-    let (engine, events) = Engine::start(
+    let started = path.start(
         &plan,
         &TraceOptions {
             snaplen: Some(args.out.kernel_snaplen()),
@@ -135,13 +142,19 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
             evidence: vec![Evidence::Drop],
             mechanism: None,
         },
+        args.duration,
     )?;
     eprintln!(
-        "capturing {} ({pod_ip}){} on {} hops; kernel evidence: {}",
+        "capturing {} ({pod_ip}){} on {} hops{}; kernel evidence: {}",
         topo.pod.name,
         args.dst.map(|d| format!(" ↔ {d}")).unwrap_or_default(),
         plan.hops.len(),
-        engine.info.hooks_line()
+        if path.remote() {
+            " through their nodes' agents"
+        } else {
+            ""
+        },
+        started.hooks_line()
     );
     if let Some(n) = &plan.nat {
         let to: Vec<String> = n.targets.iter().map(|t| t.label()).collect();
@@ -156,6 +169,9 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
             }
         );
     }
+    for u in &path.unobserved {
+        eprintln!("not observed: {u}");
+    }
     eprintln!("probes live");
     let mut capture = Capturer {
         sink,
@@ -165,14 +181,17 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
         lost: 0,
     };
     let outcome = drive(
-        engine,
-        events,
+        started.session,
+        started.events,
         &Until {
             duration: args.duration,
-            watch: vec![loc.netns.clone()],
+            watch: path.watch.clone(),
         },
         &mut capture,
     )?;
+    for u in &outcome.unobserved {
+        eprintln!("not observed: {u}");
+    }
     if capture.live {
         eprint!("\r\x1b[K");
     }
@@ -210,6 +229,11 @@ impl Consumer for Capturer {
         for ev in &batch {
             if let TraceEvent::Lost { total } = ev {
                 self.lost = *total;
+            }
+            // Checked before writing too: after a stop the engine drains what the kernel still
+            // holds into this consumer, and -c COUNT means COUNT packets in the files.
+            if self.count.is_some_and(|c| self.sink.written >= c) {
+                return Ok(Some(Stop::Count));
             }
             self.sink.on_event(ev)?;
             if self.count.is_some_and(|c| self.sink.written >= c) {

@@ -3,7 +3,11 @@
 //! engine ([`crate::trace`]): it correlates the events into packets and judges them.
 //!
 //! - [`correlate`]: one record per packet across hops, in the kernel's order, and the verdict.
+//! - [`nat`]: conversations across NAT (a Service's DNAT, a masquerade): conntrack, the
+//!   Service model, what NAT leaves unchanged.
+//! - [`facts`]: the nodes' state a drop hint names (neighbours, rp_filter, rules, conntrack).
 //! - [`output`]: text and JSON.
+pub mod clock;
 pub mod correlate;
 pub mod facts;
 pub mod nat;
@@ -20,57 +24,26 @@ use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 
 use crate::{
-    cli::{parse_duration, parse_ipv4, parse_proto, OutputArgs, PodArgs},
+    cli::{parse_duration, parse_ipv4, parse_proto, OutputArgs, PodArgs, RemoteArgs},
+    front,
     pcap::sink::CaptureSink,
     probes::hooks::HookReport,
     topology::{self, Cni},
     trace::{
         plan::{Plan, PlannedHop},
         run::{drive, monotonic_ns, Consumer, Stop, Until},
-        Engine, TraceEvent, TraceOptions,
+        TraceEvent, TraceOptions,
     },
 };
+use clock::Clocks;
 use correlate::{Correlator, PacketRecord};
 use facts::LiveFacts;
 use nat::{ConntrackSource, CtAnswer, NoConntrack, Tuple};
 
 use crate::{
     conntrack::{msg::tcp_state_name, Conntrack},
-    pods::{Chain, PodLocation},
     probes::nat::NatFlows,
-    topology::Topology,
 };
-
-/// The plan for `loc → dst`: through the node's rewrite when its rules rewrite `dst` (a
-/// Service frontend, a masquerade), else the plain path. A pod's own address is refused: its
-/// packets to itself never leave it.
-pub fn plan_for(
-    loc: &PodLocation,
-    dst: Ipv4Addr,
-    port: Option<u16>,
-    proto: Option<u8>,
-    chain: &Chain,
-) -> Result<(Topology, Plan)> {
-    if let Some(p) = crate::services::path::plan(loc, dst, port, proto, chain)? {
-        return Ok((p.topo, p.plan));
-    }
-    let dest = chain.by_ip(dst);
-    let topo = topology::resolve(loc, Some(dst), dest.as_ref(), chain)?;
-    let pod_ip = topo
-        .pod_ip
-        .ok_or_else(|| anyhow::anyhow!("pod {} has no IPv4 address", loc.name))?;
-    if pod_ip == dst {
-        bail!(
-            "{dst} is {}'s own address: its packets to itself never leave it (the kernel delivers them over lo), so there is no path to follow; follow a Service it backs, or another pod",
-            loc.name
-        );
-    }
-    let mut filter = topology::plan::filter(&topo, pod_ip, Some(dst));
-    filter.proto = proto;
-    filter.port = port;
-    let plan = topology::plan::build(&topo, filter);
-    Ok((topo, plan))
-}
 
 /// The translating node's conntrack table, over ctnetlink.
 pub struct LiveConntrack {
@@ -163,6 +136,8 @@ pub struct FollowArgs {
     /// Also write the packets to rotating pcapng/pcap files (-w FILE, -C, -G, -W, ...).
     #[command(flatten)]
     pub out: OutputArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// `{"type":"ready", ...}`: every probe is attached.
@@ -182,14 +157,47 @@ pub struct Ready<'a> {
     pub resolve_ms: f64,
     /// From entering `follow` to this line (resolve + load + attach + the rest).
     pub ready_ms: f64,
+    /// What started on each node.
+    pub nodes: Vec<NodeStart>,
+    /// Whether the session runs through node agents.
+    pub through_agents: bool,
+    /// Parts of the path no agent could observe.
+    pub unobserved: &'a [String],
+}
+
+/// One node's start, in the ready line.
+#[derive(Debug, Serialize)]
+pub struct NodeStart {
+    pub node: String,
+    pub kernel_hooks: Vec<HookReport>,
+    pub load_ms: f64,
+    pub attach_ms: f64,
 }
 
 pub fn run(args: FollowArgs) -> Result<ExitCode> {
     let entered = Instant::now();
-    let chain = args.pod.resolvers();
-    let loc = args.pod.locate(&chain)?;
-    let (topo, plan) = plan_for(&loc, args.dst, args.port, args.proto, &chain)?;
-    let pod_ip = plan.filter.pod;
+    let (path, nat_plan) =
+        front::resolve_nat(&args.pod, &args.remote, args.dst, args.port, args.proto)?;
+    let topo = &path.topo;
+    let pod_ip = topo
+        .pod_ip
+        .ok_or_else(|| anyhow::anyhow!("pod {} has no IPv4 address", topo.pod.name))?;
+    if pod_ip == args.dst {
+        bail!(
+            "{} is {}'s own address: its packets to itself never leave it (the kernel delivers them over lo), so there is no path to follow; follow a Service it backs, or another pod",
+            args.dst,
+            topo.pod.name
+        );
+    }
+    let plan = match nat_plan {
+        Some(p) => p,
+        None => {
+            let mut filter = topology::plan::filter(topo, pod_ip, Some(args.dst));
+            filter.proto = args.proto;
+            filter.port = args.port;
+            topology::plan::build(topo, filter)
+        }
+    };
     let resolve_ms = entered.elapsed().as_secs_f64() * 1e3;
     // Capture files are checked (and created) before anything is attached.
     let sink = match args.out.sink_options()? {
@@ -199,15 +207,16 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
     // The nodes' conntrack counters before anything is traced: a drop's hint says what
     // moved during the run.
     let facts = LiveFacts::start(&plan);
-    let (mut engine, events) = Engine::start(
+    let mut started = path.start(
         &plan,
         &TraceOptions {
             snaplen: args.out.write.is_some().then(|| args.out.kernel_snaplen()),
             ..TraceOptions::default()
         },
+        args.duration,
     )?;
-    let nat_flows = engine.nat_flows();
-    let hooks = engine.info.hooks.clone();
+    let hooks = started.info().hooks.clone();
+    let (load_ms, attach_ms) = started.times();
     let json = args.json;
     if json {
         let ready = Ready {
@@ -218,15 +227,27 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
             cni: topo.cni,
             hops: &plan.hops,
             kernel_hooks: &hooks,
-            load_ms: engine.info.load_ms,
-            attach_ms: engine.info.attach_ms,
+            load_ms,
+            attach_ms,
             resolve_ms,
             ready_ms: entered.elapsed().as_secs_f64() * 1e3,
+            nodes: started
+                .nodes
+                .iter()
+                .map(|(n, i)| NodeStart {
+                    node: n.clone(),
+                    kernel_hooks: i.hooks.clone(),
+                    load_ms: i.load_ms,
+                    attach_ms: i.attach_ms,
+                })
+                .collect(),
+            through_agents: path.remote(),
+            unobserved: &path.unobserved,
         };
         println!("{}", serde_json::to_string(&ready)?);
     } else {
         println!(
-            "following {} ({pod_ip}) ↔ {}: {} hops on {} ({})",
+            "following {} ({pod_ip}) ↔ {}: {} hops on {} ({}){}",
             topo.pod.name,
             args.dst,
             plan.hops.len(),
@@ -235,39 +256,49 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
                 nodes.sort();
                 nodes.join(", ")
             },
-            topo.cni
+            topo.cni,
+            if path.remote() {
+                ", through their agents"
+            } else {
+                ""
+            }
         );
-        println!("kernel evidence: {}", engine.info.hooks_line());
+        println!("kernel evidence: {}", started.hooks_line());
         match &plan.nat {
             Some(nat) => print!("{}", output::nat_plan_text(&plan, nat)),
             None => println!(
                 "expected →  {}",
                 plan.forward
                     .iter()
-                    .filter_map(|s| plan.hop(s.hop).map(|h| format!(
-                        "{} {}",
-                        h.name,
-                        s.hook.as_str()
-                    )))
+                    .filter_map(|s| plan
+                        .hop(s.hop)
+                        .map(|h| format!("{} {}", h.name, s.hook.as_str())))
                     .collect::<Vec<_>>()
                     .join(" > ")
             ),
+        }
+        for u in &path.unobserved {
+            println!("not observed: {u}");
         }
         eprintln!("probes live");
     }
     std::io::stdout().flush()?;
 
-    let correlator = match &plan.nat {
-        Some(nat) => Correlator::with_sources(
-            plan.clone(),
-            Box::new(LiveConntrack::new(&plan, nat.ns)),
-            Box::new(facts),
-        ),
-        None => Correlator::with_sources(plan.clone(), Box::new(NoConntrack), Box::new(facts)),
-    };
     let mut follower = Follower {
-        correlator,
-        nat_flows,
+        clocks: if path.remote() {
+            Clocks::estimated(&topo.pod.node)
+        } else {
+            Clocks::same(&topo.pod.node)
+        },
+        correlator: match &plan.nat {
+            Some(nat) => Correlator::with_sources(
+                plan.clone(),
+                Box::new(LiveConntrack::new(&plan, nat.ns)),
+                Box::new(facts),
+            ),
+            None => Correlator::with_sources(plan.clone(), Box::new(NoConntrack), Box::new(facts)),
+        },
+        nat_flows: started.nat_flows.take(),
         records: Vec::new(),
         json,
         count: args.count,
@@ -278,11 +309,11 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
         lost: 0,
     };
     let outcome = drive(
-        engine,
-        events,
+        started.session,
+        started.events,
         &Until {
             duration: args.duration,
-            watch: vec![loc.netns.clone()],
+            watch: path.watch.clone(),
         },
         &mut follower,
     )?;
@@ -305,17 +336,51 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
             ns.display()
         );
     }
-    let summary = output::summary(&follower.correlator, &follower.records, lost, &hooks);
+    let unobserved: Vec<String> = path
+        .unobserved
+        .iter()
+        .chain(&outcome.unobserved)
+        .cloned()
+        .collect();
+    let summary = output::summary(
+        &follower.correlator,
+        &follower.records,
+        lost,
+        &hooks,
+        &follower.clocks,
+        unobserved,
+    );
     if json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         print!("{}", output::summary_text(&plan, &summary));
     }
-    Ok(if summary.verdict == correlate::Verdict::Confirmed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    std::io::stdout().flush()?;
+    exit_code(&summary, &follower.records)
+}
+
+/// 0 when the path is confirmed, 1 when what was seen proves it is not; with parts of the
+/// path unobserved, a confirmation covers only what was seen: "cannot say" (2) unless a drop,
+/// a detour or a wrong order was seen.
+fn exit_code(summary: &output::Summary, records: &[PacketRecord]) -> Result<ExitCode> {
+    use correlate::{Fate, Verdict};
+    if summary.unobserved.is_empty() {
+        return Ok(if summary.verdict == Verdict::Confirmed {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
+    let proven = records
+        .iter()
+        .any(|r| matches!(r.fate, Fate::Dropped | Fate::Diverged | Fate::OutOfOrder));
+    if proven {
+        return Ok(ExitCode::from(1));
+    }
+    bail!(
+        "cannot say whether the path works: {}",
+        summary.unobserved.join("; ")
+    )
 }
 
 /// `follow`'s consumer of the event stream.
@@ -323,6 +388,7 @@ struct Follower {
     correlator: Correlator,
     /// Widens the kernel filter to translations conntrack reveals.
     nat_flows: Option<NatFlows>,
+    clocks: Clocks,
     records: Vec<PacketRecord>,
     json: bool,
     count: Option<u64>,
@@ -343,16 +409,29 @@ impl Follower {
         if done.is_empty() {
             return Ok(());
         }
+        // The clocks learn from the whole batch first: a request and its reply finish
+        // together, and the request's cross-node times need the reply's bound.
+        for r in &done {
+            self.clocks.observe(self.correlator.plan(), r);
+        }
         let mut out = std::io::stdout().lock();
         for r in done {
+            // `-c COUNT`: what the kernel still held when the count was reached is not shown.
+            if self.reached() {
+                break;
+            }
             if self.json {
                 writeln!(
                     out,
                     "{}",
-                    serde_json::to_string(&output::packet_json(self.plan(), &r))?
+                    serde_json::to_string(&output::packet_json(self.plan(), &r, &self.clocks))?
                 )?;
             } else {
-                write!(out, "{}", output::packet_text(self.plan(), &r))?;
+                write!(
+                    out,
+                    "{}",
+                    output::packet_text(self.plan(), &r, &self.clocks)
+                )?;
             }
             self.records.push(r);
         }
@@ -361,7 +440,7 @@ impl Follower {
     }
 
     /// Gives the kernel filter the translated forms conntrack revealed.
-    fn widen(&mut self) -> Result<()> {
+    fn widen(&mut self) {
         let flows = self.correlator.convs.take_new_flows();
         if let Some(n) = self.nat_flows.as_mut() {
             for f in flows {
@@ -370,7 +449,6 @@ impl Follower {
                 }
             }
         }
-        Ok(())
     }
 
     fn reached(&self) -> bool {
@@ -380,6 +458,9 @@ impl Follower {
 
 impl Consumer for Follower {
     fn on_events(&mut self, batch: Vec<TraceEvent>) -> Result<Option<Stop>> {
+        if self.reached() {
+            return Ok(Some(Stop::Count));
+        }
         let mut closed = Vec::new();
         for ev in &batch {
             match ev {
@@ -395,7 +476,7 @@ impl Consumer for Follower {
             }
             closed.extend(self.correlator.feed(ev));
         }
-        self.widen()?;
+        self.widen();
         self.emit(closed)?;
         Ok(self.reached().then_some(Stop::Count))
     }
@@ -405,7 +486,7 @@ impl Consumer for Follower {
             sink.tick()?;
         }
         let done = self.correlator.flush(monotonic_ns(), 300_000_000);
-        self.widen()?;
+        self.widen();
         self.emit(done)?;
         if self.live {
             eprint!(

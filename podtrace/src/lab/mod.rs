@@ -6,6 +6,8 @@
 //!   programs them on both nodes. See [`services`].
 //! - `eni`: node-c with AWS VPC CNI routing (eth0, ENIs eth1 and eth2, tables 2 and 3), pods
 //!   pod-c1 and pod-c2, the host `master` and a `vpc` namespace. See [`eni`].
+//! - `flannel-nodes`: the flannel cluster's nodes without pods or cni0, plus the host
+//!   `control-plane`: the nodes of a real cluster (`cargo xtask k8s up`). See [`flannel`].
 //!
 //! Every namespace is `/run/netns/{prefix}{name}` (prefix `pt-` by default), e.g.
 //! `pt-node-a`, `pt-pod-a1`, `pt-underlay`, `pt-vpc`, `pt-master`. Nothing is connected to
@@ -13,6 +15,7 @@
 //! straight into theirs). `lab up` cleans up a stale lab with the same prefix first and
 //! removes everything again when it fails half-way; `lab down` deletes every device and
 //! namespace and the registry ([`registry`]), which `lab status` shows and pod lookup reads.
+pub mod agents;
 pub mod eni;
 pub mod exec;
 pub mod flannel;
@@ -40,9 +43,20 @@ use registry::{LabInterface, LabNode, LabPod, LabService, Registry};
 pub const DEFAULT_PREFIX: &str = "pt-";
 
 /// Every namespace name (without prefix) a lab can have.
-pub const NETNS_NAMES: [&str; 12] = [
-    "underlay", "node-a", "node-b", "pod-a1", "pod-a2", "pod-b1", "ext", "vpc", "master", "node-c",
-    "pod-c1", "pod-c2",
+pub const NETNS_NAMES: [&str; 13] = [
+    "underlay",
+    "node-a",
+    "node-b",
+    "pod-a1",
+    "pod-a2",
+    "pod-b1",
+    "ext",
+    "vpc",
+    "master",
+    "node-c",
+    "pod-c1",
+    "pod-c2",
+    flannel::CONTROL_PLANE,
 ];
 
 /// The namespace name of lab member `name`: `{prefix}{name}`.
@@ -59,6 +73,9 @@ pub enum Topology {
     Eni,
     /// Both.
     All,
+    /// node-a and node-b with flannel VXLAN but no pods and no cni0 (a CNI plugin makes
+    /// them), and the host control-plane on the underlay: for a real cluster's kubelets.
+    FlannelNodes,
 }
 
 impl Topology {
@@ -67,11 +84,15 @@ impl Topology {
             Topology::Flannel => "flannel",
             Topology::Eni => "eni",
             Topology::All => "all",
+            Topology::FlannelNodes => "flannel-nodes",
         }
     }
 
     fn flannel(self) -> bool {
-        matches!(self, Topology::Flannel | Topology::All)
+        matches!(
+            self,
+            Topology::Flannel | Topology::All | Topology::FlannelNodes
+        )
     }
 
     fn eni(self) -> bool {
@@ -94,6 +115,10 @@ pub enum LabCommand {
         /// Name prefix of the lab's namespaces (labs with different prefixes coexist).
         #[arg(long, default_value = DEFAULT_PREFIX)]
         prefix: String,
+        /// Also start one `podtrace agent` per node, each confined to its node, listening on
+        /// the node's address with mutual TLS; the lab's commands then go through them.
+        #[arg(long)]
+        agents: bool,
     },
     /// Remove the lab: its devices, namespaces and registry.
     Down {
@@ -132,15 +157,25 @@ pub enum LabCommand {
 /// `podtrace lab ...`.
 pub fn run(args: LabArgs) -> Result<ExitCode> {
     match args.command {
-        LabCommand::Up { topology, prefix } => {
+        LabCommand::Up {
+            topology,
+            prefix,
+            agents,
+        } => {
             let _signals = InterruptGuard::install()?;
-            let reg = up_with(&prefix, topology, &mut |step| {
+            let mut reg = up_with(&prefix, topology, &mut |step| {
                 log::info!("lab up {prefix}: {step}");
                 if INTERRUPTED.load(Ordering::SeqCst) {
                     bail!("interrupted");
                 }
                 Ok(())
             })?;
+            if agents {
+                if let Err(e) = start_agents(&mut reg) {
+                    let _ = down(&prefix);
+                    return Err(e.context("lab up --agents failed (the lab was removed)"));
+                }
+            }
             emit(&format!(
                 "lab {:?} is up ({} topology): {} pods, {} nodes; `podtrace lab status{}` \
                  shows it, `podtrace lab down{}` removes it\n",
@@ -292,6 +327,29 @@ pub fn status_text(reg: &Registry) -> String {
         ]);
     }
     table(&mut out, &rows);
+    if !reg.agents.is_empty() {
+        let _ = writeln!(out);
+        let mut rows = vec![[
+            "AGENT".to_owned(),
+            "ENDPOINT".to_owned(),
+            "REACHED FROM".to_owned(),
+            "PID".to_owned(),
+        ]];
+        for a in &reg.agents {
+            rows.push([
+                a.node.clone(),
+                a.endpoint.clone(),
+                a.via_netns.display().to_string(),
+                a.pid.to_string(),
+            ]);
+        }
+        table(&mut out, &rows);
+        let _ = writeln!(
+            out,
+            "(the lab's commands go through these agents; --no-agents runs them in one process; the front end's agents file: {})",
+            agents::config_path(&reg.prefix).display()
+        );
+    }
     if !reg.services.is_empty() {
         let _ = writeln!(out);
         let mut rows = vec![[
@@ -421,6 +479,13 @@ pub fn up_with(
     }
 }
 
+/// Starts the lab's agents (`lab up --agents`) and records them in its registry.
+pub fn start_agents(reg: &mut Registry) -> Result<()> {
+    let _lock = registry::lock()?;
+    reg.agents = agents::start(reg)?;
+    registry::save(reg)
+}
+
 /// Removes the lab `prefix`: every device in its namespaces, the namespaces, the registry.
 /// Returns whether there was anything to remove. Safe to call when nothing is up.
 pub fn down(prefix: &str) -> Result<bool> {
@@ -482,8 +547,12 @@ impl Build<'_> {
 
 fn build(b: &mut Build, topology: Topology) -> Result<Registry> {
     if topology.flannel() {
-        flannel::build(b).context("building the flannel cluster")?;
-        services::build(b).context("building the flannel cluster's Services")?;
+        let pods = topology != Topology::FlannelNodes;
+        flannel::build(b, pods).context("building the flannel cluster")?;
+        // The lab's Services are backed by the lab's pods (a real cluster has its own).
+        if pods {
+            services::build(b).context("building the flannel cluster's Services")?;
+        }
     }
     if topology.eni() {
         eni::build(b).context("building the ENI node")?;
@@ -518,6 +587,7 @@ fn build(b: &mut Build, topology: Topology) -> Result<Registry> {
         nodes,
         hosts,
         services: std::mem::take(&mut b.services),
+        agents: Vec::new(),
     })
 }
 
@@ -554,6 +624,10 @@ pub fn interfaces_of(ns: &Path) -> Result<Vec<LabInterface>> {
 fn teardown(prefix: &str) -> Result<bool> {
     let mut names: BTreeSet<String> = NETNS_NAMES.iter().map(|n| netns_name(prefix, n)).collect();
     let reg = registry::load(prefix).ok().flatten();
+    // The agents first: they detach their probes as they stop.
+    if let Some(r) = &reg {
+        agents::stop(prefix, &r.agents);
+    }
     let mut found = reg.is_some();
     if let Some(reg) = &reg {
         for p in reg.netns_paths() {
@@ -638,35 +712,6 @@ impl Drop for InterruptGuard {
     }
 }
 
-/// Random bytes from the kernel.
-pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
-    let mut buf = [0u8; N];
-    let mut filled = 0;
-    while filled < N {
-        // SAFETY: writes at most N - filled bytes into buf[filled..].
-        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), N - filled, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e).context("getrandom");
-        }
-        filled += n as usize;
-    }
-    Ok(buf)
-}
-
-/// `len` random lowercase hex digits.
-pub fn random_hex(len: usize) -> Result<String> {
-    let bytes = random_bytes::<16>()?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    if len > hex.len() {
-        bail!("random_hex: at most {} digits", hex.len());
-    }
-    Ok(hex[..len].to_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -680,6 +725,7 @@ mod tests {
             .iter()
             .chain(&services::NETNS)
             .chain(&eni::NETNS)
+            .chain(&[flannel::CONTROL_PLANE])
             .copied()
             .collect();
         assert_eq!(all, built);
@@ -743,6 +789,7 @@ mod tests {
                 interfaces: vec![],
             }],
             services: services::registry_entries().unwrap(),
+            agents: Vec::new(),
         }
     }
 

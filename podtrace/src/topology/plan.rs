@@ -95,11 +95,14 @@ impl Builder {
                 .or_insert_with(|| h.ifname.clone());
             return i;
         }
-        let interfaces: BTreeMap<u32, String> = topo
-            .namespaces
-            .cached(&h.netns_path)
-            .map(|s| s.links.iter().map(|l| (l.index, l.name.clone())).collect())
-            .unwrap_or_else(|| [(h.ifindex, h.ifname.clone())].into());
+        let mut interfaces: BTreeMap<u32, String> = topo
+            .interfaces
+            .get(&h.netns_path)
+            .cloned()
+            .unwrap_or_default();
+        interfaces
+            .entry(h.ifindex)
+            .or_insert_with(|| h.ifname.clone());
         self.namespaces.push(PlanNamespace {
             path: h.netns_path.clone(),
             owner: h.owner.clone(),
@@ -245,6 +248,7 @@ pub(crate) mod tests {
             evidence: vec![],
             pod_ip: None,
             other_uplinks,
+            interfaces: Default::default(),
             namespaces: Namespaces::default(),
         }
     }
