@@ -687,6 +687,7 @@ pub fn connect(netns: &Path, dst: Ipv4Addr, port: u16) -> std::io::Result<(Socke
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
     Ok((local, line.trim().to_owned()))
+}
 
 /// The JSON object a successful `podtrace ... --json` printed; panics otherwise.
 pub fn json_of(out: &std::process::Output, what: &str) -> serde_json::Value {
