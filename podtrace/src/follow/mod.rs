@@ -270,9 +270,11 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
                 "expected →  {}",
                 plan.forward
                     .iter()
-                    .filter_map(|s| plan
-                        .hop(s.hop)
-                        .map(|h| format!("{} {}", h.name, s.hook.as_str())))
+                    .filter_map(|s| plan.hop(s.hop).map(|h| format!(
+                        "{} {}",
+                        h.name,
+                        s.hook.as_str()
+                    )))
                     .collect::<Vec<_>>()
                     .join(" > ")
             ),
