@@ -211,6 +211,9 @@ struct Open {
     last_ts: u64,
 }
 
+/// Conversations idle this long are forgotten (a long run's memory stays bounded).
+const FORGET_NS: u64 = 120_000_000_000;
+
 /// How long after a packet was last seen a route lookup without a place is still its.
 const FIB_PLACE_NS: u64 = 2_000_000;
 
@@ -502,6 +505,9 @@ impl Correlator {
     pub fn flush(&mut self, now_ns: u64, idle_ns: u64) -> Vec<PacketRecord> {
         if now_ns != u64::MAX {
             self.convs.retry(now_ns);
+            let open: std::collections::HashSet<usize> =
+                self.open.values().map(|o| o.rec.conv).collect();
+            self.convs.forget_idle(now_ns, FORGET_NS, &open);
         }
         let done: Vec<Key> = self
             .open
@@ -705,7 +711,7 @@ impl Correlator {
                     ev.ct_fill = c.count.zip(c.max);
                 }
                 if let Some(svc) = self.plan.nat.as_ref().and_then(|n| n.service.as_ref()) {
-                    let conv_orig = self.convs.list.get(rec.conv).map(|c| c.orig);
+                    let conv_orig = self.convs.list.get(&rec.conv).map(|c| c.orig);
                     if !svc.rejects.is_empty() && conv_orig.is_some_and(|o| o.dst == svc.ip) {
                         let r = &svc.rejects[0];
                         ev.no_endpoints = Some((
@@ -755,7 +761,7 @@ impl Correlator {
     }
 
     fn finalize(&mut self, mut rec: PacketRecord) -> PacketRecord {
-        let conv = self.convs.list.get(rec.conv).cloned();
+        let conv = self.convs.list.get(&rec.conv).cloned();
         rec.target = if rec.flow.is_icmp_error() {
             None
         } else {
@@ -1535,7 +1541,7 @@ mod tests {
         assert!(c
             .convs
             .list
-            .iter()
+            .values()
             .all(|v| v.learnt == Some(Learnt::Conntrack)));
         assert_eq!(c.convs.ambiguous, 0);
 
@@ -1570,7 +1576,7 @@ mod tests {
                 .all(|r| r.fate == Fate::Complete && r.target == Some(0)),
             "{recs:#?}"
         );
-        assert_eq!(c.convs.list[0].learnt, Some(Learnt::Model));
+        assert_eq!(c.convs.list[&0].learnt, Some(Learnt::Model));
         assert_eq!(recs[1].nat[0].hook, "nat POSTROUTING (the DNAT undone)");
         assert_eq!(recs[1].nat[0].after, "node-a/flannel.1 ingress");
 
@@ -1584,7 +1590,7 @@ mod tests {
         let recs = c.finish();
         assert_eq!(recs.len(), 1, "{recs:#?}");
         assert_eq!(recs[0].fate, Fate::Complete);
-        assert_eq!(c.convs.list[0].learnt, Some(Learnt::Invariants));
+        assert_eq!(c.convs.list[&0].learnt, Some(Learnt::Invariants));
     }
 
     #[test]
@@ -1765,5 +1771,28 @@ mod tests {
         let recs = c.finish();
         assert_eq!(recs[0].fate, Fate::Complete, "{recs:#?}");
         assert!(recs[0].notes[0].contains("flooded"), "{:?}", recs[0].notes);
+    }
+
+    #[test]
+    fn idle_conversations_are_forgotten_and_counted() {
+        let plan = plan_of(&pt::cross_node());
+        let mut c = Correlator::new(plan.clone());
+        let f = flow(POD, DST, 1, 1, 8);
+        walk(&mut c, f, &plan.forward, 1_000);
+        assert_eq!(c.flush(2_000_000_000, 300_000_000).len(), 1);
+        assert_eq!(c.convs.list.len(), 1);
+        // Two minutes later it is gone, counted; a new packet of it starts anew.
+        c.flush(FORGET_NS + 10_000_000_000, 300_000_000);
+        assert!(c.convs.list.is_empty());
+        assert_eq!(c.convs.forgotten, 1);
+        walk(
+            &mut c,
+            flow(POD, DST, 2, 2, 8),
+            &plan.forward,
+            FORGET_NS + 20_000_000_000,
+        );
+        let recs = c.finish();
+        assert_eq!(recs[0].fate, Fate::Complete);
+        assert_eq!(c.convs.list.len(), 1);
     }
 }

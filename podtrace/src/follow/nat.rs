@@ -13,7 +13,10 @@
 //!    address the plan says it may be translated to.
 //!
 //! The first that answers wins; conntrack overrides the other two.
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
 use serde::Serialize;
 
@@ -206,7 +209,11 @@ pub struct Conversations {
     known_flows: Vec<NatFlow>,
     /// Translated forms learnt from conntrack that the kernel filter lacks.
     new_flows: Vec<NatFlow>,
-    pub list: Vec<Conversation>,
+    /// By id (ids are never reused).
+    pub list: BTreeMap<usize, Conversation>,
+    next_id: usize,
+    /// Conversations forgotten after they went idle (their packets are reported).
+    pub forgotten: u64,
     tuples: HashMap<Tuple, (usize, Direction)>,
     ct: Box<dyn ConntrackSource + Send>,
     /// Packets of translated-looking tuples no conversation could be tied to.
@@ -236,7 +243,9 @@ impl Conversations {
             nat: plan.nat.clone(),
             known_flows: plan.filter.nat.clone(),
             new_flows: Vec::new(),
-            list: Vec::new(),
+            list: BTreeMap::new(),
+            next_id: 0,
+            forgotten: 0,
             tuples: HashMap::new(),
             ct,
             unattributed: 0,
@@ -270,21 +279,25 @@ impl Conversations {
     }
 
     fn create(&mut self, orig: Tuple, ts: u64) -> usize {
-        let id = self.list.len();
-        self.list.push(Conversation {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.list.insert(
             id,
-            orig,
-            target: None,
-            translated: None,
-            reply: None,
-            learnt: None,
-            conntrack: None,
-            lookups: 0,
-            first_ts: ts,
-            last_ts: ts,
-            packets_forward: 0,
-            packets_reverse: 0,
-        });
+            Conversation {
+                id,
+                orig,
+                target: None,
+                translated: None,
+                reply: None,
+                learnt: None,
+                conntrack: None,
+                lookups: 0,
+                first_ts: ts,
+                last_ts: ts,
+                packets_forward: 0,
+                packets_reverse: 0,
+            },
+        );
         self.bind(orig, id, Direction::Forward);
         id
     }
@@ -293,7 +306,9 @@ impl Conversations {
     fn ask(&mut self, c: usize, ts: u64) {
         let Some(nat) = &self.nat else { return };
         let ns = nat.ns;
-        let conv = &mut self.list[c];
+        let Some(conv) = self.list.get_mut(&c) else {
+            return;
+        };
         conv.lookups += 1;
         conv.last_ts = conv.last_ts.max(ts);
         let orig = conv.orig;
@@ -310,8 +325,11 @@ impl Conversations {
             .nat
             .as_ref()
             .and_then(|n| n.target(reply.src, reply.has_ports().then_some(reply.sport)));
+        let Some(orig) = self.list.get(&c).map(|v| v.orig) else {
+            return;
+        };
         {
-            let conv = &mut self.list[c];
+            let conv = self.list.get_mut(&c).expect("present");
             conv.reply = Some(reply);
             conv.translated = Some(translated);
             conv.learnt = Some(Learnt::Conntrack);
@@ -320,7 +338,7 @@ impl Conversations {
             }
             conv.conntrack = Some(answer);
         }
-        if translated != self.list[c].orig {
+        if translated != orig {
             self.bind(translated, c, Direction::Forward);
         }
         // The kernel filter must see the translated form: add what the plan did not know
@@ -340,7 +358,7 @@ impl Conversations {
             };
             if self.nat.is_some()
                 && !self.known_flows.iter().any(covered)
-                && !(translated.src == self.pod && translated.dst == self.list[c].orig.dst)
+                && !(translated.src == self.pod && translated.dst == orig.dst)
             {
                 self.known_flows.push(flow);
                 self.new_flows.push(flow);
@@ -393,7 +411,7 @@ impl Conversations {
         // Conntrack may know it by now.
         let pending: Vec<usize> = self
             .list
-            .iter()
+            .values()
             .filter(|c| {
                 c.conntrack.is_none()
                     && c.lookups < MAX_LOOKUPS
@@ -409,7 +427,7 @@ impl Conversations {
             return Some((c, d));
         }
         let (c, d, how) = self.guess(&t, f, ts, open)?;
-        let conv = &mut self.list[c];
+        let conv = self.list.get_mut(&c)?;
         let (translated, reply) = match d {
             Direction::Forward => (t, t.rev()),
             Direction::Reverse => (t.rev(), t),
@@ -443,7 +461,7 @@ impl Conversations {
             |want: Option<u16>, got: u16| want.is_none() || want == Some(got) || !t.has_ports();
         // Which way `t` goes, by the addresses the plan may translate to.
         let mut candidates: Vec<(usize, Direction, bool)> = Vec::new();
-        for conv in &self.list {
+        for conv in self.list.values() {
             if conv.orig.proto != t.proto || ts.saturating_sub(conv.last_ts) > 10 * SAME_PACKET_NS {
                 continue;
             }
@@ -507,7 +525,9 @@ impl Conversations {
     }
 
     fn touch(&mut self, c: usize, d: Direction, ts: u64, packet: bool) {
-        let conv = &mut self.list[c];
+        let Some(conv) = self.list.get_mut(&c) else {
+            return;
+        };
         conv.last_ts = conv.last_ts.max(ts);
         if packet {
             match d {
@@ -515,6 +535,25 @@ impl Conversations {
                 Direction::Reverse => conv.packets_reverse += 1,
             }
         }
+    }
+
+    /// Forgets conversations idle for `idle_ns` at `now` that no open packet belongs to
+    /// (`open`), so that a long run's memory stays bounded; they are counted.
+    pub fn forget_idle(&mut self, now: u64, idle_ns: u64, open: &HashSet<usize>) {
+        let old: Vec<usize> = self
+            .list
+            .values()
+            .filter(|c| now.saturating_sub(c.last_ts) >= idle_ns && !open.contains(&c.id))
+            .map(|c| c.id)
+            .collect();
+        if old.is_empty() {
+            return;
+        }
+        for id in &old {
+            self.list.remove(id);
+        }
+        self.tuples.retain(|_, (c, _)| !old.contains(c));
+        self.forgotten += old.len() as u64;
     }
 
     /// The conversation a tuple is known as (no learning).
@@ -528,8 +567,9 @@ impl Conversations {
         let Some(ns) = self.nat.as_ref().map(|n| n.ns) else {
             return;
         };
-        for c in 0..self.list.len().min(limit) {
-            let orig = self.list[c].orig;
+        let ids: Vec<usize> = self.list.keys().rev().take(limit).copied().collect();
+        for c in ids {
+            let orig = self.list[&c].orig;
             if let Some(a) = self.ct.get(ns, &orig) {
                 self.learn(c, a);
             }
@@ -543,7 +583,7 @@ impl Conversations {
         }
         let due: Vec<usize> = self
             .list
-            .iter()
+            .values()
             .filter(|c| {
                 c.conntrack.is_none()
                     && c.lookups < MAX_LOOKUPS

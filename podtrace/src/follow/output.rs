@@ -515,8 +515,11 @@ pub struct NatSummary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceInfo>,
     pub targets: Vec<TargetJson>,
-    /// The pod's connections: as sent, as translated, the backend, conntrack's word.
+    /// The pod's connections (the latest 256): as sent, as translated, the backend,
+    /// conntrack's word.
     pub connections: Vec<ConnectionJson>,
+    /// Connections of the run in all.
+    pub connections_total: u64,
     pub faults: Vec<Fault>,
     pub notes: Vec<String>,
     /// Packets of translated-looking addresses no connection of the pod could be tied to,
@@ -524,6 +527,9 @@ pub struct NatSummary {
     pub unattributed: u64,
     pub ambiguous: u64,
 }
+
+/// Connections the summary lists at most.
+const MAX_CONNECTIONS: usize = 256;
 
 /// One connection of the pod through the rewrite.
 #[derive(Debug, Serialize)]
@@ -654,7 +660,12 @@ fn nat_summary(c: &Correlator, n: &NatPlan, records: &[PacketRecord]) -> NatSumm
             snat: t.snat.map(|a| a.to_string()),
             snat_rule: t.snat_rule.clone(),
             hairpin: t.hairpin,
-            connections: c.convs.list.iter().filter(|v| v.target == Some(i)).count(),
+            connections: c
+                .convs
+                .list
+                .values()
+                .filter(|v| v.target == Some(i))
+                .count(),
             packets: records.iter().filter(|r| r.target == Some(i)).count(),
             expected_path: t.forward.iter().map(|s| step_json(plan, s)).collect(),
             expected_reverse_path: t.reverse.iter().map(|s| step_json(plan, s)).collect(),
@@ -666,15 +677,20 @@ fn nat_summary(c: &Correlator, n: &NatPlan, records: &[PacketRecord]) -> NatSumm
         read_with: n.read_with.clone(),
         service: n.service.clone(),
         targets,
+        // The latest connections (a long run's many are counted, not listed).
         connections: c
             .convs
             .list
-            .iter()
+            .values()
+            .rev()
+            .take(MAX_CONNECTIONS)
+            .rev()
             .map(|v| ConnectionJson {
                 conv: v.clone(),
                 backend: target_label(plan, v.target),
             })
             .collect(),
+        connections_total: c.convs.list.len() as u64 + c.convs.forgotten,
         faults: faults(c, n, records),
         notes: n.notes.clone(),
         unattributed: c.convs.unattributed,
@@ -781,7 +797,7 @@ pub fn faults(c: &Correlator, n: &NatPlan, records: &[PacketRecord]) -> Vec<Faul
             }
         }
     }
-    for v in &c.convs.list {
+    for v in c.convs.list.values() {
         let recs: Vec<&PacketRecord> = records.iter().filter(|r| r.conv == v.id).collect();
         if recs.is_empty() {
             continue;
