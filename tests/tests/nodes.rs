@@ -235,12 +235,24 @@ fn hop_names(topo: &Value) -> Vec<String> {
 fn pods_on_kind_style_nodes_are_found_by_namespace_identity() {
     let prefix = unique_prefix("kind");
     let tag = prefix.trim_end_matches('-').to_owned();
+    // Pod names of their own: other runtimes on this machine (another test's, a cluster's)
+    // may have a `default/server` too, and names are looked up machine-wide.
+    let [client_n, server_n, doomed_n, twin_n] =
+        ["client", "server", "doomed", "twin"].map(|p| format!("{tag}-{p}"));
+    let (client_n, server_n, doomed_n, twin_n) = (
+        client_n.as_str(),
+        server_n.as_str(),
+        doomed_n.as_str(),
+        twin_n.as_str(),
+    );
+    let default_client = format!("default/{client_n}");
+    let default_doomed = format!("default/{doomed_n}");
     let mut n = TwoNodes::up(&prefix);
     let (url_a, url_b) = (n.a.url(), n.b.url());
-    let client = n.a.run_pod("default", "client");
+    let client = n.a.run_pod("default", client_n);
     let app = n.a.run_container(&client, "app");
-    let server = n.b.run_pod("default", "server");
-    let doomed = n.b.run_pod("default", "doomed");
+    let server = n.b.run_pod("default", server_n);
+    let doomed = n.b.run_pod("default", doomed_n);
     assert!(client.ip.starts_with("10.244.0."), "{client:?}");
     assert!(server.ip.starts_with("10.244.1."), "{server:?}");
     let client_pid = n.a.host_pid(&client);
@@ -284,10 +296,10 @@ fn pods_on_kind_style_nodes_are_found_by_namespace_identity() {
     // found by namespace identity, the node named by its namespace's name (no kubelet there
     // yet, and the runtime has the machine's hostname).
     let topo = json_of(
-        &podtrace(&["topo", "client", "--runtime-endpoint", &url_a, "--json"]),
+        &podtrace(&["topo", client_n, "--runtime-endpoint", &url_a, "--json"]),
         "topo client",
     );
-    assert_eq!(topo["pod"]["name"], "client");
+    assert_eq!(topo["pod"]["name"], client_n);
     assert_eq!(topo["pod"]["namespace"], "default");
     assert_eq!(topo["pod"]["ip"], client.ip.as_str());
     assert_eq!(topo["pod"]["source"], format!("cri:{url_a}"));
@@ -337,7 +349,7 @@ fn pods_on_kind_style_nodes_are_found_by_namespace_identity() {
     let topo = json_of(
         &podtrace(&[
             "topo",
-            "default/client",
+            default_client.as_str(),
             "--runtime-endpoint",
             &url_a,
             "--json",
@@ -358,7 +370,7 @@ fn pods_on_kind_style_nodes_are_found_by_namespace_identity() {
     // server in node-b's, whose node is named by its runtime's hostname (a node container's)
     // and whose pids are translated out of its PID namespace.
     let topo = json_of(
-        &podtrace_discovering(&["topo", "server", "--json"]),
+        &podtrace_discovering(&["topo", server_n, "--json"]),
         "topo server (runtimes discovered)",
     );
     assert_eq!(topo["pod"]["source"], format!("cri:{url_b}"));
@@ -394,7 +406,7 @@ fn pods_on_kind_style_nodes_are_found_by_namespace_identity() {
         &podtrace_discovering(&["topo", "--pid", &server_pid.to_string(), "--json"]),
         "topo --pid",
     );
-    assert_eq!(by_pid["pod"]["name"], "server");
+    assert_eq!(by_pid["pod"]["name"], server_n);
     assert_eq!(by_pid["pod"]["namespace"], "default");
     assert_eq!(by_pid["pod"]["source"], "pid");
     assert_eq!(by_pid["pod"]["node"], b_name.as_str());
@@ -409,7 +421,7 @@ fn pods_on_kind_style_nodes_are_found_by_namespace_identity() {
         &podtrace_discovering(&["topo", "--netns", client_ns.to_str().unwrap(), "--json"]),
         "topo --netns",
     );
-    assert_eq!(by_netns["pod"]["name"], "client");
+    assert_eq!(by_netns["pod"]["name"], client_n);
     assert_eq!(by_netns["pod"]["node"], a_name.as_str());
     assert_eq!(hop_names(&by_netns)[1], format!("{a_name}/{client_veth}"));
 
@@ -426,7 +438,7 @@ fn pods_on_kind_style_nodes_are_found_by_namespace_identity() {
         podtrace_discovering(&["topo", "--container", &app[..10], "--json"]),
     ] {
         let t = json_of(&out, "topo --container");
-        assert_eq!(t["pod"]["name"], "client");
+        assert_eq!(t["pod"]["name"], client_n);
         assert_eq!(t["pod"]["node"], a_name.as_str());
         assert_eq!(roles(&t)[1].1, client_veth);
     }
@@ -436,7 +448,7 @@ fn pods_on_kind_style_nodes_are_found_by_namespace_identity() {
     let path = json_of(
         &podtrace(&[
             "topo",
-            "client",
+            client_n,
             "--dst",
             &server.ip,
             "--runtime-endpoint",
@@ -450,21 +462,21 @@ fn pods_on_kind_style_nodes_are_found_by_namespace_identity() {
     assert_eq!(
         hop_names(&path),
         [
-            "client/eth0".to_owned(),
+            format!("{client_n}/eth0"),
             format!("{a_name}/{client_veth}"),
             format!("{a_name}/cni0"),
             format!("{a_name}/eth0"),
             format!("{b_name}/eth0"),
             format!("{b_name}/cni0"),
             format!("{b_name}/{server_veth}"),
-            "server/eth0".to_owned(),
+            format!("{server_n}/eth0"),
         ]
     );
 
     // follow across the nodes, the destination found through node-b's runtime: confirmed.
     let run = Running::start(&[
         "follow",
-        "client",
+        client_n,
         "--dst",
         &server.ip,
         "--json",
@@ -482,14 +494,14 @@ fn pods_on_kind_style_nodes_are_found_by_namespace_identity() {
     assert_eq!(
         observed(&summary),
         [
-            "client/eth0 egress".to_owned(),
+            format!("{client_n}/eth0 egress"),
             format!("{a_name}/{client_veth} ingress"),
             format!("{a_name}/cni0 ingress"),
             format!("{a_name}/eth0 egress"),
             format!("{b_name}/eth0 ingress"),
             format!("{b_name}/cni0 egress"),
             format!("{b_name}/{server_veth} egress"),
-            "server/eth0 ingress".to_owned(),
+            format!("{server_n}/eth0 ingress"),
         ]
     );
 
@@ -510,7 +522,7 @@ fn pods_on_kind_style_nodes_are_found_by_namespace_identity() {
     let summary = summary_of(&lines, &stderr);
     assert_eq!(summary["verdict"], "confirmed", "{summary:#}");
     assert_eq!(code, Some(0));
-    assert_eq!(observed(&summary)[0], "server/eth0 egress");
+    assert_eq!(observed(&summary)[0], format!("{server_n}/eth0 egress"));
     assert_eq!(
         observed(&summary)[3],
         format!("{b_name}/eth0 egress"),
@@ -569,13 +581,13 @@ fn pods_on_kind_style_nodes_are_found_by_namespace_identity() {
     let out = podtrace(&[
         "verify",
         "eni",
-        "client",
+        client_n,
         "--dst",
         &server.ip,
         "--runtime-endpoint",
         &url_a,
     ]);
-    assert_one_line_error(&out, &["client", "not on an ENI", "bridge"]);
+    assert_one_line_error(&out, &[client_n, "not on an ENI", "bridge"]);
     let out = podtrace_discovering(&[
         "verify",
         "eni",
@@ -584,13 +596,13 @@ fn pods_on_kind_style_nodes_are_found_by_namespace_identity() {
         "--dst",
         &client.ip,
     ]);
-    assert_one_line_error(&out, &["server", "not on an ENI"]);
+    assert_one_line_error(&out, &[server_n, "not on an ENI"]);
 
     // The same pod name on both nodes: with the runtimes found, both are named and the
     // command refuses; the runtime named picks one.
-    let twin_a = n.a.run_pod("default", "twin");
-    let twin_b = n.b.run_pod("default", "twin");
-    let out = podtrace_discovering(&["topo", "twin"]);
+    let twin_a = n.a.run_pod("default", twin_n);
+    let twin_b = n.b.run_pod("default", twin_n);
+    let out = podtrace_discovering(&["topo", twin_n]);
     assert_one_line_error(
         &out,
         &[
@@ -602,7 +614,7 @@ fn pods_on_kind_style_nodes_are_found_by_namespace_identity() {
         ],
     );
     let twin = json_of(
-        &podtrace(&["topo", "twin", "--runtime-endpoint", &url_b, "--json"]),
+        &podtrace(&["topo", twin_n, "--runtime-endpoint", &url_b, "--json"]),
         "topo twin on node-b",
     );
     assert_eq!(twin["pod"]["ip"], twin_b.ip.as_str());
@@ -613,7 +625,7 @@ fn pods_on_kind_style_nodes_are_found_by_namespace_identity() {
     let ep_b = n.b.endpoint();
     let mut found = cri::block_on(async move {
         let mut c = cri::Client::connect(&ep_b).await?;
-        cri::pods_named(&mut c, Some("default"), "doomed").await
+        cri::pods_named(&mut c, Some("default"), doomed_n).await
     })
     .unwrap();
     assert_eq!(found.len(), 1);
@@ -625,15 +637,15 @@ fn pods_on_kind_style_nodes_are_found_by_namespace_identity() {
     assert!(!msg.contains('\n'), "{msg}");
     assert!(
         msg.starts_with(&format!(
-            "pod default/doomed (sandbox {}) stopped while podtrace was looking it up: its process {} is gone",
+            "pod {default_doomed} (sandbox {}) stopped while podtrace was looking it up: its process {} is gone",
             &doomed.id[..12],
             doomed.pid
         )),
         "{msg}"
     );
     // Looked up after it stopped: not ready.
-    let out = podtrace(&["topo", "doomed", "--runtime-endpoint", &url_b]);
-    assert_one_line_error(&out, &["default/doomed", "is not ready"]);
+    let out = podtrace(&["topo", doomed_n, "--runtime-endpoint", &url_b]);
+    assert_one_line_error(&out, &[default_doomed.as_str(), "is not ready"]);
 
     let dirs = [n.a.dir.clone(), n.b.dir.clone()];
     drop(_kubelet);

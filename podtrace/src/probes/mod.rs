@@ -8,6 +8,7 @@
 //! SIGKILL; clsact filters are removed explicitly inside their namespace).
 pub mod btf;
 pub mod hooks;
+pub mod nat;
 
 use std::{
     collections::HashMap,
@@ -112,6 +113,10 @@ pub struct FilterSpec {
     /// Emit an event per matched packet (otherwise only count).
     pub emit: bool,
     pub vxlan_port: u16,
+    /// More VXLAN ports (0: unused).
+    pub vxlan_more: [u16; podtrace_abi::MAX_VXLAN_PORTS - 1],
+    /// Also trace the translated forms of the conversation in `NAT_FLOWS` ([`nat`]).
+    pub nat: bool,
     /// Capture mode: tc events carry up to this many packet bytes.
     pub snaplen: Option<u32>,
 }
@@ -125,6 +130,8 @@ impl Default for FilterSpec {
             port: None,
             emit: true,
             vxlan_port: DEFAULT_VXLAN_PORT,
+            vxlan_more: [0; podtrace_abi::MAX_VXLAN_PORTS - 1],
+            nat: false,
             snaplen: None,
         }
     }
@@ -144,10 +151,17 @@ impl FilterSpec {
                     FILTER_CAPTURE
                 } else {
                     0
+                }
+                | if self.nat {
+                    podtrace_abi::FILTER_NAT
+                } else {
+                    0
                 },
             vxlan_port: self.vxlan_port,
             _pad: 0,
             snaplen: self.snaplen.unwrap_or(0).min(MAX_SNAPLEN),
+            vxlan_more: self.vxlan_more,
+            _pad2: 0,
         }
     }
 }
@@ -192,7 +206,7 @@ const PROG_INGRESS: &str = "hop_ingress";
 const PROG_EGRESS: &str = "hop_egress";
 
 /// The maps every copy of the object shares with the primary one.
-const SHARED_MAPS: [&str; 8] = [
+const SHARED_MAPS: [&str; 9] = [
     "FILTER",
     "HOPS",
     "HOP_STATS",
@@ -201,6 +215,7 @@ const SHARED_MAPS: [&str; 8] = [
     "EVENTS",
     "CAPTURE_SCRATCH",
     "FIB_STASH",
+    "NAT_FLOWS",
 ];
 
 /// Where bpffs is (or gets) mounted; pins live there only while a copy loads.
