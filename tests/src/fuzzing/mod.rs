@@ -13,13 +13,17 @@
 //! | `registry` | [`registry::check`] | the lab registry file |
 //! | `iptables` | [`iptables::check`] | `iptables-save` output, read for kube-proxy's Services |
 //! | `conntrack` | [`conntrack::check`] | ctnetlink answers (netlink messages, conntrack attributes) |
+//! | `record` | [`record::check`] | ring-buffer records, as the kernel hands them to the engine |
+//! | `agent` | [`agent::check`] | the agent's protocol: its messages and their payloads |
 //!
 //! Every check panics on a violated property, as a fuzz target must.
 
+pub mod agent;
 pub mod conntrack;
 pub mod filter;
 pub mod iptables;
 pub mod packet;
+pub mod record;
 pub mod registry;
 pub mod writer;
 
@@ -36,6 +40,8 @@ pub const TARGETS: &[&str] = &[
     "registry",
     "iptables",
     "conntrack",
+    "record",
+    "agent",
 ];
 
 /// Decodes fuzz bytes into a structured input exactly as libfuzzer-sys does for
@@ -68,6 +74,8 @@ pub fn run_target(target: &str, data: &[u8], scratch: &Path) -> Vec<PathBuf> {
         "registry" => registry::check(data),
         "iptables" => iptables::check(data),
         "conntrack" => conntrack::check(data),
+        "record" => record::check(data),
+        "agent" => agent::check(data),
         other => panic!("no fuzz target {other:?}; targets: {TARGETS:?}"),
     }
     Vec::new()
