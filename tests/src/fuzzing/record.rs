@@ -3,7 +3,7 @@
 //! (a packet is exactly the bytes the header promised; places and hops are the session's).
 
 use podtrace::trace::{decode::Decoder, TraceEvent};
-use podtrace_abi::{Event, FlowInfo, KIND_DROP, KIND_FIB, KIND_TC, KIND_XMIT};
+use podtrace_abi::{Event, KIND_DROP, KIND_FIB, KIND_TC, KIND_XMIT};
 
 /// The session the records are decoded for: two namespaces, hops 0, 1, 2 and 7 (a node's
 /// part of a plan keeps sparse ids), two drop reasons.
@@ -50,93 +50,94 @@ pub fn check(data: &[u8]) {
     assert_eq!(back, vec![ev]);
 }
 
+/// The bytes of `ev` followed by `data`. The record starts zeroed and only fields are
+/// written into it, so its padding is zeros and the seeds are the same on every build.
+fn record(fill: impl FnOnce(&mut Event), data: &[u8]) -> Vec<u8> {
+    // SAFETY: Event is plain old data: all zeros is a valid value.
+    let mut ev: Event = unsafe { std::mem::zeroed() };
+    fill(&mut ev);
+    // SAFETY: reading the bytes of a plain-old-data value whose padding is zeroed.
+    let mut v = unsafe {
+        std::slice::from_raw_parts(
+            (&ev as *const Event).cast::<u8>(),
+            std::mem::size_of::<Event>(),
+        )
+    }
+    .to_vec();
+    v.extend_from_slice(data);
+    v
+}
+
 /// Seeds: one record of each kind, as the kernel writes them.
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
-    let flow = FlowInfo {
-        saddr: u32::from_ne_bytes([10, 244, 0, 9]),
-        daddr: u32::from_ne_bytes([10, 244, 1, 5]),
-        proto: 1,
-        ip_id: 7,
-        ip_len: 84,
-        flags: 8,
-        seq: 0x1234_0001,
-        ..FlowInfo::default()
-    };
-    let rec = |ev: Event, data: &[u8]| {
-        // SAFETY: Event is plain old data.
-        let mut v = unsafe {
-            std::slice::from_raw_parts(
-                (&ev as *const Event).cast::<u8>(),
-                std::mem::size_of::<Event>(),
-            )
-        }
-        .to_vec();
-        v.extend_from_slice(data);
-        v
-    };
-    let base = Event {
-        ts_ns: 1_000,
-        netns_cookie: 0x1111,
-        hop_id: 1,
-        ifindex: 2,
-        skb_len: 98,
-        flow,
-        ..Event::default()
+    let base = |e: &mut Event| {
+        e.ts_ns = 1_000;
+        e.netns_cookie = 0x1111;
+        e.hop_id = 1;
+        e.ifindex = 2;
+        e.skb_len = 98;
+        e.flow.saddr = u32::from_ne_bytes([10, 244, 0, 9]);
+        e.flow.daddr = u32::from_ne_bytes([10, 244, 1, 5]);
+        e.flow.proto = 1;
+        e.flow.ip_id = 7;
+        e.flow.ip_len = 84;
+        e.flow.flags = 8;
+        e.flow.seq = 0x1234_0001;
     };
     vec![
         (
             "hop",
-            rec(
-                Event {
-                    kind: KIND_TC,
-                    ..base
+            record(
+                |e| {
+                    base(e);
+                    e.kind = KIND_TC;
                 },
                 &[],
             ),
         ),
         (
             "hop-packet",
-            rec(
-                Event {
-                    kind: KIND_TC,
-                    cap_len: 14,
-                    ..base
+            record(
+                |e| {
+                    base(e);
+                    e.kind = KIND_TC;
+                    e.cap_len = 14;
                 },
                 &[0xff; 14],
             ),
         ),
         (
             "drop",
-            rec(
-                Event {
-                    kind: KIND_DROP,
-                    reason: 77,
-                    hop_id: u32::MAX,
-                    ..base
+            record(
+                |e| {
+                    base(e);
+                    e.kind = KIND_DROP;
+                    e.reason = 77;
+                    e.hop_id = u32::MAX;
                 },
                 &[],
             ),
         ),
         (
             "fib",
-            rec(
-                Event {
-                    kind: KIND_FIB,
-                    aux: 254,
-                    aux2: 4,
-                    aux3: u32::from_ne_bytes([10, 244, 1, 0]),
-                    netns_cookie: 0x2222,
-                    ..base
+            record(
+                |e| {
+                    base(e);
+                    e.kind = KIND_FIB;
+                    e.aux = 254;
+                    e.aux2 = 4;
+                    e.aux3 = u32::from_ne_bytes([10, 244, 1, 0]);
+                    e.netns_cookie = 0x2222;
                 },
                 &[],
             ),
         ),
         (
             "xmit",
-            rec(
-                Event {
-                    kind: KIND_XMIT,
-                    ..base
+            record(
+                |e| {
+                    base(e);
+                    e.kind = KIND_XMIT;
                 },
                 &[],
             ),
