@@ -3,13 +3,13 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use podtrace_abi::{CaptureBuf, Filter, HopKey, KernelOffsets, CNT_SLOTS, MAX_HOPS};
+use podtrace_abi::{CaptureBuf, FibStack, Filter, HopKey, KernelOffsets, CNT_SLOTS, MAX_HOPS};
 
 /// What to trace (index 0).
 #[map]
 pub static FILTER: Array<Filter> = Array::with_max_entries(1, 0);
 
-/// (netns cookie, ifindex) → hop id, written by userspace for every interface it attaches to.
+/// (netns inode, ifindex) → hop id, written by userspace for every interface it attaches to.
 #[map]
 pub static HOPS: HashMap<HopKey, u32> = HashMap::with_max_entries(MAX_HOPS, 0);
 
@@ -34,9 +34,10 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 #[map]
 pub static CAPTURE_SCRATCH: Array<CaptureBuf> = Array::with_max_entries(256, 0);
 
-/// Per-CPU stash between the fib_table_lookup kprobe and its kretprobe.
+/// Per-CPU stack between the fib_table_lookup kprobe and its kretprobe (nested calls each
+/// keep their own frame).
 #[map]
-pub static FIB_STASH: PerCpuArray<[u64; 3]> = PerCpuArray::with_max_entries(1, 0);
+pub static FIB_STASH: PerCpuArray<FibStack> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn bump(index: u32) {
@@ -67,9 +68,9 @@ pub fn filter() -> Option<&'static Filter> {
 }
 
 #[inline(always)]
-pub fn hop_id(netns_cookie: u64, ifindex: u32) -> u32 {
+pub fn hop_id(netns_ino: u64, ifindex: u32) -> u32 {
     let key = HopKey {
-        netns_cookie,
+        netns_ino,
         ifindex,
         _pad: 0,
     };

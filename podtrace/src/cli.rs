@@ -58,6 +58,16 @@ impl PodArgs {
     }
 }
 
+/// `--hooks kprobe|tracepoint`, for the commands that attach kernel hooks.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct HookArgs {
+    /// Take the kernel-side evidence (drops, FIB lookups, device transmit) only through this
+    /// mechanism: kprobe, or tracepoint (tp_btf). Default: tracepoints, and kprobes where the
+    /// kernel lacks a tracepoint.
+    #[arg(long, value_name = "kprobe|tracepoint", value_parser = crate::probes::hooks::Mechanism::parse)]
+    pub hooks: Option<crate::probes::hooks::Mechanism>,
+}
+
 /// Parses `--dst` with a clear message.
 pub fn parse_ipv4(s: &str) -> Result<Ipv4Addr, String> {
     s.parse::<Ipv4Addr>()

@@ -9,7 +9,6 @@ use anyhow::{bail, Result};
 pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
 
 /// Builds `podtrace` (release, static-pie against musl) and returns the binary's path.
-#[allow(dead_code)] // its callers (vmtest, image) land on their own branches
 pub fn static_podtrace() -> Result<PathBuf> {
     crate::run(
         "cargo",

@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod build;
 mod setup;
+mod vmtest;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -41,15 +42,21 @@ enum Task {
     /// Set up, build (release), and benchmark podtrace against tcpdump on a lab (needs root);
     /// writes bench/results/latest.json and latest.md.
     Bench(bench::BenchArgs),
+    /// Build the static podtrace and run it on Debian's 5.10, 6.1 and 6.12 cloud kernels
+    /// under QEMU: lab, topo, follow (both hook mechanisms), capture, verify eni, clsact.
+    Vmtest(vmtest::VmtestArgs),
 }
 
 fn main() -> ExitCode {
+    // In a vmtest guest this binary is /init.
+    vmtest::guest_if_pid1();
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
         Task::Bench(args) => bench::run(args),
+        Task::Vmtest(args) => setup::run().and_then(|()| vmtest::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

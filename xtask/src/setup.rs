@@ -44,6 +44,7 @@ pub fn run() -> Result<()> {
     nightly()?;
     musl_target()?;
     bpf_linker()?;
+    crate::vmtest::setup()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }

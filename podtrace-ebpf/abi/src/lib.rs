@@ -64,11 +64,17 @@ pub struct Filter {
     pub snaplen: u32,
 }
 
+/// `Event::reason` of a drop on a kernel whose `kfree_skb` reports no reason (before 5.17).
+pub const REASON_UNREPORTED: u32 = u32::MAX;
+
 /// Identity of a hop as the tc programs see it: the interface and its network namespace.
+/// Namespaces are identified by their inode number (`net->ns.inum`, what `stat` of
+/// /proc/PID/ns/net or /run/netns/NAME gives), which every kernel has; the netns cookie needs
+/// 5.14 from userspace and is generated lazily before 5.12.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct HopKey {
-    pub netns_cookie: u64,
+    pub netns_ino: u64,
     pub ifindex: u32,
     pub _pad: u32,
 }
@@ -84,7 +90,8 @@ pub struct KernelOffsets {
     pub skb_dev: u32,
     pub dev_ifindex: u32,
     pub dev_nd_net: u32,
-    pub net_cookie: u32,
+    /// `struct net.ns.inum`: the namespace's inode number.
+    pub net_ns_inum: u32,
     pub flowi4_saddr: u32,
     pub flowi4_daddr: u32,
     pub flowi4_proto: u32,
@@ -95,8 +102,29 @@ pub struct KernelOffsets {
     /// kretprobe on `fib_table_lookup`: `struct fib_table.tb_id`, `struct fib_result.nhc`.
     pub fib_table_id: u32,
     pub fib_result_nhc: u32,
+    /// `SKB_NOT_DROPPED_YET` and `SKB_CONSUMED` on this kernel (not drops), or
+    /// `REASON_UNREPORTED` when it has no such value.
+    pub reason_not_dropped: u32,
+    pub reason_consumed: u32,
     /// Non-zero once userspace filled the offsets in.
     pub valid: u32,
+    pub _pad: u32,
+}
+
+/// Nested `fib_table_lookup` calls one CPU can have in flight (a softirq lookup interrupting
+/// a process-context one, a rule walk inside it): the kprobe pushes its arguments, the
+/// kretprobe pops them.
+pub const FIB_STACK_DEPTH: usize = 8;
+
+/// The per-CPU stack between the `fib_table_lookup` kprobe and its kretprobe.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FibStack {
+    /// Calls in flight, including any beyond `FIB_STACK_DEPTH` (those are not recorded).
+    pub depth: u32,
+    pub _pad: u32,
+    /// `(tb, flp, res)` of each call in flight, the innermost at `depth - 1`.
+    pub frames: [[u64; 3]; FIB_STACK_DEPTH],
 }
 
 /// The packet a probe saw, reduced to what correlation needs.
@@ -129,7 +157,8 @@ pub struct FlowInfo {
 pub struct Event {
     /// `bpf_ktime_get_ns()`: monotonic, the same clock in every namespace.
     pub ts_ns: u64,
-    pub netns_cookie: u64,
+    /// The namespace's inode number (see [`HopKey`]); 0 when unknown.
+    pub netns_ino: u64,
     pub kind: u8,
     pub dir: u8,
     pub _pad: u16,
@@ -140,7 +169,8 @@ pub struct Event {
     pub skb_len: u32,
     /// Packet bytes that follow this header in the ring buffer record (capture mode).
     pub cap_len: u32,
-    /// Drop reason (`enum skb_drop_reason`) for drops; FIB lookup error for FIB events.
+    /// Drop reason (`enum skb_drop_reason`, or `REASON_UNREPORTED`) for drops; FIB lookup
+    /// error for FIB events.
     pub reason: u32,
     /// FIB: table id; xmit: return code.
     pub aux: u32,
@@ -166,5 +196,6 @@ mod user {
     unsafe impl aya::Pod for super::Filter {}
     unsafe impl aya::Pod for super::HopKey {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::FibStack {}
     unsafe impl aya::Pod for super::Event {}
 }

@@ -120,6 +120,8 @@ pub struct CaptureArgs {
     /// How long to keep capturing after the --stop-on event.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "2s")]
     pub tail: Duration,
+    #[command(flatten)]
+    pub hooks: crate::cli::HookArgs,
 }
 
 /// Writes the packets of a session's events.
@@ -351,11 +353,12 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
             // The files need the packets; --stop-on needs drops. FIB lookups and transmits
             // would only load the ring buffer at capture rates.
             evidence: Some(vec![crate::probes::hooks::Evidence::Drop]),
+            hooks: args.hooks.hooks,
             ..SessionOptions::default()
         },
     )?;
     eprintln!(
-        "capturing {} ({pod_ip}){} on {} hops; kernel evidence: {}",
+        "capturing {} ({pod_ip}){} on {} hops; hooks: {}",
         topo.pod.name,
         args.dst.map(|d| format!(" ↔ {d}")).unwrap_or_default(),
         session.plan.hops.len(),

@@ -151,6 +151,9 @@ pub fn drop_hint(reason: &str, location: &str) -> String {
         "IP_INHDR" | "IP_CSUM" => format!("a malformed IP header reached {owner}"),
         "NO_SOCKET" => format!("no socket on {owner} accepted it"),
         "QDISC_DROP" | "FQ_DROP" => format!("a queue on {owner} was full"),
+        crate::probes::UNREPORTED => format!(
+            "the kernel dropped it on {owner}; this kernel does not say why (drop reasons came in 5.17): check netfilter rules, routes and neighbours there"
+        ),
         other => format!("the kernel dropped it on {owner} ({other})"),
     }
 }

@@ -50,6 +50,8 @@ pub struct FollowArgs {
     /// Also write the packets to rotating pcapng/pcap files (-w FILE, -C, -G, -W, ...).
     #[command(flatten)]
     pub out: crate::capture::OutputArgs,
+    #[command(flatten)]
+    pub hooks: crate::cli::HookArgs,
 }
 
 /// What made a run stop.
@@ -152,6 +154,7 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
             port: args.port,
             snaplen: args.out.write.is_some().then(|| args.out.kernel_snaplen()),
             evidence: None,
+            hooks: args.hooks.hooks,
         },
     )?;
     let startup = Startup {
@@ -193,6 +196,7 @@ fn follow_with(
             "dst": args.dst.to_string(),
             "cni": topo.cni,
             "hops": plan.hops,
+            "tc": session.tc_mode(),
             "kernel_hooks": session.hooks,
             "load_ms": session.times.load_ms,
             "attach_ms": session.times.attach_ms,
@@ -217,7 +221,7 @@ fn follow_with(
             },
             topo.cni
         );
-        println!("kernel evidence: {}", session.hooks_line());
+        println!("hooks: {}", session.hooks_line());
         println!(
             "expected →  {}",
             plan.forward

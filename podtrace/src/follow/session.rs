@@ -21,8 +21,8 @@ use crate::{
     topology::{read, Topology},
 };
 
-/// Names for what the kernel reports by number: namespaces by cookie, interfaces by
-/// (cookie, ifindex).
+/// Names for what the kernel reports by number: namespaces by inode number, interfaces by
+/// (namespace, ifindex).
 #[derive(Debug, Default, Clone)]
 pub struct NameBook {
     owners: HashMap<u64, String>,
@@ -80,6 +80,8 @@ pub struct SessionOptions {
     pub snaplen: Option<u32>,
     /// Kernel-side evidence to attach (`None`: all of it).
     pub evidence: Option<Vec<crate::probes::hooks::Evidence>>,
+    /// `--hooks`: use only this mechanism for the kernel-side evidence.
+    pub hooks: Option<crate::probes::hooks::Mechanism>,
 }
 
 impl Session {
@@ -118,7 +120,7 @@ impl Session {
                 })
                 .with_context(|| format!("attaching to {}", hop.name))?;
             if !seen_ns.contains_key(&hop.netns) {
-                let cookie = crate::netns::cookie_of(hop.netns_path.as_deref())?;
+                let cookie = crate::probes::netns_id(hop.netns_path.as_deref())?;
                 seen_ns.insert(hop.netns.clone(), cookie);
                 names.owners.insert(cookie, hop.owner.clone());
                 let links = read::in_netns(hop.netns_path.as_deref(), |h| async move {
@@ -133,7 +135,7 @@ impl Session {
             .evidence
             .clone()
             .unwrap_or_else(|| crate::probes::hooks::Evidence::ALL.to_vec());
-        let hooks = probes.attach_kernel_hooks(None, &wanted)?;
+        let hooks = probes.attach_kernel_hooks(opts.hooks, &wanted)?;
         let ring = probes.take_events()?;
         let attach_ms = t1.elapsed().as_secs_f64() * 1e3;
         Ok(Self {
@@ -148,11 +150,20 @@ impl Session {
 
     /// The namespaces whose disappearance ends the run (the pod's).
     pub fn hooks_line(&self) -> String {
-        self.hooks
-            .iter()
-            .map(HookReport::summary)
+        let tc = match self.probes.tc_mode() {
+            Some(crate::probes::TcMode::Tcx) => "tc via tcx",
+            Some(crate::probes::TcMode::Clsact) => "tc via clsact",
+            None => "tc: none",
+        };
+        std::iter::once(tc.to_owned())
+            .chain(self.hooks.iter().map(HookReport::summary))
             .collect::<Vec<_>>()
             .join(", ")
+    }
+
+    /// How the hop probes are attached, for the JSON ready line (`tcx` or `clsact`).
+    pub fn tc_mode(&self) -> Option<crate::probes::TcMode> {
+        self.probes.tc_mode()
     }
 
     /// Decodes one ring buffer record: the observation and, in capture mode, the packet bytes.
@@ -165,10 +176,10 @@ impl Session {
         let hop =
             (ev.hop_id != u32::MAX && self.plan.hop(ev.hop_id).is_some()).then_some(ev.hop_id);
         // Kernel-wide probes see every namespace: keep what happened in the session's.
-        if ev.kind != KIND_TC && !self.names.knows(ev.netns_cookie) {
+        if ev.kind != KIND_TC && !self.names.knows(ev.netns_ino) {
             return None;
         }
-        let location = self.names.interface(ev.netns_cookie, ev.ifindex);
+        let location = self.names.interface(ev.netns_ino, ev.ifindex);
         let seen = match ev.kind {
             KIND_TC => Seen::Tc {
                 hop: hop?,
@@ -181,21 +192,21 @@ impl Session {
             KIND_DROP => Seen::Drop {
                 hop,
                 location: if ev.ifindex == 0 {
-                    self.names.owner(ev.netns_cookie)
+                    self.names.owner(ev.netns_ino)
                 } else {
                     location
                 },
-                netns_cookie: ev.netns_cookie,
+                netns_cookie: ev.netns_ino,
                 reason: self.probes.drop_reasons().name(ev.reason),
             },
             KIND_FIB => Seen::Fib {
-                location: self.names.owner(ev.netns_cookie),
+                location: self.names.owner(ev.netns_ino),
                 table: ev.aux,
                 oif: if ev.aux2 == 0 {
                     "-".into()
                 } else {
                     self.names
-                        .interface(ev.netns_cookie, ev.aux2)
+                        .interface(ev.netns_ino, ev.aux2)
                         .rsplit('/')
                         .next()
                         .unwrap_or_default()

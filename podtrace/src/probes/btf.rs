@@ -47,7 +47,19 @@ enum Type {
     },
     /// Typedef/const/volatile/restrict/type tag: refers to another type.
     Alias {
+        name: u32,
         target: u32,
+    },
+    Ptr {
+        target: u32,
+    },
+    FuncProto {
+        params: u32,
+    },
+    /// A kernel function (what a kprobe can go on, unless inlined away or blacklisted).
+    Func {
+        name: u32,
+        proto: u32,
     },
     Other,
 }
@@ -110,7 +122,14 @@ impl Btf {
                     off += 4;
                     Type::Other
                 }
-                KIND_PTR | KIND_FWD | KIND_FUNC | KIND_FLOAT => Type::Other,
+                KIND_PTR => Type::Ptr {
+                    target: size_or_type,
+                },
+                KIND_FUNC => Type::Func {
+                    name,
+                    proto: size_or_type,
+                },
+                KIND_FWD | KIND_FLOAT => Type::Other,
                 KIND_ARRAY => {
                     off += 12;
                     Type::Other
@@ -150,12 +169,15 @@ impl Btf {
                 }
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
                     Type::Alias {
+                        name: if kind == KIND_TYPEDEF { name } else { 0 },
                         target: size_or_type,
                     }
                 }
                 KIND_FUNC_PROTO => {
                     off += 8 * vlen;
-                    Type::Other
+                    Type::FuncProto {
+                        params: vlen as u32,
+                    }
                 }
                 KIND_VAR | KIND_DECL_TAG => {
                     off += 4;
@@ -176,7 +198,10 @@ impl Btf {
         };
         for (id, ty) in btf.types.iter().enumerate() {
             let name = match ty {
-                Type::Composite { name, .. } | Type::Enum { name, .. } => *name,
+                Type::Composite { name, .. }
+                | Type::Enum { name, .. }
+                | Type::Alias { name, .. }
+                | Type::Func { name, .. } => *name,
                 _ => continue,
             };
             if name != 0 {
@@ -196,7 +221,7 @@ impl Btf {
     fn resolve_alias(&self, mut id: u32) -> u32 {
         for _ in 0..32 {
             match self.types.get(id as usize) {
-                Some(Type::Alias { target }) => id = *target,
+                Some(Type::Alias { target, .. }) => id = *target,
                 _ => break,
             }
         }
@@ -245,6 +270,37 @@ impl Btf {
             bail!("{strukt}.{field} is a bitfield");
         }
         Ok(bits / 8)
+    }
+
+    /// How many arguments the tracepoint `name` (as tp_btf sees it: `btf_trace_NAME`, a
+    /// pointer to a function whose first parameter is the probe's data) passes, if the
+    /// kernel has it.
+    pub fn tracepoint_args(&self, name: &str) -> Option<u32> {
+        let typedef = format!("btf_trace_{name}");
+        for id in self.by_name.get(&typedef).into_iter().flatten() {
+            if let Some(Type::Alias { target, .. }) = self.types.get(*id as usize) {
+                let ptr = self.resolve_alias(*target);
+                if let Some(Type::Ptr { target }) = self.types.get(ptr as usize) {
+                    let proto = self.resolve_alias(*target);
+                    if let Some(Type::FuncProto { params }) = self.types.get(proto as usize) {
+                        return Some(params.saturating_sub(1));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// The number of parameters of kernel function `name`, if BTF describes it.
+    pub fn function_params(&self, name: &str) -> Option<u32> {
+        for id in self.by_name.get(name).into_iter().flatten() {
+            if let Some(Type::Func { proto, .. }) = self.types.get(*id as usize) {
+                if let Some(Type::FuncProto { params }) = self.types.get(*proto as usize) {
+                    return Some(*params);
+                }
+            }
+        }
+        None
     }
 
     /// The values of enum `name` with their names.
@@ -374,10 +430,16 @@ mod tests {
             ("sk_buff", "dev"),
             ("net_device", "ifindex"),
             ("net_device", "nd_net"),
-            ("net", "net_cookie"),
+            ("net", "ns"),
+            ("ns_common", "inum"),
         ] {
             btf.member_offset(s, f).unwrap();
         }
+        assert!(btf.tracepoint_args("kfree_skb").unwrap() >= 3);
+        assert_eq!(btf.tracepoint_args("fib_table_lookup"), Some(4));
+        assert_eq!(btf.tracepoint_args("net_dev_start_xmit"), Some(2));
+        assert_eq!(btf.tracepoint_args("no_such_tracepoint"), None);
+        assert_eq!(btf.function_params("fib_table_lookup"), Some(4));
         let reasons = btf.enum_values("skb_drop_reason").unwrap();
         assert!(reasons
             .iter()

@@ -45,6 +45,8 @@ pub struct EniArgs {
     /// Also send a few ICMP echoes from inside the pod to --dst.
     #[arg(long)]
     pub probe: bool,
+    #[command(flatten)]
+    pub hooks: crate::cli::HookArgs,
     /// How long to observe.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "3s")]
     pub duration: Duration,
@@ -164,14 +166,23 @@ fn eni(args: EniArgs) -> Result<ExitCode> {
     // Watch every uplink of the node, the pod's side, and the kernel's FIB.
     let uplinks = session::node_uplinks(&topo)?;
     let plan = plan::build(&topo, uplinks);
-    let mut session = Session::start(plan, pod_ip, Some(args.dst), &SessionOptions::default())?;
+    let mut session = Session::start(
+        plan,
+        pod_ip,
+        Some(args.dst),
+        &SessionOptions {
+            hooks: args.hooks.hooks,
+            ..SessionOptions::default()
+        },
+    )?;
     if args.json {
         println!(
             "{}",
             serde_json::json!({"type": "ready", "pod": topo.pod.name, "dst": args.dst.to_string(),
-                "hops": session.plan.hops, "kernel_hooks": session.hooks})
+                "hops": session.plan.hops, "tc": session.tc_mode(), "kernel_hooks": session.hooks})
         );
     } else {
+        eprintln!("hooks: {}", session.hooks_line());
         eprintln!("probes live");
     }
     let mut prober = if args.probe {
