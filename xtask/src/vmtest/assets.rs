@@ -352,14 +352,23 @@ fn newest_kernel(apt: &Apt, s: &Series) -> Result<String> {
         .ok_or_else(|| anyhow!("no {} cloud kernel found in {}", s.name, s.suite))
 }
 
+/// Downloads `package` (`name` or `name/suite`) into `dir`; its .deb.
 fn download(apt: &Apt, package: &str, dir: &Path) -> Result<PathBuf> {
-    let before: Vec<_> = fs::read_dir(dir)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+    let name = package.split('/').next().unwrap_or(package);
+    let find = || {
+        fs::read_dir(dir).ok().and_then(|d| {
+            d.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .is_some_and(|f| f.to_string_lossy().starts_with(&format!("{name}_")))
+                    && p.extension().is_some_and(|e| e == "deb")
+            })
+        })
+    };
+    if let Some(p) = find() {
+        let _ = fs::remove_file(p);
+    }
     apt.run("apt-get", &["download", "-q", package], Some(dir))?;
-    fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| !before.contains(p) && p.extension().is_some_and(|e| e == "deb"))
-        .ok_or_else(|| anyhow!("apt-get download {package} left no .deb"))
+    find().ok_or_else(|| anyhow!("apt-get download {package} left no .deb"))
 }
 
 fn unpack(deb: &Path, dir: &Path) -> Result<()> {

@@ -406,7 +406,6 @@ struct Guest<'a> {
 }
 
 /// Lab addresses (shared/design.md §3).
-const POD_A1: &str = "10.244.0.9";
 const POD_B1: &str = "10.244.1.5";
 const MASTER: &str = "10.19.0.11";
 
@@ -652,6 +651,249 @@ impl Guest<'_> {
         Ok(())
     }
 
-    /// TODO(vmtest): coexistence with a CNI's clsact filters, signals, SIGKILL clean-up.
-    fn clsact_steps(&mut self) {}
+    /// Kernels without TCX: podtrace's clsact filters beside a CNI's, removed on SIGINT and
+    /// SIGTERM, and cleaned up by the next run after SIGKILL.
+    fn clsact_steps(&mut self) {
+        // Every follow above has ended: nothing of podtrace's may be left.
+        self.step("clsact-clean-after-runs", |_| {
+            let left = podtrace_tc_state()?;
+            if !left.is_empty() {
+                bail!("left behind: {left:?}");
+            }
+            Ok(Value::Null)
+        });
+        let veth = match host_veth("pod-a1") {
+            Ok(v) => v,
+            Err(e) => {
+                self.step("clsact-coexist", |_| Err(e));
+                return;
+            }
+        };
+        let node_a = format!("{LAB}node-a");
+        // The CNI stand-in: a clsact qdisc of its own and, at priority 1, a cls_bpf program
+        // (classic BPF, accepts all) whose action ends classification (`ok`), as a CNI's
+        // direct-action program returning TC_ACT_OK does. A filter after it never runs.
+        let cni_ok = self.step("clsact-cni-stand-in", |_| {
+            tc(&node_a, &["qdisc", "add", "dev", &veth, "clsact"])?;
+            tc(
+                &node_a,
+                &[
+                    "filter", "add", "dev", &veth, "ingress", "prio", "1", "handle", "1",
+                    "protocol", "all", "bpf", "bytecode", "1,6 0 0 4294967295,", "action", "ok",
+                ],
+            )?;
+            Ok(json!({"dev": veth, "packets": cni_packets(&node_a, &veth)?}))
+        });
+        if !cni_ok {
+            return;
+        }
+        self.step("clsact-coexist", |_| {
+            let before = cni_packets(&node_a, &veth)?;
+            let mut bg = Bg::start(
+                PODTRACE,
+                &["follow", "pod-a1", "--dst", POD_B1, "--proto", "icmp", "-c", "6", "--json"],
+            )?;
+            bg.wait_ready(Duration::from_secs(180))?;
+            let during = tc_filters(&node_a, &veth, "ingress")?;
+            let ping = lab_exec("pod-a1", &["ping", "-c", "3", "-i", "0.2", "-W", "2", POD_B1])?;
+            let out = bg.finish(Duration::from_secs(120))?;
+            let after = cni_packets(&node_a, &veth)?;
+            let summary = summary_of(&out)?;
+            let ours: Vec<&Value> = during
+                .iter()
+                .filter(|f| f["options"]["bpf_name"].as_str().is_some_and(|n| n.starts_with("hop_")))
+                .collect();
+            if ours.len() != 1 || ours[0]["pref"] != 1 {
+                bail!("podtrace's filter on {veth} ingress should share priority 1: {during:?}");
+            }
+            if !ping.ok() || summary["verdict"] != "confirmed" {
+                bail!("verdict {} with the CNI's filter in place ({})", summary["verdict"], out.brief());
+            }
+            if after < before + 3 {
+                bail!("the CNI's filter ran {} times for 3 echo requests", after - before);
+            }
+            let left = podtrace_tc_state()?;
+            if !left.is_empty() {
+                bail!("left behind: {left:?}");
+            }
+            if !has_clsact(&node_a, &veth)? || cni_filter(&node_a, &veth)?.is_none() {
+                bail!("the CNI's qdisc or filter on {veth} is gone");
+            }
+            Ok(json!({"cni_packets": after - before, "shared_priority": 1}))
+        });
+        for (sig, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
+            self.step(&format!("clsact-{name}"), |_| {
+                let bg = start_and_wait_follow()?;
+                let attached = podtrace_tc_state()?.len();
+                if attached == 0 {
+                    bail!("no podtrace filters while it runs");
+                }
+                bg.signal(sig)?;
+                let out = bg.finish(Duration::from_secs(120))?;
+                if out.signal.is_some() {
+                    bail!("killed by the signal instead of handling it ({})", out.brief());
+                }
+                let left = podtrace_tc_state()?;
+                if !left.is_empty() {
+                    bail!("left behind after {name}: {left:?}");
+                }
+                if cni_filter(&node_a, &veth)?.is_none() {
+                    bail!("the CNI's filter is gone");
+                }
+                Ok(json!({"filters_while_running": attached}))
+            });
+        }
+        self.step("clsact-SIGKILL-then-clean-up", |_| {
+            let bg = start_and_wait_follow()?;
+            let pid = bg.child.id();
+            bg.signal(libc::SIGKILL)?;
+            let out = bg.finish(Duration::from_secs(60))?;
+            if out.signal != Some(libc::SIGKILL) {
+                bail!("not killed: {}", out.brief());
+            }
+            let left = podtrace_tc_state()?;
+            let record = Path::new("/run/podtrace/tc").join(format!("{pid}.json"));
+            if left.is_empty() || !record.exists() {
+                bail!("a killed podtrace should leave its filters and their record ({left:?})");
+            }
+            // The next run cleans up, says so, and works.
+            let mut bg = Bg::start(
+                PODTRACE,
+                &["follow", "pod-a1", "--dst", POD_B1, "--proto", "icmp", "-c", "6", "--json"],
+            )?;
+            bg.wait_ready(Duration::from_secs(180))?;
+            let ping = lab_exec("pod-a1", &["ping", "-c", "3", "-i", "0.2", "-W", "2", POD_B1])?;
+            let out = bg.finish(Duration::from_secs(120))?;
+            let said = out
+                .stderr
+                .lines()
+                .find(|l| l.contains("left behind") && l.contains(&pid.to_string()))
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow!("the next run did not say it cleaned up: {}", out.brief()))?;
+            let summary = summary_of(&out)?;
+            if !ping.ok() || summary["verdict"] != "confirmed" {
+                bail!("verdict {} after the clean-up ({})", summary["verdict"], out.brief());
+            }
+            let left = podtrace_tc_state()?;
+            if !left.is_empty() || record.exists() {
+                bail!("still left after the next run: {left:?}");
+            }
+            if cni_filter(&node_a, &veth)?.is_none() {
+                bail!("the CNI's filter is gone");
+            }
+            Ok(json!({"left_by_kill": left.len(), "message": said}))
+        });
+        let _ = tc(&node_a, &["qdisc", "del", "dev", &veth, "clsact"]);
+    }
+}
+
+/// Starts `follow` (without a count) and waits until it is ready.
+fn start_and_wait_follow() -> Result<Bg> {
+    let mut bg = Bg::start(
+        PODTRACE,
+        &["follow", "pod-a1", "--dst", POD_B1, "--duration", "600", "--json"],
+    )?;
+    bg.wait_ready(Duration::from_secs(180))?;
+    Ok(bg)
+}
+
+/// `tc -n NS ARGS...`, which must succeed; its stdout.
+fn tc(ns: &str, args: &[&str]) -> Result<String> {
+    let mut a = vec!["-n", ns];
+    a.extend_from_slice(args);
+    let out = run("/usr/sbin/tc", &a, Duration::from_secs(60))?;
+    if !out.ok() {
+        bail!("tc {}: {}", a.join(" "), out.brief());
+    }
+    Ok(out.stdout)
+}
+
+/// The filters on a clsact hook (`tc -j filter show`), only the entries with options.
+fn tc_filters(ns: &str, dev: &str, hook: &str) -> Result<Vec<Value>> {
+    let text = tc(ns, &["-j", "-s", "filter", "show", "dev", dev, hook])?;
+    let v: Value = serde_json::from_str(text.trim()).unwrap_or(Value::Array(Vec::new()));
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| f.get("options").is_some())
+        .cloned()
+        .collect())
+}
+
+fn has_clsact(ns: &str, dev: &str) -> Result<bool> {
+    let text = tc(ns, &["-j", "qdisc", "show", "dev", dev])?;
+    let v: Value = serde_json::from_str(text.trim()).unwrap_or(Value::Array(Vec::new()));
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .any(|q| q["kind"] == "clsact"))
+}
+
+/// The CNI stand-in's filter (priority 1, handle 1, classic bpf).
+fn cni_filter(ns: &str, dev: &str) -> Result<Option<Value>> {
+    Ok(tc_filters(ns, dev, "ingress")?.into_iter().find(|f| {
+        f["pref"] == 1
+            && f["options"]["handle"] == "0x1"
+            && f["options"]["bpf_name"].as_str().is_none_or(|n| !n.starts_with("hop_"))
+    }))
+}
+
+/// Packets the CNI stand-in's action has handled.
+fn cni_packets(ns: &str, dev: &str) -> Result<u64> {
+    let f = cni_filter(ns, dev)?.ok_or_else(|| anyhow!("no CNI filter on {dev}"))?;
+    f["options"]["actions"][0]["stats"]["packets"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("no action statistics in {f}"))
+}
+
+/// The host veth of a lab pod, from `topo`.
+fn host_veth(pod: &str) -> Result<String> {
+    let out = podtrace(&["topo", pod, "--json"])?;
+    let v: Value = serde_json::from_str(out.stdout.trim())
+        .map_err(|_| anyhow!("topo {pod}: {}", out.brief()))?;
+    v["hops"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|h| h["role"] == "host-veth")
+        .and_then(|h| h["ifname"].as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("topo {pod}: no host-veth hop"))
+}
+
+/// What podtrace has on tc anywhere in the lab: its filters (`hop_*` programs), the clsact
+/// qdiscs on interfaces without any other filter (podtrace's, not removed), and its records
+/// under /run/podtrace/tc.
+fn podtrace_tc_state() -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    let mut names: Vec<String> = fs::read_dir("/run/netns")?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(LAB))
+        .collect();
+    names.sort();
+    for ns in &names {
+        let links = run("/usr/sbin/ip", &["-n", ns, "-j", "link", "show"], Duration::from_secs(60))?;
+        let links: Value = serde_json::from_str(links.stdout.trim()).unwrap_or(Value::Null);
+        for l in links.as_array().into_iter().flatten() {
+            let Some(dev) = l["ifname"].as_str() else { continue };
+            let mut others = 0;
+            for hook in ["ingress", "egress"] {
+                for f in tc_filters(ns, dev, hook).unwrap_or_default() {
+                    if f["options"]["bpf_name"].as_str().is_some_and(|n| n.starts_with("hop_")) {
+                        found.push(format!("{ns}/{dev} {hook} filter pref {}", f["pref"]));
+                    } else {
+                        others += 1;
+                    }
+                }
+            }
+            if others == 0 && has_clsact(ns, dev).unwrap_or(false) {
+                found.push(format!("{ns}/{dev} clsact qdisc"));
+            }
+        }
+    }
+    for e in fs::read_dir("/run/podtrace/tc").into_iter().flatten().flatten() {
+        found.push(format!("record {}", e.path().display()));
+    }
+    Ok(found)
 }

@@ -337,7 +337,7 @@ fn modinfo_depends(elf: &[u8]) -> Result<Vec<String>> {
     bail!("no .modinfo section")
 }
 
-/// Adds the modules `wanted` (and what they depend on) under /lib/modules/ and writes
+/// Adds the modules `wanted` (and what they depend on) under /kmod/ and writes
 /// /modules.load, one file per line in the order to load them (dependencies first).
 /// Modules the kernel has built in are skipped; a wanted module that is neither is an error.
 pub fn add_modules(archive: &mut Archive, tree: &Path, wanted: &[&str]) -> Result<Vec<String>> {
@@ -373,7 +373,7 @@ pub fn add_modules(archive: &mut Archive, tree: &Path, wanted: &[&str]) -> Resul
         for d in &depends {
             visit(d, files, builtin, loaded, order, archive, depth + 1)?;
         }
-        let guest = format!("/lib/modules/{name}.ko");
+        let guest = format!("/kmod/{name}.ko");
         archive.file(&guest, bytes, 0o644);
         order.push(guest);
         Ok(())
