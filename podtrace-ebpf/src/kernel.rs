@@ -19,12 +19,11 @@ use aya_ebpf::{
 };
 use podtrace_abi::{
     Event, FlowInfo, KernelOffsets, CNT_DROP_MATCHED, CNT_FIB_MATCHED, CNT_XMIT_MATCHED,
-    DIR_EGRESS, DIR_INGRESS, FIB_STACK_DEPTH, FILTER_EMIT, KIND_DROP, KIND_FIB, KIND_XMIT,
-    REASON_UNREPORTED,
+    DIR_EGRESS, DIR_INGRESS, FILTER_EMIT, KIND_DROP, KIND_FIB, KIND_XMIT, REASON_UNREPORTED,
 };
 
 use crate::{
-    maps::{bump, emit, filter, hop_id, FIB_STASH, OFFSETS},
+    maps::{bump, emit, filter, hop_id, FIB_DEPTH, FIB_STASH, OFFSETS},
     packet::{parse_ipv4, Reader},
 };
 
@@ -252,18 +251,18 @@ pub fn kp_fib_table_lookup(ctx: ProbeContext) -> u32 {
     let tb: Option<u64> = ctx.arg(0);
     let flp: Option<u64> = ctx.arg(1);
     let res: Option<u64> = ctx.arg(2);
-    let Some(stack) = FIB_STASH.get_ptr_mut(0) else {
+    let Some(depth) = FIB_DEPTH.get_ptr_mut(0) else {
         return 0;
     };
-    // SAFETY: this CPU's slot; programs do not nest on a CPU.
+    // SAFETY: this CPU's slots; programs do not nest on a CPU.
     unsafe {
-        let depth = (*stack).depth as usize;
-        if depth < FIB_STACK_DEPTH {
-            (*stack).frames[depth & (FIB_STACK_DEPTH - 1)] =
-                [tb.unwrap_or(0), flp.unwrap_or(0), res.unwrap_or(0)];
+        let d = *depth;
+        // Out of range (too deep): the lookup finds no slot and the frame is not recorded.
+        if let Some(frame) = FIB_STASH.get_ptr_mut(d) {
+            *frame = [tb.unwrap_or(0), flp.unwrap_or(0), res.unwrap_or(0)];
         }
         // Counted even when too deep to record, so the returns pop the right frames.
-        (*stack).depth = (depth + 1) as u32;
+        *depth = d.saturating_add(1);
     }
     0
 }
@@ -272,23 +271,23 @@ pub fn kp_fib_table_lookup(ctx: ProbeContext) -> u32 {
 #[kretprobe]
 pub fn kp_fib_table_lookup_ret(ctx: RetProbeContext) -> u32 {
     let err: i64 = ctx.ret();
-    let Some(stack) = FIB_STASH.get_ptr_mut(0) else {
+    let Some(depth) = FIB_DEPTH.get_ptr_mut(0) else {
         return 0;
     };
     let Some(off) = offsets() else { return 0 };
-    // SAFETY: this CPU's slot, then probe reads.
+    // SAFETY: this CPU's slots, then probe reads.
     unsafe {
-        let depth = (*stack).depth as usize;
-        if depth == 0 {
+        let d = *depth;
+        if d == 0 {
             // A return whose entry was not seen (attached in between).
             return 0;
         }
-        let depth = depth - 1;
-        (*stack).depth = depth as u32;
-        if depth >= FIB_STACK_DEPTH {
+        let d = d - 1;
+        *depth = d;
+        let Some(frame) = FIB_STASH.get_ptr_mut(d) else {
             return 0;
-        }
-        let [tb, flp, res] = (*stack).frames[depth & (FIB_STACK_DEPTH - 1)];
+        };
+        let [tb, flp, res] = *frame;
         if flp == 0 {
             return 0;
         }

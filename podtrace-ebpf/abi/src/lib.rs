@@ -112,20 +112,9 @@ pub struct KernelOffsets {
 }
 
 /// Nested `fib_table_lookup` calls one CPU can have in flight (a softirq lookup interrupting
-/// a process-context one, a rule walk inside it): the kprobe pushes its arguments, the
-/// kretprobe pops them.
-pub const FIB_STACK_DEPTH: usize = 8;
-
-/// The per-CPU stack between the `fib_table_lookup` kprobe and its kretprobe.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FibStack {
-    /// Calls in flight, including any beyond `FIB_STACK_DEPTH` (those are not recorded).
-    pub depth: u32,
-    pub _pad: u32,
-    /// `(tb, flp, res)` of each call in flight, the innermost at `depth - 1`.
-    pub frames: [[u64; 3]; FIB_STACK_DEPTH],
-}
+/// a process-context one): the kprobe pushes its arguments on a per-CPU stack of this depth
+/// (`FIB_STASH`, one frame per entry, `FIB_DEPTH` counting), the kretprobe pops them.
+pub const FIB_STACK_DEPTH: u32 = 8;
 
 /// The packet a probe saw, reduced to what correlation needs.
 #[repr(C)]
@@ -196,6 +185,5 @@ mod user {
     unsafe impl aya::Pod for super::Filter {}
     unsafe impl aya::Pod for super::HopKey {}
     unsafe impl aya::Pod for super::KernelOffsets {}
-    unsafe impl aya::Pod for super::FibStack {}
     unsafe impl aya::Pod for super::Event {}
 }

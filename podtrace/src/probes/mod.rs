@@ -183,7 +183,7 @@ const PROG_INGRESS: &str = "hop_ingress";
 const PROG_EGRESS: &str = "hop_egress";
 
 /// The maps every copy of the object shares with the primary one.
-const SHARED_MAPS: [&str; 8] = [
+const SHARED_MAPS: [&str; 9] = [
     "FILTER",
     "HOPS",
     "HOP_STATS",
@@ -192,6 +192,7 @@ const SHARED_MAPS: [&str; 8] = [
     "EVENTS",
     "CAPTURE_SCRATCH",
     "FIB_STASH",
+    "FIB_DEPTH",
 ];
 
 /// Where bpffs is (or gets) mounted; pins live there only while a copy loads.

@@ -390,15 +390,41 @@ fn evidence(out: &Out) -> Value {
     json!({"drops": drops, "fib": fib, "xmit": xmit})
 }
 
-/// The mechanisms a ready line names: tc attachment and each kernel hook.
+/// The mechanisms a ready line names: tc attachment and each kernel hook (or why none).
 fn mechanisms(ready: &Value) -> Value {
     let mut m = json!({"tc": ready["tc"]});
     for h in ready["kernel_hooks"].as_array().into_iter().flatten() {
         if let Some(e) = h["evidence"].as_str() {
-            m[e] = h["attached"].clone();
+            m[e] = match h["attached"].as_str() {
+                Some(a) => json!(a),
+                None => json!(format!(
+                    "none ({})",
+                    h["notes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|n| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )),
+            };
         }
     }
     m
+}
+
+/// Step names to run (`podtrace.only=a,b` on the kernel command line, for working on one
+/// step); the set-up steps always run.
+fn selected(name: &str) -> bool {
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let Some(only) = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("podtrace.only="))
+    else {
+        return true;
+    };
+    ["modules", "static-binary", "lab-up", "lab-down"].contains(&name)
+        || only.split(',').any(|p| name.starts_with(p))
 }
 
 struct Guest<'a> {
@@ -411,6 +437,9 @@ const MASTER: &str = "10.19.0.11";
 
 impl Guest<'_> {
     fn step(&mut self, name: &str, f: impl FnOnce(&mut Self) -> Result<Value>) -> bool {
+        if !selected(name) {
+            return true;
+        }
         self.report
             .send(json!({"ev": "step", "name": name, "state": "start"}));
         match f(self) {

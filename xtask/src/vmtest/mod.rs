@@ -37,6 +37,10 @@ pub struct VmtestArgs {
     /// when a step fails).
     #[arg(long)]
     pub keep: bool,
+    /// Run only the steps whose names start with one of these (comma-separated; the set-up
+    /// steps always run). For working on one step; `test` runs them all.
+    #[arg(long, value_name = "PREFIXES")]
+    pub only: Option<String>,
 }
 
 /// Called first thing in main: as PID 1 this binary is the guest agent.
@@ -102,7 +106,7 @@ pub fn run(args: VmtestArgs) -> Result<()> {
         eprintln!("xtask: vmtest {} ({})", k.series.name, k.release);
         let initrd = dir.join("initramfs.cpio");
         build_initramfs(k, &podtrace, &agent, &initrd)?;
-        let report = boot(&qemu, k, &initrd, &dir)?;
+        let report = boot(&qemu, k, &initrd, &dir, args.only.as_deref())?;
         let ok = report.ok();
         failed |= !ok;
         print!("{}", report.table());
@@ -307,8 +311,18 @@ impl Report {
 }
 
 /// Boots the kernel with the initramfs and collects the agent's report.
-fn boot(qemu: &Path, k: &assets::Kernel, initrd: &Path, dir: &Path) -> Result<Report> {
+fn boot(
+    qemu: &Path,
+    k: &assets::Kernel,
+    initrd: &Path,
+    dir: &Path,
+    only: Option<&str>,
+) -> Result<Report> {
     let console = dir.join("console.log");
+    let mut append = "console=ttyS0 panic=-1 loglevel=4 rdinit=/init".to_owned();
+    if let Some(only) = only {
+        append.push_str(&format!(" podtrace.only={only}"));
+    }
     let started = Instant::now();
     let mut child = Command::new(qemu)
         .args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "1536"])
@@ -317,10 +331,8 @@ fn boot(qemu: &Path, k: &assets::Kernel, initrd: &Path, dir: &Path) -> Result<Re
         .arg(&k.vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 loglevel=4 rdinit=/init",
-        ])
+        .arg("-append")
+        .arg(&append)
         .arg("-chardev")
         .arg(format!("file,id=con,path={}", console.display()))
         .args(["-serial", "chardev:con"])
