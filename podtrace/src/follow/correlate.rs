@@ -400,10 +400,17 @@ impl Correlator {
             let last = expected.last().and_then(|s| self.plan.hop(s.hop));
             let at_destination = reached_end
                 && last.is_some_and(|l| d.location.starts_with(&format!("{}/", l.owner)));
-            if at_destination && after_delivery(&d.reason) {
+            let dest = last.map(|l| l.owner.as_str()).unwrap_or("the destination");
+            if at_destination && d.reason == crate::probes::UNREPORTED {
+                // Before 5.17 the kernel gives no reason: a free after delivery is most often
+                // a raw socket's copy (ping's), but a filter in the pod cannot be told apart.
                 rec.notes.push(format!(
-                    "delivered to {}; its socket layer then freed it ({}){}",
-                    last.map(|l| l.owner.as_str()).unwrap_or("the destination"),
+                    "delivered to {dest}; the kernel then freed it without saying why (this kernel reports no drop reasons): usually a raw socket's copy, as ping's, else a netfilter rule in {dest}"
+                ));
+                rec.drop = None;
+            } else if at_destination && after_delivery(&d.reason) {
+                rec.notes.push(format!(
+                    "delivered to {dest}; its socket layer then freed it ({}){}",
                     d.reason,
                     if d.reason == "NO_SOCKET" {
                         ": a raw socket took a copy, as ping's does, or nothing listens"
@@ -631,6 +638,23 @@ mod tests {
             },
         });
         assert_eq!(c.finish()[0].fate, Fate::Dropped);
+        // A kernel without drop reasons (< 5.17): after delivery, a note that says so.
+        let f = flow(DST, POD, 7, 3, 0);
+        walk(&mut c, f, &plan.reverse, 400_000);
+        c.feed(Observation {
+            ts_ns: 499_000,
+            flow: f,
+            skb_len: 98,
+            seen: Seen::Drop {
+                hop: None,
+                location: "pod-a1/eth0".into(),
+                netns_cookie: 1,
+                reason: crate::probes::UNREPORTED.into(),
+            },
+        });
+        let recs = c.finish();
+        assert_eq!(recs[0].fate, Fate::Complete);
+        assert!(recs[0].notes[0].contains("without saying why"), "{:?}", recs[0].notes);
     }
 
     #[test]

@@ -539,11 +539,11 @@ impl Guest<'_> {
                 if !ping.ok() {
                     bail!("ping failed: {}", ping.brief());
                 }
+                tc_mode = ready["tc"].clone();
                 let summary = summary_of(&out)?;
                 if summary["verdict"] != "confirmed" || !out.ok() {
                     bail!("verdict {} ({})", summary["verdict"], out.brief());
                 }
-                tc_mode = ready["tc"].clone();
                 ev = evidence(&out);
                 Ok(json!({"mechanisms": mechanisms(&ready), "evidence": ev}))
             });
