@@ -1,9 +1,19 @@
 //! Argument groups shared by the commands that take a pod.
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use podtrace_abi::MAX_SNAPLEN;
 
 use anyhow::{bail, Result};
 
-use crate::topology::pod::{locate, PodLocation, PodRef};
+use crate::{
+    lab::resolver::LabResolver,
+    pcap::CaptureFormat,
+    pods::{
+        cri::CriResolver,
+        process::{ByNetns, ByPid},
+        Chain, PodLocation, PodRef,
+    },
+};
 
 /// `POD` as every command takes it: `NAME`, `NAMESPACE/NAME`, `--pid PID`, `--netns PATH|NAME`
 /// or `--container ID`.
@@ -46,15 +56,80 @@ impl PodArgs {
         }
     }
 
-    pub fn locate(&self) -> Result<PodLocation> {
+    /// The resolvers this command looks pods up with: the lab's registry (unless a runtime
+    /// endpoint was named: then only that runtime finds pods, the lab only names its nodes),
+    /// the container runtime, then pids and namespace paths.
+    pub fn resolvers(&self) -> Chain {
+        Chain::new()
+            .with(
+                LabResolver::new(self.lab.as_deref()).finding_pods(self.runtime_endpoint.is_none()),
+            )
+            .with(CriResolver::new(self.runtime_endpoint.as_deref()))
+            .with(ByPid)
+            .with(ByNetns)
+    }
+
+    /// Finds the pod through `chain` (see [`PodArgs::resolvers`]).
+    pub fn locate(&self, chain: &Chain) -> Result<PodLocation> {
         if self.runtime_endpoint.is_some() && (self.pid.is_some() || self.netns.is_some()) {
             bail!("--runtime-endpoint goes with POD or --container, not --pid or --netns");
         }
-        locate(
-            &self.pod_ref()?,
-            self.lab.as_deref(),
-            self.runtime_endpoint.as_deref(),
-        )
+        chain.locate(&self.pod_ref()?)
+    }
+}
+
+/// Output flags shared by `capture` and `follow -w`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct OutputArgs {
+    /// Write packets to FILE (pcapng unless --format pcap).
+    #[arg(short = 'w', value_name = "FILE")]
+    pub write: Option<PathBuf>,
+    /// Rotate when a file would exceed MB million bytes.
+    #[arg(short = 'C', value_name = "MB", requires = "write")]
+    pub file_size: Option<u64>,
+    /// Rotate every DUR (90, 90s, 10m, 1h); FILE may hold strftime patterns.
+    #[arg(short = 'G', value_name = "DUR", value_parser = parse_duration, requires = "write")]
+    pub rotate_every: Option<Duration>,
+    /// Keep at most N files, as a ring (the oldest is overwritten).
+    #[arg(short = 'W', value_name = "N", requires = "write")]
+    pub file_count: Option<u32>,
+    /// pcapng (default: one interface per hop, direction per packet) or pcap.
+    #[arg(
+        long,
+        value_name = "pcapng|pcap",
+        default_value = "pcapng",
+        requires = "write"
+    )]
+    pub format: CaptureFormat,
+    /// Bytes of each packet to keep (0 or unset: whole packets, up to 65536).
+    #[arg(short = 's', value_name = "SNAPLEN", requires = "write")]
+    pub snaplen: Option<u32>,
+}
+
+impl OutputArgs {
+    /// Where and how to write, when `-w` was given (the rotation flags checked).
+    pub fn sink_options(&self) -> Result<Option<crate::pcap::sink::SinkOptions>> {
+        let Some(path) = self.write.clone() else {
+            return Ok(None);
+        };
+        Ok(Some(crate::pcap::sink::SinkOptions {
+            path,
+            format: self.format,
+            policy: crate::pcap::RotationPolicy::from_flags(
+                self.file_size,
+                self.rotate_every,
+                self.file_count,
+            )?,
+            snaplen: self.kernel_snaplen(),
+        }))
+    }
+
+    /// The snap length the kernel applies.
+    pub fn kernel_snaplen(&self) -> u32 {
+        match self.snaplen {
+            None | Some(0) => MAX_SNAPLEN,
+            Some(n) => n.min(MAX_SNAPLEN),
+        }
     }
 }
 

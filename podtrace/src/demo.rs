@@ -141,9 +141,9 @@ impl Background {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        std::thread::sleep(Duration::from_millis(100));
-        let out: Vec<String> = self.stdout.try_iter().collect();
-        let err: Vec<String> = self.stderr.try_iter().collect();
+        // Everything it printed: the readers end at the pipes' end of file.
+        let out: Vec<String> = self.stdout.iter().collect();
+        let err: Vec<String> = self.stderr.iter().collect();
         Ok((status.code().unwrap_or(-1), out.join("\n"), err.join("\n")))
     }
 }
@@ -264,10 +264,10 @@ fn step_drop() -> Result<()> {
         "Packets vanish: where, and why?",
         "seeds 001/002: intermittent loss between pods; here a netfilter DROP on node-a",
     );
-    show("podtrace lab exec node-a -- iptables -A FORWARD -p icmp -j DROP   (the fault)");
+    show("podtrace lab exec node-a -- iptables -I FORWARD -p icmp -j DROP   (the fault)");
     if !lab_exec(
         "node-a",
-        &["iptables", "-A", "FORWARD", "-p", "icmp", "-j", "DROP"],
+        &["iptables", "-I", "FORWARD", "-p", "icmp", "-j", "DROP"],
     )? {
         bail!("could not inject the fault");
     }
@@ -434,21 +434,9 @@ fn step_verify_eni() -> Result<()> {
     println!();
     let ns = crate::netns::path_of(&format!("{PREFIX}node-c"));
     show("podtrace lab exec node-c -- ip rule del from 10.19.0.32 lookup 3   (the fault)");
-    let deleted = crate::topology::read::in_netns(Some(&ns), |h| async move {
-        use futures::TryStreamExt as _;
-        let mut rules = h.rule().get(rtnetlink::IpVersion::V4).execute();
-        while let Some(rule) = rules.try_next().await? {
-            let from_pod = rule.attributes.iter().any(|a| {
-                matches!(a, rtnetlink::packet_route::rule::RuleAttribute::Source(ip)
-                    if *ip == std::net::IpAddr::from([10, 19, 0, 32]))
-            });
-            if from_pod {
-                h.rule().del(rule).execute().await?;
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    })?;
+    let deleted = crate::netlink::in_ns(&ns, |nl| {
+        nl.del_rules_from(std::net::Ipv4Addr::new(10, 19, 0, 32))
+    })? > 0;
     if !deleted {
         bail!("pod-c2's rule was not found");
     }

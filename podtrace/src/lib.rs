@@ -10,16 +10,25 @@
 //! - [`verify`]: `verify eni`, proving ENI traffic bypasses the primary interface.
 //! - [`lab`]: the seeds' flannel and ENI topologies rebuilt in network namespaces.
 //! - [`pcap`]: pcap/pcapng writing with rotation, and the capture filter language.
+//! - [`services`]: Kubernetes Services as kube-proxy's iptables rules implement them on a node.
+//! - [`conntrack`]: the kernel's connection tracking table over netlink (NAT translations).
 //! - [`cri`]: finding real pods through the container runtime's CRI socket (containerd, CRI-O).
 pub mod capture;
 pub mod cli;
+pub mod conntrack;
 pub mod cri;
 pub mod demo;
+pub mod diagnose;
 pub mod follow;
 pub mod lab;
+pub mod netlink;
 pub mod netns;
 pub mod pcap;
+pub mod pods;
 pub mod privilege;
 pub mod probes;
+pub mod services;
+pub mod signals;
 pub mod topology;
+pub mod trace;
 pub mod verify;

@@ -41,6 +41,12 @@ fn root() -> anyhow::Result<()> {
     podtrace::privilege::require_root()
 }
 
+/// Root, and SIGINT/SIGTERM as a request to stop that detaches everything on the way out.
+fn tracing() -> anyhow::Result<()> {
+    root()?;
+    podtrace::signals::install()
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -60,9 +66,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Lab(args) => root().and_then(|()| podtrace::lab::run(args)),
         Command::Topo(args) => root().and_then(|()| podtrace::topology::cmd::run(args)),
-        Command::Follow(args) => root().and_then(|()| podtrace::follow::run(args)),
-        Command::Capture(args) => root().and_then(|()| podtrace::capture::run(args)),
-        Command::Verify(cmd) => root().and_then(|()| podtrace::verify::run(cmd)),
+        Command::Follow(args) => tracing().and_then(|()| podtrace::follow::run(args)),
+        Command::Capture(args) => tracing().and_then(|()| podtrace::capture::run(args)),
+        Command::Verify(cmd) => tracing().and_then(|()| podtrace::verify::run(cmd)),
         Command::Demo(args) => root().and_then(|()| podtrace::demo::run(args)),
     };
     match result {

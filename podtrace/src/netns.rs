@@ -1,14 +1,20 @@
 //! Network namespaces: create and delete named ones (as `ip netns add/del` does, without
-//! running `ip`), and run code inside one.
+//! running `ip`), run code inside one ([`run_in`]) and start commands inside one
+//! ([`command_in`]).
 //!
 //! `setns(2)` is per thread, so [`run_in`] runs its closure on a short-lived scoped thread that
 //! entered the namespace; the caller's thread never changes namespace. Sockets (netlink
 //! included) stay bound to the namespace they were created in.
 use std::{
+    ffi::CString,
     fs::{self, File, OpenOptions},
     io,
-    os::unix::fs::OpenOptionsExt,
+    os::{
+        fd::{AsRawFd, RawFd},
+        unix::{fs::OpenOptionsExt, process::CommandExt},
+    },
     path::{Path, PathBuf},
+    process::Command,
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -164,4 +170,90 @@ pub fn inode_of(path: &Path) -> Result<u64> {
     Ok(fs::metadata(path)
         .with_context(|| format!("network namespace {} not found", path.display()))?
         .ino())
+}
+
+/// Writes a sysctl under /proc/sys (`key` as a path, e.g. `net/ipv4/ip_forward`; interface
+/// names may contain dots, so no dotted form) and reads it back.
+///
+/// /proc/sys/net shows the network namespace of the thread that opens the file, so call this
+/// on the thread that entered the namespace (inside [`crate::netlink::in_ns`] or
+/// [`run_in`]).
+pub fn sysctl(key: &str, value: &str) -> Result<()> {
+    let path = Path::new("/proc/sys").join(key);
+    fs::write(&path, value).with_context(|| format!("writing {value} to {}", path.display()))?;
+    let back = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    if back.trim() != value {
+        bail!(
+            "{} reads {:?} after writing {value:?}",
+            path.display(),
+            back.trim()
+        );
+    }
+    Ok(())
+}
+
+/// Reads a sysctl (see [`sysctl`] about namespaces).
+pub fn sysctl_get(key: &str) -> Result<String> {
+    let path = Path::new("/proc/sys").join(key);
+    match fs::read_to_string(&path) {
+        Ok(s) => Ok(s.trim().to_owned()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(anyhow!("no sysctl {}", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// A [`Command`] that runs `program args...` inside the network namespace at `netns`.
+///
+/// The namespace file is opened now (close-on-exec) and kept open by the returned command, so
+/// a namespace deleted in between fails the spawn rather than running the command elsewhere.
+pub fn command_in(netns: &Path, program: &str, args: &[String]) -> Result<Command> {
+    let ns = File::open(netns)
+        .with_context(|| format!("network namespace {} not found", netns.display()))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    enter_in_child(&mut cmd, ns)?;
+    Ok(cmd)
+}
+
+/// Makes `cmd`'s child process enter the network namespace `ns` before it execs.
+pub fn enter_in_child(cmd: &mut Command, ns: File) -> Result<()> {
+    // Everything the child touches is prepared here: between fork and exec only
+    // async-signal-safe calls are allowed (no allocation).
+    let root = CString::new("/")?;
+    let sys = CString::new("/sys")?;
+    let sysfs = CString::new("sysfs")?;
+    // SAFETY: the hook only makes raw syscalls on data prepared above; `ns` moves into the
+    // closure, so its fd stays open until the command is dropped.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd: RawFd = ns.as_raw_fd();
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Best effort, as `ip netns exec`: a private mount namespace (slave, so nothing
+            // propagates back to the machine's) with a sysfs of the new network namespace.
+            if libc::unshare(libc::CLONE_NEWNS) == 0
+                && libc::mount(
+                    std::ptr::null(),
+                    root.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_SLAVE | libc::MS_REC,
+                    std::ptr::null(),
+                ) == 0
+                && libc::umount2(sys.as_ptr(), libc::MNT_DETACH) == 0
+            {
+                libc::mount(
+                    sysfs.as_ptr(),
+                    sys.as_ptr(),
+                    sysfs.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                );
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }

@@ -339,9 +339,8 @@ impl Running {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                // Drain what is left.
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                while let Ok(l) = self.lines.try_recv() {
+                // Everything it printed: the reader ends at the pipe's end of file.
+                while let Ok(l) = self.lines.recv_timeout(std::time::Duration::from_secs(5)) {
                     self.seen.push(l);
                 }
                 let lines = std::mem::take(&mut self.seen);
@@ -357,6 +356,33 @@ impl Running {
                 self.stderr()
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Waits (up to `secs`) until the stdout lines read so far satisfy `done`.
+    pub fn wait_lines(&mut self, secs: u64, done: impl Fn(&[String]) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while !done(&self.seen) {
+            match self
+                .lines
+                .recv_timeout(std::time::Duration::from_millis(100))
+            {
+                Ok(l) => self.seen.push(l),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "podtrace ended first; stdout: {:?}; stderr: {}",
+                        self.seen,
+                        self.stderr()
+                    )
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "waited {secs}s; stdout so far: {:?}; stderr: {}",
+                self.seen,
+                self.stderr()
+            );
         }
     }
 
@@ -379,4 +405,38 @@ pub fn json_lines(lines: &[String]) -> Vec<serde_json::Value> {
         .iter()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
+}
+
+/// Waits (polling, up to `secs`) until `cond` holds; panics naming `what` otherwise. For
+/// conditions with no event to wait on (a socket bound in another namespace, a kernel object
+/// released).
+pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited {secs}s for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        // SIGTERM first: `podtrace lab exec` passes it on to the command it runs.
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -4,7 +4,6 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
 };
 
 use podtrace_tests::{podtrace, Lab, Running};
@@ -197,7 +196,7 @@ fn rotation_by_size_keeps_a_ring_of_w_files() {
     );
     // ~1400-byte datagrams, seen on 10 hops: about 5.6 MB in all.
     udp_burst(&lab, "pod-a1", "10.244.1.5", 7000, 400, 1400);
-    std::thread::sleep(Duration::from_millis(500));
+    // On SIGINT podtrace writes out what the kernel still holds before it closes the ring.
     run.signal(nix::sys::signal::Signal::SIGINT);
     let (code, _, stderr) = run.wait(20);
     assert_eq!(code, Some(0), "{stderr}");
@@ -238,17 +237,20 @@ fn rotation_by_time_and_by_both() {
             "2",
         ],
     );
-    for _ in 0..4 {
-        let _ = lab.exec("pod-a1", &["ping", "-c", "2", "-i", "0.2", "10.244.1.5"]);
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    // 2.75 s of pings: at least three 1-second intervals, so at least three files, of
+    // which the ring keeps the newest two.
+    let _ = lab.exec("pod-a1", &["ping", "-c", "12", "-i", "0.25", "10.244.1.5"]);
     run.signal(nix::sys::signal::Signal::SIGTERM);
     let (code, _, stderr) = run.wait(20);
     assert_eq!(code, Some(0), "{stderr}");
     let files = dir.files();
-    assert!(!files.is_empty() && files.len() <= 2, "{files:?}");
+    assert_eq!(files.len(), 2, "a ring of two: {files:?}");
+    assert!(stderr.contains("older ones rotated out"), "{stderr}");
     for f in &files {
-        tshark(f, "icmp", &["frame.number"]);
+        assert!(
+            !tshark(f, "icmp", &["frame.number"]).is_empty(),
+            "{f:?} readable, with packets of its interval"
+        );
     }
     // Both: size or time, whichever first.
     let both = dir.file("b.pcapng");
@@ -268,8 +270,11 @@ fn rotation_by_time_and_by_both() {
             "4",
         ],
     );
+    // About 4.2 MB of UDP in under a second (size rotations), then 3 s of pings, far below
+    // a megabyte. The last file of the burst runs at most 1 s into the pings; after it,
+    // time rotations make at least two files of pings only.
     udp_burst(&lab, "pod-a1", "10.244.1.5", 7001, 300, 1400);
-    std::thread::sleep(Duration::from_millis(1500));
+    let _ = lab.exec("pod-a1", &["ping", "-c", "13", "-i", "0.25", "10.244.1.5"]);
     run.signal(nix::sys::signal::Signal::SIGINT);
     let (code, _, stderr) = run.wait(20);
     assert_eq!(code, Some(0), "{stderr}");
@@ -278,11 +283,22 @@ fn rotation_by_time_and_by_both() {
         .into_iter()
         .filter(|f| f.to_string_lossy().contains("b.pcapng"))
         .collect();
-    assert!(files.len() >= 2 && files.len() <= 4, "{files:?}");
+    assert_eq!(files.len(), 4, "a ring of four: {files:?}");
+    assert!(stderr.contains("older ones rotated out"), "{stderr}");
+    let mut icmp_only = 0;
     for f in &files {
         assert!(std::fs::metadata(f).unwrap().len() <= 1_000_000);
-        tshark(f, "udp", &["frame.number"]);
+        let udp = tshark(f, "udp.dstport == 7001 and not icmp", &["frame.number"]);
+        let icmp = tshark(f, "icmp.type == 8 or icmp.type == 0", &["frame.number"]);
+        assert!(!udp.is_empty() || !icmp.is_empty(), "{f:?} has packets");
+        if udp.is_empty() {
+            icmp_only += 1;
+        }
     }
+    assert!(
+        icmp_only >= 2,
+        "the pings were split by time, not size: {icmp_only} file(s) of pings only"
+    );
 }
 
 #[test]
@@ -373,7 +389,7 @@ fn stop_on_drop_keeps_what_led_to_it() {
     assert!(ok.status.success());
     let out = lab.exec(
         "node-a",
-        &["iptables", "-A", "FORWARD", "-p", "icmp", "-j", "DROP"],
+        &["iptables", "-I", "FORWARD", "-p", "icmp", "-j", "DROP"],
     );
     assert!(out.status.success());
     let _ = lab.exec("pod-a1", &["ping", "-c", "1", "-W", "1", "10.244.1.5"]);

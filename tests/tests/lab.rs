@@ -53,7 +53,7 @@ impl Lab {
     /// Runs `argv` inside `name`'s namespace through podtrace's exec API.
     fn exec(&self, name: &str, argv: &[&str]) -> Output {
         let args: Vec<String> = argv[1..].iter().map(|s| s.to_string()).collect();
-        lab::exec::command(self.netns(name), argv[0], &args)
+        podtrace::netns::command_in(self.netns(name), argv[0], &args)
             .unwrap()
             .output()
             .unwrap_or_else(|e| panic!("running {argv:?} in {name}: {e}"))
@@ -100,6 +100,7 @@ fn empty_registry(prefix: &str) -> Registry {
         pods: Vec::new(),
         nodes: Vec::new(),
         hosts: Vec::new(),
+        services: Vec::new(),
     }
 }
 
@@ -124,7 +125,7 @@ impl Capture {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let mut child = lab::exec::command(lab.netns(name), "tcpdump", &args)
+        let mut child = podtrace::netns::command_in(lab.netns(name), "tcpdump", &args)
             .unwrap()
             .stdin(Stdio::null())
             .stdout(Stdio::null())

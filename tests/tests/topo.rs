@@ -1,6 +1,6 @@
 //! `podtrace topo` on the lab: the hop chain and the routing decision, read from the kernel,
 //! for the flannel and the ENI topologies; the same answers by --pid and --netns; bad input.
-use std::process::Command;
+use std::{os::unix::fs::MetadataExt as _, process::Command};
 
 use podtrace_tests::Lab;
 use serde_json::Value;
@@ -160,8 +160,14 @@ fn pid_and_netns_give_the_same_answer() {
         ])
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Once `ip netns exec` has entered the namespace and exec'd sleep.
     let pid = sleeper.id().to_string();
+    let pod_ino = std::fs::metadata(&ns).unwrap().ino();
+    podtrace_tests::wait_until(10, "the sleeper to enter pod-c2's namespace", || {
+        std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| m.ino() == pod_ino)
+            && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "sleep")
+    });
     let by_pid = topo_json(&lab, &["--pid", &pid, "--dst", "10.19.0.11"]);
     let by_netns = topo_json(
         &lab,

@@ -1,7 +1,6 @@
 //! `podtrace verify eni` on the lab: both ENI pods pass (probing themselves, and with traffic
 //! started by master), pod-c2 fails with the cause named once its 1536 rule is gone, and a
 //! flannel pod is an error.
-use std::time::Duration;
 
 use podtrace_tests::{json_lines, Lab, Running};
 use serde_json::Value;
@@ -94,7 +93,6 @@ fn without_its_rule_pod_c2_fails_with_the_cause() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    std::thread::sleep(Duration::from_millis(100));
     let (code, v) = verify(&lab, "pod-c2", &["--probe"]);
     assert_eq!(v["verdict"], "fail", "{v:#}");
     assert_eq!(code, Some(1));

@@ -2,11 +2,13 @@
 //!
 //! - `setup`: install what a fresh Debian 12 machine lacks to build and test podtrace
 //!   (idempotent; a no-op in seconds when everything is there).
-//! - `test`: setup, then rustfmt, clippy (-D warnings), and every test, the privileged ones
-//!   included (run as root).
+//! - `test`: setup, then rustfmt, clippy (-D warnings), every test, the privileged ones
+//!   included (run as root), and the kernel matrix (`vmtest`).
 //! - `demo`: setup, build, then run the demo.
 //! - `bench`: setup, release build, then the benchmark on its own lab (attach latency,
 //!   data-path overhead, lossless capture rate, memory; against tcpdump). Not part of `test`.
+//! - `vmtest`: the static podtrace on Debian's 5.10, 6.1 and 6.12 kernels under QEMU (see
+//!   `vmtest/mod.rs`); part of `test`.
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode},
@@ -31,7 +33,8 @@ struct Cli {
 enum Task {
     /// Install the Debian packages, nightly rust-src and bpf-linker the build and tests need.
     Setup,
-    /// Set up, then check formatting and lints and run every test (needs root).
+    /// Set up, then check formatting and lints, run every test (needs root) and, unless a
+    /// test filter is given, the kernel matrix (vmtest).
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(last = true)]
@@ -110,7 +113,22 @@ fn test(extra: &[String]) -> Result<()> {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));
     }
-    run("cargo", &args)
+    run("cargo", &args)?;
+    // The kernel matrix (5.10, 6.1, 6.12 under QEMU); a filtered run is a focused one and
+    // leaves it out.
+    if extra.is_empty() {
+        let started = std::time::Instant::now();
+        vmtest::run(vmtest::VmtestArgs {
+            kernel: "all".into(),
+            keep: false,
+            only: None,
+        })?;
+        eprintln!(
+            "xtask: vmtest took {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 fn demo() -> Result<()> {

@@ -31,7 +31,6 @@ use std::{
     future::Future,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    sync::Mutex,
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -144,8 +143,9 @@ impl CriPod {
         format!("{} ({what}, {})", self.display_name(), self.state)
     }
 
-    /// The network namespace of the pod, checked to exist.
-    pub fn network_namespace(&self) -> Result<PathBuf> {
+    /// Fails when the pod has no network of its own to trace: host network, or a sandbox that
+    /// is not ready (its network is torn down).
+    pub fn check_usable(&self) -> Result<()> {
         if self.host_network {
             bail!(
                 "pod {} uses the node's network namespace (hostNetwork): it has no pod interface to trace",
@@ -159,28 +159,7 @@ impl CriPod {
                 short(&self.id)
             );
         }
-        let candidates = self
-            .netns
-            .iter()
-            .cloned()
-            .chain(self.pid.map(|p| PathBuf::from(format!("/proc/{p}/ns/net"))));
-        for ns in candidates {
-            if ns.exists() {
-                return Ok(ns);
-            }
-        }
-        bail!(
-            "{} reports no network namespace podtrace can open for pod {} (netns {}, pid {})",
-            self.endpoint,
-            self.display_name(),
-            self.netns
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "none".into()),
-            self.pid
-                .map(|p| p.to_string())
-                .unwrap_or_else(|| "none".into())
-        )
+        Ok(())
     }
 
     /// The runtime's network namespace: the node's.
@@ -400,21 +379,6 @@ where
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p))
     })
-}
-
-/// The runtime a pod of this run was found through: destinations are looked up there too.
-static USED: Mutex<Option<Endpoint>> = Mutex::new(None);
-
-/// Remembers the runtime a pod was found through.
-pub fn remember(endpoint: &Endpoint) {
-    if let Ok(mut u) = USED.lock() {
-        *u = Some(endpoint.clone());
-    }
-}
-
-/// The runtime a pod of this run was found through, if any.
-pub fn used_endpoint() -> Option<Endpoint> {
-    USED.lock().ok().and_then(|u| u.clone())
 }
 
 #[cfg(test)]

@@ -1,49 +1,27 @@
 //! Correlation: the events of the same packet, seen at different hops and in different
 //! namespaces (and inside VXLAN on the underlay), grouped into one record with its timeline;
-//! then the run's verdict from the records and the expected path.
+//! then each record judged against the expected path, and the run's verdict.
 //!
 //! A packet is recognised by what no hop changes: its inner addresses, protocol, ports, IP id
 //! and the TCP sequence number or ICMP id/sequence (marks are scrubbed between namespaces, so
 //! they cannot be used).
+//!
+//! The order of a record's hops is the order the kernel saw: by timestamp within a node (one
+//! clock), by the expected path across nodes (clocks of different machines cannot be
+//! compared). A packet seen at an expected hop before one that should come first is *out of
+//! order*, and the verdict says so.
 use std::collections::{BTreeMap, HashMap};
 
-use podtrace_abi::FlowInfo;
 use serde::Serialize;
 
-use super::plan::{Hook, Plan, Step};
-
-/// What one probe saw.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Seen {
-    /// A tc hook on a planned hop.
-    Tc { hop: u32, hook: Hook },
-    /// The kernel freed the packet with a drop reason. `hop` when it happened on a planned hop's
-    /// device; `location` names the place either way.
-    Drop {
-        hop: Option<u32>,
-        location: String,
-        netns_cookie: u64,
-        reason: String,
+use crate::{
+    diagnose::{after_delivery, drop_hint},
+    trace::{
+        event::{DropEvent, FibEvent, Flow, HopEvent, XmitEvent},
+        plan::{Hook, Plan, Step},
+        TraceEvent,
     },
-    /// A route lookup for the conversation.
-    Fib {
-        location: String,
-        table: u32,
-        oif: String,
-        gateway: Option<String>,
-        err: i32,
-    },
-    /// A device transmitted it (`hop` when it is a planned hop).
-    Xmit { hop: Option<u32>, location: String },
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Observation {
-    pub ts_ns: u64,
-    pub flow: FlowInfo,
-    pub skb_len: u32,
-    pub seen: Seen,
-}
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -84,14 +62,25 @@ pub struct FibSeen {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fate {
-    /// Every expected hop, nothing else.
+    /// Every expected hop, in order, nothing else.
     Complete,
     /// Freed by the kernel with a drop reason.
     Dropped,
     /// Seen where it should not be.
     Diverged,
+    /// Seen at the expected hops, but not in the expected order.
+    OutOfOrder,
     /// Stopped being seen, with no drop reported.
     Vanished,
+}
+
+/// A hop seen before one the path puts ahead of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct OutOfOrder {
+    /// The step seen too early.
+    pub early: Step,
+    /// The step it was seen before.
+    pub before: Step,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -99,7 +88,8 @@ pub struct PacketRecord {
     pub id: u64,
     pub direction: Direction,
     #[serde(skip)]
-    pub flow: FlowInfo,
+    pub flow: Flow,
+    /// In the order the kernel saw them (see the module's docs).
     pub hops: Vec<HopSeen>,
     pub drop: Option<DropSeen>,
     pub fib: Vec<FibSeen>,
@@ -108,6 +98,8 @@ pub struct PacketRecord {
     pub unexpected: Vec<u32>,
     /// Expected steps it was not seen at.
     pub missing: Vec<Step>,
+    /// Expected steps seen in the wrong order.
+    pub out_of_order: Vec<OutOfOrder>,
     pub fate: Fate,
     /// A drop after delivery that is not a path problem (a raw socket's copy, say).
     pub notes: Vec<String>,
@@ -115,9 +107,16 @@ pub struct PacketRecord {
 
 type Key = (u32, u32, u8, u16, u16, u16, u32, u8);
 
-fn key(f: &FlowInfo) -> Key {
+fn key(f: &Flow) -> Key {
     (
-        f.saddr, f.daddr, f.proto, f.sport, f.dport, f.ip_id, f.seq, f.flags,
+        u32::from(f.src),
+        u32::from(f.dst),
+        f.proto,
+        f.sport,
+        f.dport,
+        f.ip_id,
+        f.seq,
+        f.flags,
     )
 }
 
@@ -126,67 +125,21 @@ struct Open {
     last_ts: u64,
 }
 
-/// What the kernel's drop reason most likely means, in a sentence.
-pub fn drop_hint(reason: &str, location: &str) -> String {
-    let owner = location.split('/').next().unwrap_or(location);
-    match reason {
-        "NETFILTER_DROP" => format!(
-            "a netfilter rule (iptables/nftables) on {owner} dropped it: check its FORWARD/INPUT/OUTPUT chains"
-        ),
-        "IP_NOROUTE" | "NO_ROUTE" => format!("{owner} has no route for it"),
-        "IP_RPFILTER" => format!(
-            "rp_filter on {owner}: the source is not routed back through the interface it came in on"
-        ),
-        "NEIGH_FAILED" | "NEIGH_QUEUEFULL" | "NEIGH_DEAD" => {
-            format!("neighbour (ARP) resolution failed on {owner}")
-        }
-        r if r.starts_with("VXLAN") => format!(
-            "VXLAN on {owner} could not forward it: no FDB entry (remote VTEP) for the next hop's MAC"
-        ),
-        "TC_INGRESS" | "TC_EGRESS" => format!("a tc program on {owner} dropped it"),
-        "PKT_TOO_SMALL" | "PKT_TOO_BIG" | "IP_OUTNOROUTES" => {
-            format!("{owner} could not send it ({reason})")
-        }
-        "OTHERHOST" => format!("{owner} got a frame for another host's MAC"),
-        "IP_INHDR" | "IP_CSUM" => format!("a malformed IP header reached {owner}"),
-        "NO_SOCKET" => format!("no socket on {owner} accepted it"),
-        "QDISC_DROP" | "FQ_DROP" => format!("a queue on {owner} was full"),
-        crate::probes::UNREPORTED => format!(
-            "the kernel dropped it on {owner}; this kernel does not say why (drop reasons came in 5.17): check netfilter rules, routes and neighbours there"
-        ),
-        other => format!("the kernel dropped it on {owner} ({other})"),
-    }
-}
-
-/// Reasons the destination's socket layer gives for freeing a packet the network delivered:
-/// not a path problem (a netfilter drop in the destination pod still is one).
-pub fn after_delivery(reason: &str) -> bool {
-    reason.starts_with("TCP_")
-        || reason.starts_with("SOCKET_")
-        || matches!(
-            reason,
-            "NO_SOCKET" | "NOT_SPECIFIED" | "QUEUE_PURGE" | "PROTO_MEM" | "UDP_CSUM"
-        )
-}
-
-/// Groups observations into packet records.
+/// Groups events into packet records.
 pub struct Correlator {
     plan: Plan,
-    /// The pod's address (network order, as in [`FlowInfo`]).
-    pod_ip: u32,
     open: HashMap<Key, Open>,
     next_id: u64,
-    /// Packets seen per hop (tc events).
+    /// Packets seen per hop (hop events).
     pub counts: BTreeMap<u32, u64>,
     /// FIB lookups no packet took (e.g. before the first hop event).
     pub loose_fib: Vec<FibSeen>,
 }
 
 impl Correlator {
-    pub fn new(plan: Plan, pod_ip: u32) -> Self {
+    pub fn new(plan: Plan) -> Self {
         Self {
             plan,
-            pod_ip,
             open: HashMap::new(),
             next_id: 1,
             counts: BTreeMap::new(),
@@ -198,149 +151,167 @@ impl Correlator {
         &self.plan
     }
 
-    fn direction(&self, f: &FlowInfo) -> Direction {
-        if f.saddr == self.pod_ip {
+    fn direction(&self, f: &Flow) -> Direction {
+        if f.src == self.plan.filter.pod {
             Direction::Forward
         } else {
             Direction::Reverse
         }
     }
 
-    fn open_record(&mut self, f: &FlowInfo, ts: u64) -> &mut Open {
-        let id = self.next_id;
-        self.next_id += 1;
-        let direction = self.direction(f);
+    fn record(&mut self, f: &Flow, ts: u64) -> &mut Open {
         let k = key(f);
-        self.open.insert(
-            k,
-            Open {
-                rec: PacketRecord {
-                    id,
-                    direction,
-                    flow: *f,
-                    hops: Vec::new(),
-                    drop: None,
-                    fib: Vec::new(),
-                    xmit: Vec::new(),
-                    unexpected: Vec::new(),
-                    missing: Vec::new(),
-                    fate: Fate::Vanished,
-                    notes: Vec::new(),
+        if !self.open.contains_key(&k) {
+            let id = self.next_id;
+            self.next_id += 1;
+            let direction = self.direction(f);
+            self.open.insert(
+                k,
+                Open {
+                    rec: PacketRecord {
+                        id,
+                        direction,
+                        flow: *f,
+                        hops: Vec::new(),
+                        drop: None,
+                        fib: Vec::new(),
+                        xmit: Vec::new(),
+                        unexpected: Vec::new(),
+                        missing: Vec::new(),
+                        out_of_order: Vec::new(),
+                        fate: Fate::Vanished,
+                        notes: Vec::new(),
+                    },
+                    last_ts: ts,
                 },
-                last_ts: ts,
-            },
-        );
-        self.open.get_mut(&k).expect("just inserted")
+            );
+        }
+        self.open.get_mut(&k).expect("present")
     }
 
-    /// Takes one observation. Returns a record that a repeat of the same packet closed early.
-    pub fn feed(&mut self, obs: Observation) -> Option<PacketRecord> {
-        let k = key(&obs.flow);
-        let mut closed = None;
-        match obs.seen {
-            Seen::Tc { hop, hook } => {
-                *self.counts.entry(hop).or_default() += 1;
-                // The same hop and hook twice: a new packet with identical headers.
-                if self
-                    .open
-                    .get(&k)
-                    .is_some_and(|o| o.rec.hops.iter().any(|h| h.hop == hop && h.hook == hook))
-                {
-                    let o = self.open.remove(&k).expect("checked");
-                    closed = Some(self.finalize(o.rec));
-                }
-                let plan_hop_known = self.plan.hop(hop).is_some();
-                let o = match self.open.contains_key(&k) {
-                    true => self.open.get_mut(&k).expect("checked"),
-                    false => self.open_record(&obs.flow, obs.ts_ns),
-                };
-                if plan_hop_known {
-                    o.rec.hops.push(HopSeen {
-                        hop,
-                        hook,
-                        ts_ns: obs.ts_ns,
-                        encap: obs.flow.encap != 0,
-                        len: obs.skb_len,
-                    });
-                }
-                o.last_ts = o.last_ts.max(obs.ts_ns);
+    /// Takes one event. Returns a record that a repeat of the same packet closed early.
+    pub fn feed(&mut self, ev: &TraceEvent) -> Option<PacketRecord> {
+        match ev {
+            TraceEvent::Hop(h) => self.hop(h),
+            TraceEvent::Drop(d) => {
+                self.drop_seen(d);
+                None
             }
-            Seen::Drop {
-                hop,
-                location,
-                reason,
-                ..
-            } => {
-                let o = match self.open.contains_key(&k) {
-                    true => self.open.get_mut(&k).expect("checked"),
-                    false => self.open_record(&obs.flow, obs.ts_ns),
-                };
-                let hint = drop_hint(&reason, &location);
-                o.rec.drop = Some(DropSeen {
-                    hop,
-                    location,
-                    reason,
-                    ts_ns: obs.ts_ns,
-                    hint,
-                });
-                o.last_ts = o.last_ts.max(obs.ts_ns);
+            TraceEvent::Fib(f) => {
+                self.fib(f);
+                None
             }
-            Seen::Xmit { location, .. } => {
-                if let Some(o) = self.open.get_mut(&k) {
-                    if !o.rec.xmit.contains(&location) {
-                        o.rec.xmit.push(location);
-                    }
-                    o.last_ts = o.last_ts.max(obs.ts_ns);
-                }
+            TraceEvent::Xmit(x) => {
+                self.xmit(x);
+                None
             }
-            Seen::Fib {
-                location,
-                table,
-                oif,
-                gateway,
-                err,
-            } => {
-                // -EAGAIN: this table had no answer and the rule walk went on; not a decision.
-                if err == -11 {
-                    return closed;
-                }
-                let fib = FibSeen {
-                    location,
-                    table,
-                    oif,
-                    gateway,
-                    err,
-                    ts_ns: obs.ts_ns,
-                };
-                // Route lookups carry no IP id: give it to the latest open packet between the
-                // same addresses.
-                let target = self
-                    .open
-                    .values_mut()
-                    .filter(|o| {
-                        o.rec.flow.saddr == obs.flow.saddr && o.rec.flow.daddr == obs.flow.daddr
-                    })
-                    .max_by_key(|o| o.last_ts);
-                let same = |a: &FibSeen| {
-                    a.location == fib.location
-                        && a.table == fib.table
-                        && a.oif == fib.oif
-                        && a.gateway == fib.gateway
-                        && a.err == fib.err
-                };
-                match target {
-                    Some(o) if o.rec.fib.iter().any(same) => {}
-                    Some(o) => o.rec.fib.push(fib),
-                    // Kept for the summary, bounded: at high rates most lookups find no
-                    // open packet.
-                    None if self.loose_fib.len() < 256 && !self.loose_fib.iter().any(same) => {
-                        self.loose_fib.push(fib)
-                    }
-                    None => {}
-                }
-            }
+            TraceEvent::Lost { .. } | TraceEvent::Counters(_) => None,
         }
+    }
+
+    fn hop(&mut self, h: &HopEvent) -> Option<PacketRecord> {
+        self.plan.hop(h.hop)?;
+        *self.counts.entry(h.hop).or_default() += 1;
+        let k = key(&h.flow);
+        // The same hop and hook twice: a new packet with identical headers.
+        let mut closed = None;
+        if self.open.get(&k).is_some_and(|o| {
+            o.rec
+                .hops
+                .iter()
+                .any(|s| s.hop == h.hop && s.hook == h.hook)
+        }) {
+            let o = self.open.remove(&k).expect("checked");
+            closed = Some(self.finalize(o.rec));
+        }
+        let o = self.record(&h.flow, h.ts_ns);
+        o.rec.hops.push(HopSeen {
+            hop: h.hop,
+            hook: h.hook,
+            ts_ns: h.ts_ns,
+            encap: h.flow.outer.is_some(),
+            len: h.len,
+        });
+        o.last_ts = o.last_ts.max(h.ts_ns);
         closed
+    }
+
+    fn drop_seen(&mut self, d: &DropEvent) {
+        let location = self.plan.place_name(d.at.ns, d.at.ifindex);
+        let hint = drop_hint(&d.reason, &location);
+        let o = self.record(&d.flow, d.ts_ns);
+        o.rec.drop = Some(DropSeen {
+            hop: d.hop,
+            location,
+            reason: d.reason.to_string(),
+            ts_ns: d.ts_ns,
+            hint,
+        });
+        o.last_ts = o.last_ts.max(d.ts_ns);
+    }
+
+    fn xmit(&mut self, x: &XmitEvent) {
+        let location = self.plan.place_name(x.at.ns, x.at.ifindex);
+        if let Some(o) = self.open.get_mut(&key(&x.flow)) {
+            if !o.rec.xmit.contains(&location) {
+                o.rec.xmit.push(location);
+            }
+            o.last_ts = o.last_ts.max(x.ts_ns);
+        }
+    }
+
+    fn fib(&mut self, f: &FibEvent) {
+        // -EAGAIN: this table had no answer and the rule walk went on; not a decision.
+        if f.err == -11 {
+            return;
+        }
+        let (location, oif) = match f.ns {
+            Some(ns) => (
+                self.plan.owner(ns).to_owned(),
+                match f.oif {
+                    Some(i) => self
+                        .plan
+                        .place_name(ns, i)
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    None => "-".to_owned(),
+                },
+            ),
+            None => ("?".to_owned(), "-".to_owned()),
+        };
+        let fib = FibSeen {
+            location,
+            table: f.table,
+            oif,
+            gateway: f.gateway.map(|g| g.to_string()),
+            err: f.err,
+            ts_ns: f.ts_ns,
+        };
+        // Route lookups carry no IP id: give it to the latest open packet between the same
+        // addresses.
+        let target = self
+            .open
+            .values_mut()
+            .filter(|o| o.rec.flow.src == f.flow.src && o.rec.flow.dst == f.flow.dst)
+            .max_by_key(|o| o.last_ts);
+        let same = |a: &FibSeen| {
+            a.location == fib.location
+                && a.table == fib.table
+                && a.oif == fib.oif
+                && a.gateway == fib.gateway
+                && a.err == fib.err
+        };
+        match target {
+            Some(o) if o.rec.fib.iter().any(same) => {}
+            Some(o) => o.rec.fib.push(fib),
+            // Kept for the summary, bounded: at high rates most lookups find no open packet.
+            None if self.loose_fib.len() < 256 && !self.loose_fib.iter().any(same) => {
+                self.loose_fib.push(fib)
+            }
+            None => {}
+        }
     }
 
     /// Records idle for `idle_ns` at monotonic time `now_ns`, finished.
@@ -365,12 +336,30 @@ impl Correlator {
         self.flush(u64::MAX, 0)
     }
 
-    fn finalize(&self, mut rec: PacketRecord) -> PacketRecord {
-        rec.hops.sort_by_key(|h| h.ts_ns);
-        let expected = match rec.direction {
-            Direction::Forward => &self.plan.forward,
-            Direction::Reverse => &self.plan.reverse,
+    /// Puts a record's hops in the order the kernel saw them: nodes in the order the expected
+    /// path visits them (nodes off the path last), each node's hops by timestamp.
+    fn order(&self, rec: &mut PacketRecord) {
+        let expected = self.plan.path(rec.direction == Direction::Forward);
+        let mut node_rank: Vec<&str> = Vec::new();
+        for s in expected {
+            if let Some(h) = self.plan.hop(s.hop) {
+                if !node_rank.contains(&h.node.as_str()) {
+                    node_rank.push(&h.node);
+                }
+            }
+        }
+        let rank = |hop: u32| -> usize {
+            self.plan
+                .hop(hop)
+                .and_then(|h| node_rank.iter().position(|n| *n == h.node))
+                .unwrap_or(usize::MAX)
         };
+        rec.hops.sort_by_key(|h| (rank(h.hop), h.ts_ns));
+    }
+
+    fn finalize(&self, mut rec: PacketRecord) -> PacketRecord {
+        self.order(&mut rec);
+        let expected = self.plan.path(rec.direction == Direction::Forward);
         let seen = |s: &Step| rec.hops.iter().any(|h| h.hop == s.hop && h.hook == s.hook);
         let mut missing = Vec::new();
         for (i, s) in expected.iter().enumerate() {
@@ -395,13 +384,37 @@ impl Correlator {
             .map(|h| h.hop)
             .collect();
         unexpected.dedup();
+        // The expected steps in the order they were seen (first sighting each): each must
+        // come after the ones before it on the path.
+        let mut out_of_order = Vec::new();
+        let mut furthest: Option<usize> = None;
+        let mut counted: Vec<usize> = Vec::new();
+        for h in &rec.hops {
+            let Some(pos) = expected
+                .iter()
+                .position(|s| s.hop == h.hop && s.hook == h.hook)
+            else {
+                continue;
+            };
+            if counted.contains(&pos) {
+                continue;
+            }
+            counted.push(pos);
+            match furthest {
+                Some(f) if pos < f => out_of_order.push(OutOfOrder {
+                    early: expected[f],
+                    before: expected[pos],
+                }),
+                _ => furthest = Some(pos),
+            }
+        }
         let reached_end = expected.last().is_some_and(seen);
         if let Some(d) = &rec.drop {
             let last = expected.last().and_then(|s| self.plan.hop(s.hop));
             let at_destination = reached_end
                 && last.is_some_and(|l| d.location.starts_with(&format!("{}/", l.owner)));
             let dest = last.map(|l| l.owner.as_str()).unwrap_or("the destination");
-            if at_destination && d.reason == crate::probes::UNREPORTED {
+            if at_destination && &*d.reason == crate::probes::UNREPORTED {
                 // Before 5.17 the kernel gives no reason: a free after delivery is most often
                 // a raw socket's copy (ping's), but a filter in the pod cannot be told apart.
                 rec.notes.push(format!(
@@ -425,6 +438,8 @@ impl Correlator {
             Fate::Dropped
         } else if !unexpected.is_empty() {
             Fate::Diverged
+        } else if !out_of_order.is_empty() {
+            Fate::OutOfOrder
         } else if missing.is_empty() {
             Fate::Complete
         } else {
@@ -432,6 +447,7 @@ impl Correlator {
         };
         rec.missing = missing;
         rec.unexpected = unexpected;
+        rec.out_of_order = out_of_order;
         rec
     }
 }
@@ -446,6 +462,17 @@ pub enum Verdict {
     NotSeen,
 }
 
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Confirmed => "confirmed",
+            Verdict::Diverged => "diverged",
+            Verdict::Dropped => "dropped",
+            Verdict::NotSeen => "not_seen",
+        }
+    }
+}
+
 /// A drop location and reason, with how many packets died there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DropSummary {
@@ -456,6 +483,8 @@ pub struct DropSummary {
     pub direction: Direction,
 }
 
+/// `confirmed` only when every packet went its whole expected path, in order, and nowhere
+/// else.
 pub fn verdict(records: &[PacketRecord]) -> Verdict {
     if records.is_empty() {
         Verdict::NotSeen
@@ -491,34 +520,44 @@ pub fn drops(records: &[PacketRecord]) -> Vec<DropSummary> {
 
 #[cfg(test)]
 mod tests {
+    use std::{net::Ipv4Addr, sync::Arc};
+
     use super::*;
-    use crate::follow::plan::{build, tests as pt};
+    use crate::{
+        topology::{
+            plan::tests::{self as pt, plan_of},
+            Role,
+        },
+        trace::event::Place,
+    };
 
-    const POD: u32 = 0x0900_f40a; // 10.244.0.9 in network order on little endian
-    const DST: u32 = 0x0501_f40a;
+    const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 9);
+    const DST: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
 
-    fn flow(src: u32, dst: u32, id: u16, seq: u32, icmp_type: u8) -> FlowInfo {
-        FlowInfo {
-            saddr: src,
-            daddr: dst,
+    fn flow(src: Ipv4Addr, dst: Ipv4Addr, id: u16, seq: u32, icmp_type: u8) -> Flow {
+        Flow {
+            src,
+            dst,
             proto: 1,
             ip_id: id,
             seq,
             flags: icmp_type,
-            ..FlowInfo::default()
+            ..Flow::default()
         }
     }
 
-    fn tc(c: &mut Correlator, f: FlowInfo, ts: u64, hop: u32, hook: Hook) -> Option<PacketRecord> {
-        c.feed(Observation {
+    fn tc(c: &mut Correlator, f: Flow, ts: u64, hop: u32, hook: Hook) -> Option<PacketRecord> {
+        c.feed(&TraceEvent::Hop(HopEvent {
             ts_ns: ts,
+            hop,
+            hook,
+            len: 98,
             flow: f,
-            skb_len: 98,
-            seen: Seen::Tc { hop, hook },
-        })
+            packet: None,
+        }))
     }
 
-    fn walk(c: &mut Correlator, f: FlowInfo, steps: &[Step], t0: u64) {
+    fn walk(c: &mut Correlator, f: Flow, steps: &[Step], t0: u64) {
         for (i, s) in steps.iter().enumerate() {
             if s.hook != Hook::Bridged {
                 tc(c, f, t0 + i as u64 * 1000, s.hop, s.hook);
@@ -526,10 +565,26 @@ mod tests {
         }
     }
 
+    /// A drop on hop `at`'s device (`hop`: whether to say it is that hop).
+    fn drop_at(c: &mut Correlator, f: Flow, ts: u64, at: u32, hop: bool, reason: &str) {
+        let h = c.plan().hop(at).unwrap().clone();
+        c.feed(&TraceEvent::Drop(DropEvent {
+            ts_ns: ts,
+            at: Place {
+                ns: h.ns,
+                ifindex: h.ifindex,
+            },
+            hop: hop.then_some(at),
+            reason: Arc::from(reason),
+            len: 98,
+            flow: f,
+        }));
+    }
+
     #[test]
     fn a_ping_across_nodes_is_confirmed_both_ways() {
-        let plan = build(&pt::cross_node(), vec![]);
-        let mut c = Correlator::new(plan.clone(), POD);
+        let plan = plan_of(&pt::cross_node());
+        let mut c = Correlator::new(plan.clone());
         walk(&mut c, flow(POD, DST, 1, 7, 8), &plan.forward, 1_000);
         walk(&mut c, flow(DST, POD, 99, 7, 0), &plan.reverse, 50_000);
         let recs = c.finish();
@@ -544,21 +599,11 @@ mod tests {
 
     #[test]
     fn a_drop_names_its_place_and_reason() {
-        let plan = build(&pt::cross_node(), vec![]);
-        let mut c = Correlator::new(plan.clone(), POD);
+        let plan = plan_of(&pt::cross_node());
+        let mut c = Correlator::new(plan.clone());
         let f = flow(POD, DST, 2, 8, 8);
         walk(&mut c, f, &plan.forward[..3], 0);
-        c.feed(Observation {
-            ts_ns: 5_000,
-            flow: f,
-            skb_len: 98,
-            seen: Seen::Drop {
-                hop: Some(2),
-                location: "node-a/cni0".into(),
-                netns_cookie: 1,
-                reason: "NETFILTER_DROP".into(),
-            },
-        });
+        drop_at(&mut c, f, 5_000, 2, true, "NETFILTER_DROP");
         let recs = c.finish();
         assert_eq!(recs[0].fate, Fate::Dropped);
         assert_eq!(verdict(&recs), Verdict::Dropped);
@@ -570,13 +615,15 @@ mod tests {
 
     #[test]
     fn a_leak_onto_another_uplink_diverges() {
-        let t = pt::topo(vec![
-            pt::hop("pod-eth0", "pod-c2", "node-c", "eth0"),
-            pt::hop("host-veth", "node-c", "node-c", "eni1"),
-            pt::hop("uplink", "node-c", "node-c", "eth2"),
-        ]);
-        let plan = build(&t, vec![pt::hop("uplink", "node-c", "node-c", "eth0")]);
-        let mut c = Correlator::new(plan, POD);
+        let t = pt::topo(
+            vec![
+                pt::hop(Role::PodEth0, "pod-c2", "node-c", "eth0"),
+                pt::hop(Role::HostVeth, "node-c", "node-c", "eni1"),
+                pt::hop(Role::Uplink, "node-c", "node-c", "eth2"),
+            ],
+            vec![pt::hop(Role::Uplink, "node-c", "node-c", "eth0")],
+        );
+        let mut c = Correlator::new(plan_of(&t));
         let f = flow(POD, DST, 3, 1, 8);
         tc(&mut c, f, 1, 0, Hook::Egress);
         tc(&mut c, f, 2, 1, Hook::Ingress);
@@ -589,15 +636,18 @@ mod tests {
 
     #[test]
     fn same_node_bridge_is_crossed_at_layer_2() {
-        let t = pt::topo(vec![
-            pt::hop("pod-eth0", "pod-a1", "node-a", "eth0"),
-            pt::hop("host-veth", "node-a", "node-a", "veth1"),
-            pt::hop("bridge", "node-a", "node-a", "cni0"),
-            pt::hop("host-veth", "node-a", "node-a", "veth2"),
-            pt::hop("pod-eth0", "pod-a2", "node-a", "eth0"),
-        ]);
-        let plan = build(&t, vec![]);
-        let mut c = Correlator::new(plan.clone(), POD);
+        let t = pt::topo(
+            vec![
+                pt::hop(Role::PodEth0, "pod-a1", "node-a", "eth0"),
+                pt::hop(Role::HostVeth, "node-a", "node-a", "veth1"),
+                pt::hop(Role::Bridge, "node-a", "node-a", "cni0"),
+                pt::hop(Role::HostVeth, "node-a", "node-a", "veth2"),
+                pt::hop(Role::PodEth0, "pod-a2", "node-a", "eth0"),
+            ],
+            vec![],
+        );
+        let plan = plan_of(&t);
+        let mut c = Correlator::new(plan.clone());
         walk(&mut c, flow(POD, DST, 4, 1, 8), &plan.forward, 0);
         let recs = c.finish();
         assert_eq!(recs[0].fate, Fate::Complete, "{:?}", recs[0].missing);
@@ -605,62 +655,36 @@ mod tests {
 
     #[test]
     fn benign_no_socket_after_delivery_is_not_a_drop() {
-        let plan = build(&pt::cross_node(), vec![]);
-        let mut c = Correlator::new(plan.clone(), POD);
+        let plan = plan_of(&pt::cross_node());
+        let mut c = Correlator::new(plan.clone());
         let f = flow(DST, POD, 5, 1, 0);
         walk(&mut c, f, &plan.reverse, 0);
-        c.feed(Observation {
-            ts_ns: 99_000,
-            flow: f,
-            skb_len: 98,
-            seen: Seen::Drop {
-                hop: None,
-                location: "pod-a1/eth0".into(),
-                netns_cookie: 1,
-                reason: "NO_SOCKET".into(),
-            },
-        });
+        drop_at(&mut c, f, 99_000, 0, false, "NO_SOCKET");
         let recs = c.finish();
         assert_eq!(recs[0].fate, Fate::Complete);
         assert_eq!(recs[0].notes.len(), 1);
         // A netfilter drop in the destination pod is a drop all the same.
         let f = flow(DST, POD, 6, 2, 0);
         walk(&mut c, f, &plan.reverse, 200_000);
-        c.feed(Observation {
-            ts_ns: 299_000,
-            flow: f,
-            skb_len: 98,
-            seen: Seen::Drop {
-                hop: None,
-                location: "pod-a1/eth0".into(),
-                netns_cookie: 1,
-                reason: "NETFILTER_DROP".into(),
-            },
-        });
+        drop_at(&mut c, f, 299_000, 0, false, "NETFILTER_DROP");
         assert_eq!(c.finish()[0].fate, Fate::Dropped);
         // A kernel without drop reasons (< 5.17): after delivery, a note that says so.
         let f = flow(DST, POD, 7, 3, 0);
         walk(&mut c, f, &plan.reverse, 400_000);
-        c.feed(Observation {
-            ts_ns: 499_000,
-            flow: f,
-            skb_len: 98,
-            seen: Seen::Drop {
-                hop: None,
-                location: "pod-a1/eth0".into(),
-                netns_cookie: 1,
-                reason: crate::probes::UNREPORTED.into(),
-            },
-        });
+        drop_at(&mut c, f, 499_000, 0, false, crate::probes::UNREPORTED);
         let recs = c.finish();
         assert_eq!(recs[0].fate, Fate::Complete);
-        assert!(recs[0].notes[0].contains("without saying why"), "{:?}", recs[0].notes);
+        assert!(
+            recs[0].notes[0].contains("without saying why"),
+            "{:?}",
+            recs[0].notes
+        );
     }
 
     #[test]
     fn idle_packets_flush_and_repeats_start_new_records() {
-        let plan = build(&pt::cross_node(), vec![]);
-        let mut c = Correlator::new(plan, POD);
+        let plan = plan_of(&pt::cross_node());
+        let mut c = Correlator::new(plan);
         let f = flow(POD, DST, 6, 1, 8);
         tc(&mut c, f, 1_000, 0, Hook::Egress);
         assert!(c.flush(1_500, 1_000).is_empty());
@@ -673,29 +697,77 @@ mod tests {
 
     #[test]
     fn fib_lookups_join_the_latest_packet() {
-        let plan = build(&pt::cross_node(), vec![]);
-        let mut c = Correlator::new(plan, POD);
+        let plan = plan_of(&pt::cross_node());
+        let node_a = plan.hops[1].ns;
+        let plan_hop_ifindex = plan.hops[3].ifindex;
+        let mut c = Correlator::new(plan);
         let f = flow(POD, DST, 7, 1, 8);
         tc(&mut c, f, 1_000, 0, Hook::Egress);
-        c.feed(Observation {
+        c.feed(&TraceEvent::Fib(FibEvent {
             ts_ns: 1_500,
-            flow: FlowInfo {
-                saddr: POD,
-                daddr: DST,
+            ns: Some(node_a),
+            table: 254,
+            oif: Some(plan_hop_ifindex),
+            gateway: Some(Ipv4Addr::new(10, 244, 1, 0)),
+            err: 0,
+            flow: Flow {
+                src: POD,
+                dst: DST,
                 proto: 1,
-                ..FlowInfo::default()
+                ..Flow::default()
             },
-            skb_len: 0,
-            seen: Seen::Fib {
-                location: "node-a".into(),
-                table: 254,
-                oif: "flannel.1".into(),
-                gateway: Some("10.244.1.0".into()),
-                err: 0,
-            },
-        });
+        }));
         let recs = c.finish();
         assert_eq!(recs[0].fib.len(), 1);
+        assert_eq!(recs[0].fib[0].location, "node-a");
+        assert_eq!(recs[0].fib[0].oif, "flannel.1");
         assert!(c.loose_fib.is_empty());
+    }
+
+    #[test]
+    fn a_hop_seen_before_its_predecessor_is_out_of_order() {
+        let plan = plan_of(&pt::cross_node());
+        let mut c = Correlator::new(plan.clone());
+        let f = flow(POD, DST, 8, 1, 8);
+        // node-a's hops with cni0 (step 2) stamped before the veth (step 1).
+        let fw = &plan.forward;
+        tc(&mut c, f, 100, fw[0].hop, fw[0].hook);
+        tc(&mut c, f, 300, fw[1].hop, fw[1].hook);
+        tc(&mut c, f, 200, fw[2].hop, fw[2].hook);
+        for (i, s) in fw.iter().enumerate().skip(3) {
+            tc(&mut c, f, 1_000 + i as u64, s.hop, s.hook);
+        }
+        let recs = c.finish();
+        assert_eq!(recs[0].fate, Fate::OutOfOrder, "{recs:#?}");
+        assert_eq!(
+            recs[0].out_of_order,
+            vec![OutOfOrder {
+                early: fw[2],
+                before: fw[1]
+            }]
+        );
+        assert!(recs[0].missing.is_empty());
+        assert_eq!(verdict(&recs), Verdict::Diverged);
+        // The kernel's order is what the record shows.
+        let order: Vec<u32> = recs[0].hops.iter().map(|h| h.hop).collect();
+        assert_eq!(&order[..3], &[fw[0].hop, fw[2].hop, fw[1].hop]);
+    }
+
+    #[test]
+    fn across_nodes_the_path_orders_hops_not_the_clocks() {
+        // node-b's clock runs behind node-a's: its hops carry earlier timestamps.
+        let plan = plan_of(&pt::cross_node());
+        let mut c = Correlator::new(plan.clone());
+        let f = flow(POD, DST, 9, 1, 8);
+        for (i, s) in plan.forward.iter().enumerate() {
+            let on_b = plan.hop(s.hop).unwrap().node == "node-b";
+            let ts = if on_b { i as u64 } else { 1_000_000 + i as u64 };
+            tc(&mut c, f, ts, s.hop, s.hook);
+        }
+        let recs = c.finish();
+        assert_eq!(recs[0].fate, Fate::Complete, "{recs:#?}");
+        let order: Vec<u32> = recs[0].hops.iter().map(|h| h.hop).collect();
+        let want: Vec<u32> = plan.forward.iter().map(|s| s.hop).collect();
+        assert_eq!(order, want);
     }
 }

@@ -1,29 +1,34 @@
 //! `podtrace follow POD --dst IP`: prove hop by hop, with real packets, the path a pod's
-//! traffic takes; time each hop; say where and why a packet died.
+//! traffic takes; time each hop; say where and why a packet died. A consumer of the tracing
+//! engine ([`crate::trace`]): it correlates the events into packets and judges them.
 //!
-//! - [`plan`]: hops to attach and the expected path, from the topology.
-//! - [`session`]: the probes attached and their events decoded.
-//! - [`correlate`]: one record per packet across hops, and the verdict.
+//! - [`correlate`]: one record per packet across hops, in the kernel's order, and the verdict.
 //! - [`output`]: text and JSON.
 pub mod correlate;
 pub mod output;
-pub mod plan;
-pub mod session;
 
 use std::{
     io::{IsTerminal as _, Write as _},
     net::Ipv4Addr,
-    path::PathBuf,
     process::ExitCode,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
-use tokio::io::unix::AsyncFd;
+use serde::Serialize;
 
-use crate::cli::{parse_duration, parse_ipv4, parse_proto, PodArgs};
+use crate::{
+    cli::{parse_duration, parse_ipv4, parse_proto, OutputArgs, PodArgs},
+    pcap::sink::CaptureSink,
+    probes::hooks::HookReport,
+    topology::{self, Cni},
+    trace::{
+        plan::{Plan, PlannedHop},
+        run::{drive, monotonic_ns, Consumer, Stop, Until},
+        Engine, TraceEvent, TraceOptions,
+    },
+};
 use correlate::{Correlator, PacketRecord};
-use session::{Session, SessionOptions};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct FollowArgs {
@@ -49,163 +54,77 @@ pub struct FollowArgs {
     pub json: bool,
     /// Also write the packets to rotating pcapng/pcap files (-w FILE, -C, -G, -W, ...).
     #[command(flatten)]
-    pub out: crate::capture::OutputArgs,
+    pub out: OutputArgs,
     #[command(flatten)]
     pub hooks: crate::cli::HookArgs,
 }
 
-/// What made a run stop.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Stop {
-    Count,
-    Duration,
-    Signal(&'static str),
-    /// The pod's namespace went away.
-    PodGone(String),
-}
-
-/// Ends a run when it returns `Some`.
-pub type Tick<'a> = dyn FnMut(&mut Session) -> Result<Option<Stop>> + 'a;
-/// Takes one ring buffer record; ends the run when it returns `Some`.
-pub type OnEvent<'a> = dyn FnMut(&Session, &[u8]) -> Result<Option<Stop>> + 'a;
-
-/// Runs the event loop: feeds every decoded event to `on_event`, calls `on_tick` every 100 ms,
-/// and stops on a signal, `duration`, or when a callback says so.
-pub fn run_loop(
-    session: &mut Session,
-    duration: Option<Duration>,
-    watch: Vec<PathBuf>,
-    on_event: &mut OnEvent<'_>,
-    on_tick: &mut Tick<'_>,
-) -> Result<Stop> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("building the event loop")?;
-    rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sigterm = signal(SignalKind::terminate())?;
-        let ring = session
-            .ring
-            .take()
-            .context("the event ring buffer is in use")?;
-        // SAFETY: the ring buffer owns its fd and keeps it open until `into_inner` below.
-        let mut fd = unsafe { AsyncFd::register(ring) }
-            .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
-        let deadline = duration.map(|d| Instant::now() + d);
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        let result: Result<Stop> = loop {
-            tokio::select! {
-                guard = fd.readable_mut() => {
-                    let mut guard = guard?;
-                    let mut stop = None;
-                    while let Some(item) = guard.get_inner_mut().next() {
-                        let bytes = item.to_vec();
-                        drop(item);
-                        if let Some(s) = on_event(session, &bytes)? {
-                            stop = Some(s);
-                            break;
-                        }
-                    }
-                    guard.clear_ready();
-                    if let Some(s) = stop { break Ok(s); }
-                }
-                _ = tick.tick() => {
-                    if let Some(gone) = watch.iter().find(|ns| !session::netns_alive(ns)) {
-                        break Ok(Stop::PodGone(gone.display().to_string()));
-                    }
-                    if let Some(s) = on_tick(session)? { break Ok(s); }
-                    if deadline.is_some_and(|d| Instant::now() >= d) { break Ok(Stop::Duration); }
-                }
-                _ = sigint.recv() => break Ok(Stop::Signal("SIGINT")),
-                _ = sigterm.recv() => break Ok(Stop::Signal("SIGTERM")),
-            }
-        };
-        let mut ring = fd.into_inner();
-        // Whatever is still in the ring buffer belongs to the run.
-        while let Some(item) = ring.next() {
-            let bytes = item.to_vec();
-            drop(item);
-            on_event(session, &bytes)?;
-        }
-        session.ring = Some(ring);
-        result
-    })
+/// `{"type":"ready", ...}`: every probe is attached.
+#[derive(Debug, Serialize)]
+pub struct Ready<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub pod: &'a str,
+    pub pod_ip: String,
+    pub dst: String,
+    pub cni: Cni,
+    pub hops: &'a [PlannedHop],
+    /// How the hop probes are attached: `tcx` or `clsact`.
+    pub tc: Option<crate::probes::TcMode>,
+    pub kernel_hooks: &'a [HookReport],
+    pub load_ms: f64,
+    pub attach_ms: f64,
+    /// Locating the pod and resolving its path, before loading.
+    pub resolve_ms: f64,
+    /// From entering `follow` to this line (resolve + load + attach + the rest).
+    pub ready_ms: f64,
 }
 
 pub fn run(args: FollowArgs) -> Result<ExitCode> {
     let entered = Instant::now();
-    let loc = args.pod.locate()?;
-    let dest = crate::topology::pod::lab_pod_by_ip(args.dst, args.pod.lab.as_deref());
-    let topo = crate::topology::resolve(&loc, Some(args.dst), dest.as_ref())?;
+    let chain = args.pod.resolvers();
+    let loc = args.pod.locate(&chain)?;
+    let dest = chain.by_ip(args.dst);
+    let topo = topology::resolve(&loc, Some(args.dst), dest.as_ref(), &chain)?;
     let pod_ip = topo
         .pod_ip
         .ok_or_else(|| anyhow::anyhow!("pod {} has no IPv4 address", loc.name))?;
-    let uplinks = session::node_uplinks(&topo)?;
-    let plan = plan::build(&topo, uplinks);
+    let mut filter = topology::plan::filter(&topo, pod_ip, Some(args.dst));
+    filter.proto = args.proto;
+    filter.port = args.port;
+    let plan = topology::plan::build(&topo, filter);
     let resolve_ms = entered.elapsed().as_secs_f64() * 1e3;
-    let mut session = Session::start(
-        plan,
-        pod_ip,
-        Some(args.dst),
-        &SessionOptions {
-            proto: args.proto,
-            port: args.port,
+    // Capture files are checked (and created) before anything is attached.
+    let sink = match args.out.sink_options()? {
+        Some(o) => Some(CaptureSink::create(&o, &plan, None, None, Duration::ZERO)?),
+        None => None,
+    };
+    let (engine, events) = Engine::start(
+        &plan,
+        &TraceOptions {
             snaplen: args.out.write.is_some().then(|| args.out.kernel_snaplen()),
-            evidence: None,
-            hooks: args.hooks.hooks,
+            mechanism: args.hooks.hooks,
+            ..TraceOptions::default()
         },
     )?;
-    let startup = Startup {
-        entered,
-        resolve_ms,
-    };
-    follow_with(&args, &topo, &mut session, pod_ip, &loc.netns, &startup)
-}
-
-/// When `run` was entered and how long finding the pod and its path took (for the ready line;
-/// the benchmark splits the start-up with them).
-struct Startup {
-    entered: Instant,
-    resolve_ms: f64,
-}
-
-fn follow_with(
-    args: &FollowArgs,
-    topo: &crate::topology::Topology,
-    session: &mut Session,
-    pod_ip: Ipv4Addr,
-    pod_netns: &std::path::Path,
-    startup: &Startup,
-) -> Result<ExitCode> {
+    let hooks = engine.info.hooks.clone();
     let json = args.json;
-    let plan = session.plan.clone();
-    let mut correlator = Correlator::new(plan.clone(), u32::from_ne_bytes(pod_ip.octets()));
-    let mut records: Vec<PacketRecord> = Vec::new();
-    let stdout = std::io::stdout();
-    let live = !json && std::io::stderr().is_terminal();
-    let started = Instant::now();
-
-    // The announcement.
     if json {
-        let ready = serde_json::json!({
-            "type": "ready",
-            "pod": topo.pod.name,
-            "pod_ip": pod_ip.to_string(),
-            "dst": args.dst.to_string(),
-            "cni": topo.cni,
-            "hops": plan.hops,
-            "tc": session.tc_mode(),
-            "kernel_hooks": session.hooks,
-            "load_ms": session.times.load_ms,
-            "attach_ms": session.times.attach_ms,
-            // Locating the pod and resolving its path, before loading.
-            "resolve_ms": startup.resolve_ms,
-            // From entering `follow` to this line (resolve + load + attach + the rest).
-            "ready_ms": startup.entered.elapsed().as_secs_f64() * 1e3,
-        });
-        writeln!(stdout.lock(), "{ready}")?;
+        let ready = Ready {
+            kind: "ready",
+            pod: &topo.pod.name,
+            pod_ip: pod_ip.to_string(),
+            dst: args.dst.to_string(),
+            cni: topo.cni,
+            hops: &plan.hops,
+            tc: engine.info.tc,
+            kernel_hooks: &hooks,
+            load_ms: engine.info.load_ms,
+            attach_ms: engine.info.attach_ms,
+            resolve_ms,
+            ready_ms: entered.elapsed().as_secs_f64() * 1e3,
+        };
+        println!("{}", serde_json::to_string(&ready)?);
     } else {
         println!(
             "following {} ({pod_ip}) ↔ {}: {} hops on {} ({})",
@@ -213,15 +132,13 @@ fn follow_with(
             args.dst,
             plan.hops.len(),
             {
-                let mut nodes: Vec<&str> = plan.hops.iter().map(|h| h.node.as_str()).collect();
-                nodes.dedup();
+                let mut nodes = plan.nodes();
                 nodes.sort();
-                nodes.dedup();
                 nodes.join(", ")
             },
             topo.cni
         );
-        println!("hooks: {}", session.hooks_line());
+        println!("hooks: {}", engine.info.hooks_line());
         println!(
             "expected →  {}",
             plan.forward
@@ -236,98 +153,145 @@ fn follow_with(
     }
     std::io::stdout().flush()?;
 
-    let count = args.count;
-    let emit = |records: &mut Vec<PacketRecord>, done: Vec<PacketRecord>| -> Result<()> {
-        let mut out = std::io::stdout().lock();
-        for r in done {
-            if json {
-                writeln!(out, "{}", output::packet_json(&plan, &r))?;
-            } else {
-                write!(out, "{}", output::packet_text(&plan, &r))?;
-            }
-            records.push(r);
-        }
-        out.flush()?;
-        Ok(())
+    let mut follower = Follower {
+        correlator: Correlator::new(plan.clone()),
+        records: Vec::new(),
+        json,
+        count: args.count,
+        sink,
+        live: !json && std::io::stderr().is_terminal(),
+        started: Instant::now(),
+        matched: 0,
+        lost: 0,
     };
-    let reached = |records: &Vec<PacketRecord>| count.is_some_and(|c| records.len() as u64 >= c);
-
-    let mut sink = match &args.out.write {
-        Some(_) => Some(crate::capture::CaptureSink::create(
-            &args.out,
-            &plan,
-            None,
-            None,
-            Duration::ZERO,
-        )?),
-        None => None,
-    };
-    let sink_cell = std::cell::RefCell::new(&mut sink);
-    let records_cell = std::cell::RefCell::new(&mut records);
-    let correlator_cell = std::cell::RefCell::new(&mut correlator);
-    let stop = run_loop(
-        session,
-        args.duration,
-        vec![pod_netns.to_path_buf()],
-        &mut |s, bytes| {
-            if let Some((ev, obs, data)) = s.decode(bytes) {
-                if let Some(sink) = sink_cell.borrow_mut().as_mut() {
-                    sink.on_event(&ev, &obs, data)?;
-                }
-                if let Some(closed) = correlator_cell.borrow_mut().feed(obs) {
-                    emit(&mut records_cell.borrow_mut(), vec![closed])?;
-                }
-            }
-            Ok(None)
+    let outcome = drive(
+        engine,
+        events,
+        &Until {
+            duration: args.duration,
+            watch: vec![loc.netns.clone()],
         },
-        &mut |s| {
-            if let Some(sink) = sink_cell.borrow_mut().as_mut() {
-                sink.tick()?;
-            }
-            let done = correlator_cell
-                .borrow_mut()
-                .flush(session::monotonic_ns(), 300_000_000);
-            emit(&mut records_cell.borrow_mut(), done)?;
-            if live {
-                let c = s.probes.counters().unwrap_or_default();
-                eprint!(
-                    "\r\x1b[K{} packets, {} hop events, {} lost, {:.0}s",
-                    records_cell.borrow().len(),
-                    c.tc_matched,
-                    c.lost,
-                    started.elapsed().as_secs_f64()
-                );
-            }
-            Ok(reached(&records_cell.borrow()).then_some(Stop::Count))
-        },
-    );
-    if live {
+        &mut follower,
+    )?;
+    if follower.live {
         eprint!("\r\x1b[K");
     }
-    let lost = session.probes.counters().map(|c| c.lost).unwrap_or(0);
+    let lost = outcome.counters.lost;
     // Close the capture files whatever stopped us, so they are complete.
-    let captured = sink.as_mut().map(|s| s.finish(lost)).transpose();
-    let stop = stop?;
+    let captured = follower.sink.take().map(|mut s| s.finish(lost)).transpose();
+    let stop = outcome.stop?;
     if let Some((stats, files)) = captured.context("closing the capture")? {
-        crate::capture::report(&stats, &files, &plan);
+        crate::pcap::sink::report(&stats, &files, &plan);
     }
-    let rest = correlator.finish();
-    emit(&mut records, rest)?;
+    let rest = follower.correlator.finish();
+    follower.emit(rest)?;
     if let Stop::PodGone(ns) = &stop {
         bail!(
-            "pod {}'s network namespace {ns} is gone (deleted while following); stopped",
-            topo.pod.name
+            "pod {}'s network namespace {} is gone (deleted while following); stopped",
+            topo.pod.name,
+            ns.display()
         );
     }
-    let summary = output::summary_json(&plan, &records, &correlator.counts, lost, &session.hooks);
+    let summary = output::summary(
+        &plan,
+        &follower.records,
+        &follower.correlator.counts,
+        lost,
+        &hooks,
+    );
     if json {
-        println!("{summary}");
+        println!("{}", serde_json::to_string(&summary)?);
     } else {
         print!("{}", output::summary_text(&plan, &summary));
     }
-    Ok(if output::verdict_ok(&records) {
+    Ok(if summary.verdict == correlate::Verdict::Confirmed {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `follow`'s consumer of the event stream.
+struct Follower {
+    correlator: Correlator,
+    records: Vec<PacketRecord>,
+    json: bool,
+    count: Option<u64>,
+    sink: Option<CaptureSink>,
+    live: bool,
+    started: Instant,
+    /// For the live status line.
+    matched: u64,
+    lost: u64,
+}
+
+impl Follower {
+    fn plan(&self) -> &Plan {
+        self.correlator.plan()
+    }
+
+    fn emit(&mut self, done: Vec<PacketRecord>) -> Result<()> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let mut out = std::io::stdout().lock();
+        for r in done {
+            if self.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string(&output::packet_json(self.plan(), &r))?
+                )?;
+            } else {
+                write!(out, "{}", output::packet_text(self.plan(), &r))?;
+            }
+            self.records.push(r);
+        }
+        out.flush()?;
+        Ok(())
+    }
+
+    fn reached(&self) -> bool {
+        self.count.is_some_and(|c| self.records.len() as u64 >= c)
+    }
+}
+
+impl Consumer for Follower {
+    fn on_events(&mut self, batch: Vec<TraceEvent>) -> Result<Option<Stop>> {
+        let mut closed = Vec::new();
+        for ev in &batch {
+            match ev {
+                TraceEvent::Counters(c) => {
+                    self.matched = c.tc_matched;
+                    self.lost = c.lost;
+                }
+                TraceEvent::Lost { total } => self.lost = *total,
+                _ => {}
+            }
+            if let Some(sink) = self.sink.as_mut() {
+                sink.on_event(ev)?;
+            }
+            closed.extend(self.correlator.feed(ev));
+        }
+        self.emit(closed)?;
+        Ok(self.reached().then_some(Stop::Count))
+    }
+
+    fn on_tick(&mut self) -> Result<Option<Stop>> {
+        if let Some(sink) = self.sink.as_mut() {
+            sink.tick()?;
+        }
+        let done = self.correlator.flush(monotonic_ns(), 300_000_000);
+        self.emit(done)?;
+        if self.live {
+            eprint!(
+                "\r\x1b[K{} packets, {} hop events, {} lost, {:.0}s",
+                self.records.len(),
+                self.matched,
+                self.lost,
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+        Ok(self.reached().then_some(Stop::Count))
+    }
 }

@@ -1,20 +1,23 @@
-//! What `follow` prints: the ready line, one block (or JSON line) per packet, the summary.
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+//! What `follow` prints: one block (or JSON line) per packet, then the summary. The JSON lines
+//! are typed structs serialized once (contract: shared/design.md §2); the text is made from
+//! the same structs.
+use std::{collections::BTreeMap, fmt::Write as _};
 
-use podtrace_abi::FlowInfo;
-use serde_json::{json, Value};
+use serde::Serialize;
 
-use super::{
-    correlate::{drops, verdict, Direction, Fate, PacketRecord, Verdict},
-    plan::{Hook, Plan, Step},
+use super::correlate::{
+    drops, verdict, Direction, DropSeen, DropSummary, Fate, FibSeen, PacketRecord, Verdict,
+};
+use crate::{
+    probes::hooks::HookReport,
+    trace::{
+        event::Flow,
+        plan::{Hook, Plan, Role, Step},
+    },
 };
 
-pub fn ip(raw: u32) -> Ipv4Addr {
-    Ipv4Addr::from(raw.to_ne_bytes())
-}
-
 /// `icmp echo-request 10.244.0.9 > 10.244.1.5 id 7 seq 1`.
-pub fn describe(f: &FlowInfo) -> String {
+pub fn describe(f: &Flow) -> String {
     match f.proto {
         1 => {
             let kind = match f.flags {
@@ -26,8 +29,8 @@ pub fn describe(f: &FlowInfo) -> String {
             };
             format!(
                 "icmp {kind} {} > {} id {} seq {}",
-                ip(f.saddr),
-                ip(f.daddr),
+                f.src,
+                f.dst,
                 f.seq >> 16,
                 f.seq & 0xffff
             )
@@ -47,65 +50,134 @@ pub fn describe(f: &FlowInfo) -> String {
             }
             format!(
                 "tcp {}:{} > {}:{} [{flags}] seq {}",
-                ip(f.saddr),
-                f.sport,
-                ip(f.daddr),
-                f.dport,
-                f.seq
+                f.src, f.sport, f.dst, f.dport, f.seq
             )
         }
         17 => format!(
             "udp {}:{} > {}:{} len {}",
-            ip(f.saddr),
-            f.sport,
-            ip(f.daddr),
-            f.dport,
-            f.ip_len
+            f.src, f.sport, f.dst, f.dport, f.ip_len
         ),
-        p => format!("proto {p} {} > {}", ip(f.saddr), ip(f.daddr)),
+        p => format!("proto {p} {} > {}", f.src, f.dst),
     }
 }
 
-fn flow_json(f: &FlowInfo) -> Value {
-    let mut v = json!({
-        "src": ip(f.saddr).to_string(),
-        "dst": ip(f.daddr).to_string(),
-        "proto": match f.proto { 1 => "icmp", 6 => "tcp", 17 => "udp", _ => "other" },
-        "ip_id": f.ip_id,
-        "len": f.ip_len,
-    });
-    match f.proto {
-        1 => {
-            v["icmp_type"] = json!(f.flags);
-            v["icmp_id"] = json!(f.seq >> 16);
-            v["icmp_seq"] = json!(f.seq & 0xffff);
-        }
-        6 => {
-            v["sport"] = json!(f.sport);
-            v["dport"] = json!(f.dport);
-            v["tcp_seq"] = json!(f.seq);
-            v["tcp_flags"] = json!(f.flags);
-        }
-        17 => {
-            v["sport"] = json!(f.sport);
-            v["dport"] = json!(f.dport);
-        }
-        _ => {}
-    }
-    v
+/// A packet's headers in the JSON line.
+#[derive(Debug, Serialize)]
+pub struct FlowJson {
+    pub src: String,
+    pub dst: String,
+    pub proto: &'static str,
+    pub ip_id: u16,
+    pub len: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp_type: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp_id: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp_seq: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_seq: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_flags: Option<u8>,
 }
 
-fn step_json(plan: &Plan, s: &Step) -> Value {
+impl From<&Flow> for FlowJson {
+    fn from(f: &Flow) -> Self {
+        let (icmp, tcp, ports) = (f.proto == 1, f.proto == 6, f.proto == 6 || f.proto == 17);
+        Self {
+            src: f.src.to_string(),
+            dst: f.dst.to_string(),
+            proto: match f.proto {
+                1 => "icmp",
+                6 => "tcp",
+                17 => "udp",
+                _ => "other",
+            },
+            ip_id: f.ip_id,
+            len: f.ip_len,
+            icmp_type: icmp.then_some(f.flags),
+            icmp_id: icmp.then_some(f.seq >> 16),
+            icmp_seq: icmp.then_some(f.seq & 0xffff),
+            sport: ports.then_some(f.sport),
+            dport: ports.then_some(f.dport),
+            tcp_seq: tcp.then_some(f.seq),
+            tcp_flags: tcp.then_some(f.flags),
+        }
+    }
+}
+
+/// A step of a path, named.
+#[derive(Debug, Serialize)]
+pub struct StepJson {
+    pub name: Option<String>,
+    pub node: Option<String>,
+    pub netns: Option<String>,
+    pub ifname: Option<String>,
+    pub ifindex: Option<u32>,
+    pub role: Option<Role>,
+    pub hook: Hook,
+}
+
+fn step_json(plan: &Plan, s: &Step) -> StepJson {
     let h = plan.hop(s.hop);
-    json!({
-        "name": h.map(|h| h.name.clone()),
-        "node": h.map(|h| h.node.clone()),
-        "netns": h.map(|h| h.netns.clone()),
-        "ifname": h.map(|h| h.ifname.clone()),
-        "ifindex": h.map(|h| h.ifindex),
-        "role": h.map(|h| h.role.clone()),
-        "hook": s.hook.as_str(),
-    })
+    StepJson {
+        name: h.map(|h| h.name.clone()),
+        node: h.map(|h| h.node.clone()),
+        netns: h.map(|h| h.netns.clone()),
+        ifname: h.map(|h| h.ifname.clone()),
+        ifindex: h.map(|h| h.ifindex),
+        role: h.map(|h| h.role),
+        hook: s.hook,
+    }
+}
+
+/// One hop a packet was seen at, with its timing.
+#[derive(Debug, Serialize)]
+pub struct HopJson {
+    pub name: Option<String>,
+    pub node: Option<String>,
+    pub netns: Option<String>,
+    pub ifname: Option<String>,
+    pub ifindex: Option<u32>,
+    pub hook: Hook,
+    pub ts_ns: u64,
+    /// Since the first hop (the same node's clock; across nodes, see `clock`).
+    pub since_first_ns: i64,
+    /// Since the hop before.
+    pub delta_ns: i64,
+    pub encap: &'static str,
+    pub len: u32,
+    pub expected: bool,
+}
+
+/// A step seen before one the path puts ahead of it.
+#[derive(Debug, Serialize)]
+pub struct OutOfOrderJson {
+    pub hop: StepJson,
+    pub seen_before: StepJson,
+}
+
+/// `{"type":"packet", ...}`.
+#[derive(Debug, Serialize)]
+pub struct PacketJson<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub id: u64,
+    pub direction: Direction,
+    pub flow: FlowJson,
+    pub summary: String,
+    pub fate: Fate,
+    pub hops: Vec<HopJson>,
+    pub drop: &'a Option<DropSeen>,
+    pub fib: &'a [FibSeen],
+    pub xmit: &'a [String],
+    pub missing: Vec<StepJson>,
+    pub out_of_order: Vec<OutOfOrderJson>,
+    pub notes: &'a [String],
 }
 
 fn arrow(d: Direction) -> &'static str {
@@ -115,46 +187,60 @@ fn arrow(d: Direction) -> &'static str {
     }
 }
 
-pub fn packet_json(plan: &Plan, r: &PacketRecord) -> Value {
+pub fn packet_json<'a>(plan: &Plan, r: &'a PacketRecord) -> PacketJson<'a> {
     let t0 = r.hops.first().map(|h| h.ts_ns).unwrap_or(0);
     let mut prev = t0;
-    let hops: Vec<Value> = r
+    let hops = r
         .hops
         .iter()
         .map(|h| {
             let p = plan.hop(h.hop);
-            let v = json!({
-                "name": p.map(|p| p.name.clone()),
-                "node": p.map(|p| p.node.clone()),
-                "netns": p.map(|p| p.netns.clone()),
-                "ifname": p.map(|p| p.ifname.clone()),
-                "ifindex": p.map(|p| p.ifindex),
-                "hook": h.hook.as_str(),
-                "ts_ns": h.ts_ns,
-                "since_first_ns": h.ts_ns - t0,
-                "delta_ns": h.ts_ns - prev,
-                "encap": if h.encap { "vxlan" } else { "none" },
-                "len": h.len,
-                "expected": !r.unexpected.contains(&h.hop),
-            });
+            let v = HopJson {
+                name: p.map(|p| p.name.clone()),
+                node: p.map(|p| p.node.clone()),
+                netns: p.map(|p| p.netns.clone()),
+                ifname: p.map(|p| p.ifname.clone()),
+                ifindex: p.map(|p| p.ifindex),
+                hook: h.hook,
+                ts_ns: h.ts_ns,
+                since_first_ns: h.ts_ns as i64 - t0 as i64,
+                delta_ns: h.ts_ns as i64 - prev as i64,
+                encap: if h.encap { "vxlan" } else { "none" },
+                len: h.len,
+                expected: !r.unexpected.contains(&h.hop),
+            };
             prev = h.ts_ns;
             v
         })
         .collect();
-    json!({
-        "type": "packet",
-        "id": r.id,
-        "direction": r.direction,
-        "flow": flow_json(&r.flow),
-        "summary": describe(&r.flow),
-        "fate": r.fate,
-        "hops": hops,
-        "drop": r.drop,
-        "fib": r.fib,
-        "xmit": r.xmit,
-        "missing": r.missing.iter().map(|s| step_json(plan, s)).collect::<Vec<_>>(),
-        "notes": r.notes,
-    })
+    PacketJson {
+        kind: "packet",
+        id: r.id,
+        direction: r.direction,
+        flow: FlowJson::from(&r.flow),
+        summary: describe(&r.flow),
+        fate: r.fate,
+        hops,
+        drop: &r.drop,
+        fib: &r.fib,
+        xmit: &r.xmit,
+        missing: r.missing.iter().map(|s| step_json(plan, s)).collect(),
+        out_of_order: r
+            .out_of_order
+            .iter()
+            .map(|o| OutOfOrderJson {
+                hop: step_json(plan, &o.early),
+                seen_before: step_json(plan, &o.before),
+            })
+            .collect(),
+        notes: &r.notes,
+    }
+}
+
+fn step_name(plan: &Plan, s: &Step) -> String {
+    plan.hop(s.hop)
+        .map(|h| format!("{} {}", h.name, s.hook.as_str()))
+        .unwrap_or_else(|| format!("hop {} {}", s.hop, s.hook.as_str()))
 }
 
 pub fn packet_text(plan: &Plan, r: &PacketRecord) -> String {
@@ -178,8 +264,8 @@ pub fn packet_text(plan: &Plan, r: &PacketRecord) -> String {
         let _ = writeln!(
             out,
             "    {:>9.3} ms  (+{:>7.3})  {:<28} {:<7}{}{}",
-            (h.ts_ns - t0) as f64 / 1e6,
-            (h.ts_ns - prev) as f64 / 1e6,
+            (h.ts_ns as i64 - t0 as i64) as f64 / 1e6,
+            (h.ts_ns as i64 - prev as i64) as f64 / 1e6,
             name,
             h.hook.as_str(),
             if h.encap { "  [in vxlan]" } else { "" },
@@ -192,7 +278,7 @@ pub fn packet_text(plan: &Plan, r: &PacketRecord) -> String {
             out,
             "    fib   {}: table {} → {}{}{}",
             f.location,
-            crate::topology::snapshot::table_name(f.table),
+            crate::netlink::snapshot::table_name(f.table),
             f.oif,
             f.gateway
                 .as_ref()
@@ -212,6 +298,14 @@ pub fn packet_text(plan: &Plan, r: &PacketRecord) -> String {
             d.location, d.reason, d.hint
         );
     }
+    for o in &r.out_of_order {
+        let _ = writeln!(
+            out,
+            "    OUT OF ORDER: {} was seen before {}",
+            step_name(plan, &o.early),
+            step_name(plan, &o.before)
+        );
+    }
     for n in &r.notes {
         let _ = writeln!(out, "    note: {n}");
     }
@@ -220,118 +314,131 @@ pub fn packet_text(plan: &Plan, r: &PacketRecord) -> String {
             .missing
             .iter()
             .filter(|s| s.hook != Hook::Bridged)
-            .filter_map(|s| {
-                plan.hop(s.hop)
-                    .map(|h| format!("{} {}", h.name, s.hook.as_str()))
-            })
+            .map(|s| step_name(plan, s))
             .collect();
         let _ = writeln!(out, "    not seen at: {}", names.join(", "));
     }
     out
 }
 
-/// The summary as JSON (the last line of `follow --json`).
-pub fn summary_json(
+/// The last line of `follow --json`.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub verdict: Verdict,
+    pub expected_path: Vec<StepJson>,
+    pub expected_reverse_path: Vec<StepJson>,
+    /// The steps the packet that went furthest was seen at, in the order it was seen
+    /// (expected or not; a bridge crossed at layer 2 where both its ports saw it).
+    pub observed_path: Vec<StepJson>,
+    pub observed_reverse_path: Vec<StepJson>,
+    /// Packets seen per hop.
+    pub interfaces: BTreeMap<String, u64>,
+    pub drops: Vec<DropSummary>,
+    /// Packets seen at expected hops out of the expected order.
+    pub out_of_order: u64,
+    pub lost_events: u64,
+    pub packets: usize,
+    pub packets_forward: usize,
+    pub packets_reverse: usize,
+    pub kernel_hooks: Vec<HookReport>,
+}
+
+/// The observed path of the packet that went furthest in direction `d`.
+fn observed(plan: &Plan, records: &[PacketRecord], d: Direction) -> Vec<StepJson> {
+    let expected = plan.path(d == Direction::Forward);
+    let Some(best) = records
+        .iter()
+        .filter(|r| r.direction == d)
+        .max_by_key(|r| (r.hops.len(), std::cmp::Reverse(r.id)))
+    else {
+        return Vec::new();
+    };
+    let mut steps: Vec<Step> = Vec::new();
+    for h in &best.hops {
+        let s = Step {
+            hop: h.hop,
+            hook: h.hook,
+        };
+        // A bridge crossed between two ports seen in a row.
+        if let (Some(prev), Some(i)) = (steps.last(), expected.iter().position(|e| *e == s)) {
+            if i >= 2 && expected[i - 1].hook == Hook::Bridged && expected[i - 2] == *prev {
+                steps.push(expected[i - 1]);
+            }
+        }
+        if !steps.contains(&s) {
+            steps.push(s);
+        }
+    }
+    steps.iter().map(|s| step_json(plan, s)).collect()
+}
+
+pub fn summary(
     plan: &Plan,
     records: &[PacketRecord],
     counts: &BTreeMap<u32, u64>,
     lost: u64,
-    hooks: &[crate::probes::hooks::HookReport],
-) -> Value {
-    // The path of the packet that went furthest in each direction: the expected steps it
-    // passed (a bridge crossed at layer 2 counts when its ports saw it), then anywhere else
-    // it showed up.
-    let observed = |d: Direction| -> Vec<Value> {
-        let expected = match d {
-            Direction::Forward => &plan.forward,
-            Direction::Reverse => &plan.reverse,
-        };
-        let best = records
-            .iter()
-            .filter(|r| r.direction == d)
-            .max_by_key(|r| (r.hops.len(), std::cmp::Reverse(r.id)));
-        let Some(best) = best else { return Vec::new() };
-        let mut steps: Vec<Step> = expected
-            .iter()
-            .filter(|s| !best.missing.contains(s))
-            .copied()
-            .collect();
-        for h in best
+    hooks: &[HookReport],
+) -> Summary {
+    Summary {
+        kind: "summary",
+        verdict: verdict(records),
+        expected_path: plan.forward.iter().map(|s| step_json(plan, s)).collect(),
+        expected_reverse_path: plan.reverse.iter().map(|s| step_json(plan, s)).collect(),
+        observed_path: observed(plan, records, Direction::Forward),
+        observed_reverse_path: observed(plan, records, Direction::Reverse),
+        interfaces: plan
             .hops
             .iter()
-            .filter(|h| best.unexpected.contains(&h.hop))
-        {
-            steps.push(Step {
-                hop: h.hop,
-                hook: h.hook,
-            });
-        }
-        steps.iter().map(|s| step_json(plan, s)).collect()
-    };
-    let interfaces: serde_json::Map<String, Value> = plan
-        .hops
-        .iter()
-        .map(|h| {
-            (
-                h.name.clone(),
-                json!(counts.get(&h.id).copied().unwrap_or(0)),
-            )
-        })
-        .collect();
-    json!({
-        "type": "summary",
-        "verdict": verdict(records),
-        "expected_path": plan.forward.iter().map(|s| step_json(plan, s)).collect::<Vec<_>>(),
-        "expected_reverse_path": plan.reverse.iter().map(|s| step_json(plan, s)).collect::<Vec<_>>(),
-        "observed_path": observed(Direction::Forward),
-        "observed_reverse_path": observed(Direction::Reverse),
-        "interfaces": interfaces,
-        "drops": drops(records),
-        "lost_events": lost,
-        "packets": records.len(),
-        "packets_forward": records.iter().filter(|r| r.direction == Direction::Forward).count(),
-        "packets_reverse": records.iter().filter(|r| r.direction == Direction::Reverse).count(),
-        "kernel_hooks": hooks,
-    })
+            .map(|h| (h.name.clone(), counts.get(&h.id).copied().unwrap_or(0)))
+            .collect(),
+        drops: drops(records),
+        out_of_order: records
+            .iter()
+            .filter(|r| r.fate == Fate::OutOfOrder)
+            .count() as u64,
+        lost_events: lost,
+        packets: records.len(),
+        packets_forward: records
+            .iter()
+            .filter(|r| r.direction == Direction::Forward)
+            .count(),
+        packets_reverse: records
+            .iter()
+            .filter(|r| r.direction == Direction::Reverse)
+            .count(),
+        kernel_hooks: hooks.to_vec(),
+    }
 }
 
-pub fn summary_text(plan: &Plan, summary: &Value) -> String {
+fn path_text(steps: &[StepJson]) -> String {
+    steps
+        .iter()
+        .map(|s| format!("{} {}", s.name.as_deref().unwrap_or("?"), s.hook.as_str()))
+        .collect::<Vec<_>>()
+        .join(" > ")
+}
+
+pub fn summary_text(plan: &Plan, s: &Summary) -> String {
     let mut out = String::new();
-    let verdict = summary["verdict"].as_str().unwrap_or("?");
     let _ = writeln!(
         out,
         "\nverdict: {}  ({} packets: {} →, {} ←)",
-        verdict.to_uppercase(),
-        summary["packets"],
-        summary["packets_forward"],
-        summary["packets_reverse"]
+        s.verdict.as_str().to_uppercase(),
+        s.packets,
+        s.packets_forward,
+        s.packets_reverse
     );
-    let path = |key: &str| -> String {
-        summary[key]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|s| {
-                        format!(
-                            "{} {}",
-                            s["name"].as_str().unwrap_or("?"),
-                            s["hook"].as_str().unwrap_or("")
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join(" > ")
-            })
-            .unwrap_or_default()
-    };
-    let _ = writeln!(out, "expected →  {}", path("expected_path"));
-    let _ = writeln!(out, "observed →  {}", path("observed_path"));
-    if summary["packets_reverse"].as_u64().unwrap_or(0) > 0 {
-        let _ = writeln!(out, "expected ←  {}", path("expected_reverse_path"));
-        let _ = writeln!(out, "observed ←  {}", path("observed_reverse_path"));
+    let _ = writeln!(out, "expected →  {}", path_text(&s.expected_path));
+    let _ = writeln!(out, "observed →  {}", path_text(&s.observed_path));
+    if s.packets_reverse > 0 {
+        let _ = writeln!(out, "expected ←  {}", path_text(&s.expected_reverse_path));
+        let _ = writeln!(out, "observed ←  {}", path_text(&s.observed_reverse_path));
     }
     let _ = writeln!(out, "packets per interface:");
     for h in &plan.hops {
-        let n = summary["interfaces"][&h.name].as_u64().unwrap_or(0);
+        let n = s.interfaces.get(&h.name).copied().unwrap_or(0);
         let _ = writeln!(
             out,
             "    {:<28} {:>6}{}",
@@ -344,25 +451,81 @@ pub fn summary_text(plan: &Plan, summary: &Value) -> String {
             }
         );
     }
-    if let Some(drops) = summary["drops"].as_array() {
-        for d in drops {
-            let _ = writeln!(
-                out,
-                "dropped ×{} at {}: {} — {}",
-                d["count"],
-                d["hop"].as_str().unwrap_or("?"),
-                d["reason"].as_str().unwrap_or("?"),
-                d["hint"].as_str().unwrap_or("")
-            );
-        }
+    for d in &s.drops {
+        let _ = writeln!(
+            out,
+            "dropped ×{} at {}: {} — {}",
+            d.count, d.hop, d.reason, d.hint
+        );
     }
-    let _ = writeln!(out, "lost events: {}", summary["lost_events"]);
-    if verdict == "not_seen" {
+    if s.out_of_order > 0 {
+        let _ = writeln!(
+            out,
+            "out of order: {} packet(s) were seen at a hop before the one the path puts ahead of it",
+            s.out_of_order
+        );
+    }
+    let _ = writeln!(out, "lost events: {}", s.lost_events);
+    if s.verdict == Verdict::NotSeen {
         let _ = writeln!(out, "no packet of the conversation was seen on any hop");
     }
     out
 }
 
-pub fn verdict_ok(records: &[PacketRecord]) -> bool {
-    verdict(records) == Verdict::Confirmed
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        follow::correlate::Correlator,
+        topology::plan::tests::{cross_node, plan_of},
+        trace::{event::HopEvent, TraceEvent},
+    };
+
+    #[test]
+    fn the_summary_keeps_its_json_contract() {
+        let plan = plan_of(&cross_node());
+        let mut c = Correlator::new(plan.clone());
+        for (i, s) in plan.forward.iter().enumerate() {
+            c.feed(&TraceEvent::Hop(HopEvent {
+                ts_ns: i as u64,
+                hop: s.hop,
+                hook: s.hook,
+                len: 84,
+                flow: Flow {
+                    src: plan.filter.pod,
+                    dst: "10.244.1.5".parse().unwrap(),
+                    proto: 1,
+                    flags: 8,
+                    ..Flow::default()
+                },
+                packet: None,
+            }));
+        }
+        let recs = c.finish();
+        let s = summary(&plan, &recs, &c.counts, 3, &[]);
+        let v = serde_json::to_value(&s).unwrap();
+        for field in [
+            "type",
+            "verdict",
+            "expected_path",
+            "observed_path",
+            "interfaces",
+            "drops",
+            "lost_events",
+        ] {
+            assert!(v.get(field).is_some(), "{field} missing: {v}");
+        }
+        assert_eq!(v["verdict"], "confirmed");
+        assert_eq!(v["lost_events"], 3);
+        assert_eq!(v["observed_path"].as_array().unwrap().len(), 10);
+        assert_eq!(v["observed_path"][3]["name"], "node-a/flannel.1");
+        assert_eq!(v["observed_path"][3]["role"], "vxlan");
+        assert_eq!(v["interfaces"]["pod-b1/eth0"], 1);
+        let p = serde_json::to_value(packet_json(&plan, &recs[0])).unwrap();
+        assert_eq!(p["type"], "packet");
+        assert_eq!(p["hops"][0]["hook"], "egress");
+        assert_eq!(p["flow"]["icmp_type"], 8);
+        assert!(p["flow"].get("sport").is_none());
+        assert!(summary_text(&plan, &s).contains("verdict: CONFIRMED"));
+    }
 }

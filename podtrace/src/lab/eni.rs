@@ -31,10 +31,11 @@ use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::{Context as _, Result};
 
-use super::{
-    nl::{self, in_ns, mac_string, Mac, Nl, Route},
-    registry::LabPod,
-    Build,
+use super::random_hex;
+use super::{registry::LabPod, Build};
+use crate::{
+    netlink::{self as nl, in_ns, mac_string, Mac, Nl, Route},
+    netns::sysctl,
 };
 
 /// An interface of node-c.
@@ -135,16 +136,16 @@ pub(super) fn build(b: &mut Build) -> Result<()> {
     let vpc = b.netns("vpc", "fabric")?;
     b.step("vpc: subnets and router")?;
     in_ns(&vpc, |nl| {
-        nl::sysctl("net/ipv4/ip_forward", "1")?;
+        sysctl("net/ipv4/ip_forward", "1")?;
         // The router must not tell node-c to talk to master directly: it forwards replies
         // from pod-c2 (default via 10.19.0.1 dev eth2) back out of the same subnet.
-        nl::sysctl("net/ipv4/conf/all/send_redirects", "0")?;
-        nl::sysctl("net/ipv4/conf/default/send_redirects", "0")?;
+        sysctl("net/ipv4/conf/all/send_redirects", "0")?;
+        sysctl("net/ipv4/conf/default/send_redirects", "0")?;
         for (name, gw) in [(BRIDGE_0, GW_0), (BRIDGE_16, GW_16)] {
             let br = nl.add_bridge(name, None)?;
             nl.add_addr(br, gw, SUBNET_LEN)?;
             nl.set_up(br)?;
-            nl::sysctl(&format!("net/ipv4/conf/{name}/send_redirects"), "0")?;
+            sysctl(&format!("net/ipv4/conf/{name}/send_redirects"), "0")?;
         }
         Ok(())
     })
@@ -153,12 +154,12 @@ pub(super) fn build(b: &mut Build) -> Result<()> {
     let node = b.netns(NODE, "node")?;
     b.step("node-c: sysctls")?;
     in_ns(&node, |_| {
-        nl::sysctl("net/ipv4/ip_forward", "1")?;
+        sysctl("net/ipv4/ip_forward", "1")?;
         // Several interfaces share one L2 subnet (eth0 and eth2): each answers ARP only for
         // its own addresses and announces the address of the interface it sends from, as
         // separate ENIs behave in a VPC.
-        nl::sysctl("net/ipv4/conf/all/arp_ignore", "1")?;
-        nl::sysctl("net/ipv4/conf/all/arp_announce", "2")?;
+        sysctl("net/ipv4/conf/all/arp_ignore", "1")?;
+        sysctl("net/ipv4/conf/all/arp_announce", "2")?;
         Ok(())
     })?;
     for nic in NICS {
@@ -202,15 +203,15 @@ pub(super) fn build(b: &mut Build) -> Result<()> {
         let pod_ns = b.netns(pod.name, "pod")?;
         b.step(&format!("{}: veth, routes and rules on node-c", pod.name))?;
         // The AWS VPC CNI names host veths `eni` + 11 hex digits (of a hash of the pod).
-        let host_veth = format!("eni{}", nl::random_hex(11)?);
+        let host_veth = format!("eni{}", random_hex(11)?);
         let host_mac = in_ns(&node, |nl| {
             nl.add_veth(&host_veth, "eth0", Some(&pod_ns), 1500, None)?;
             let host = nl.link(&host_veth)?;
             nl.set_up(host.index)?;
             nl.add_route(&Route::link(pod.ip, 32, host.index))?;
-            nl.add_rule(512, None, Some((pod.ip, 32)), nl::MAIN_TABLE)?;
+            nl.add_rule(512, None, Some((pod.ip, 32)), nl::TABLE_MAIN)?;
             nl.add_rule(1536, Some((pod.ip, 32)), None, table)?;
-            Ok(host.mac)
+            Ok(host.mac_or_zero().to_vec())
         })
         .with_context(|| format!("wiring {} on node-c", pod.name))?;
         b.step(&format!("{}: eth0 and routes", pod.name))?;
@@ -226,7 +227,7 @@ pub(super) fn build(b: &mut Build) -> Result<()> {
                 eth0.index,
             ))?;
             nl.add_neigh(eth0.index, POD_GATEWAY, &host_mac)?;
-            Ok(mac_string(&eth0.mac))
+            Ok(mac_string(&eth0.mac_or_zero()))
         })
         .with_context(|| format!("setting up {}", pod.name))?;
         b.pods.push(LabPod {
@@ -280,7 +281,9 @@ fn attach_to_subnet(
     nl.set_up(idx)?;
     match fixed {
         Some(m) => Ok(m.to_vec()),
-        None => in_ns(peer_ns, |peer| Ok(peer.link(ifname)?.mac)),
+        None => in_ns(peer_ns, |peer| {
+            Ok(peer.link(ifname)?.mac_or_zero().to_vec())
+        }),
     }
 }
 
@@ -304,11 +307,11 @@ fn setup_nic(nl: &Nl, nic: &NicSpec) -> Result<()> {
     // main loses the subnet route the address brought.
     nl.add_route(&Route::link(nic.gateway, 32, idx).table(table))?;
     nl.add_route(&Route::via(Ipv4Addr::UNSPECIFIED, 0, nic.gateway, idx).table(table))?;
-    nl.del_route(subnet, SUBNET_LEN, idx, nl::MAIN_TABLE)?;
+    nl.del_route(subnet, SUBNET_LEN, idx, nl::TABLE_MAIN)?;
     // Seed 004: the ENI's own IP, reachable in main, with rules like a pod's.
     nl.add_route(&Route::link(nic.ip, 32, idx))?;
     nl.add_neigh(idx, nic.ip, &nic.mac)?;
-    nl.add_rule(512, None, Some((nic.ip, 32)), nl::MAIN_TABLE)?;
+    nl.add_rule(512, None, Some((nic.ip, 32)), nl::TABLE_MAIN)?;
     nl.add_rule(1536, Some((nic.ip, 32)), None, table)?;
     Ok(())
 }

@@ -5,14 +5,9 @@
 //! gets a private mount namespace with a fresh sysfs, so `/sys/class/net` shows the lab
 //! namespace's interfaces rather than the machine's.
 use std::{
-    ffi::CString,
-    fs::File,
-    os::{
-        fd::{AsRawFd, RawFd},
-        unix::process::{CommandExt, ExitStatusExt},
-    },
-    path::{Path, PathBuf},
-    process::{Command, ExitStatus},
+    os::unix::process::ExitStatusExt,
+    path::PathBuf,
+    process::ExitStatus,
     sync::atomic::{AtomicI32, Ordering},
 };
 
@@ -34,60 +29,6 @@ pub fn target(prefix: &str, name: &str) -> Result<PathBuf> {
             reg.names().join(", ")
         ),
     }
-}
-
-/// A [`Command`] that runs `program args...` inside the network namespace at `netns`.
-///
-/// The namespace file is opened now (close-on-exec) and kept open by the returned command, so
-/// a namespace deleted in between fails the spawn rather than running the command elsewhere.
-pub fn command(netns: &Path, program: &str, args: &[String]) -> Result<Command> {
-    let ns = File::open(netns)
-        .with_context(|| format!("network namespace {} not found", netns.display()))?;
-    let mut cmd = Command::new(program);
-    cmd.args(args);
-    enter_in_child(&mut cmd, ns)?;
-    Ok(cmd)
-}
-
-/// Makes `cmd`'s child process enter the network namespace `ns` before it execs.
-pub fn enter_in_child(cmd: &mut Command, ns: File) -> Result<()> {
-    // Everything the child touches is prepared here: between fork and exec only
-    // async-signal-safe calls are allowed (no allocation).
-    let root = CString::new("/")?;
-    let sys = CString::new("/sys")?;
-    let sysfs = CString::new("sysfs")?;
-    // SAFETY: the hook only makes raw syscalls on data prepared above; `ns` moves into the
-    // closure, so its fd stays open until the command is dropped.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd: RawFd = ns.as_raw_fd();
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Best effort, as `ip netns exec`: a private mount namespace (slave, so nothing
-            // propagates back to the machine's) with a sysfs of the new network namespace.
-            if libc::unshare(libc::CLONE_NEWNS) == 0
-                && libc::mount(
-                    std::ptr::null(),
-                    root.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_SLAVE | libc::MS_REC,
-                    std::ptr::null(),
-                ) == 0
-                && libc::umount2(sys.as_ptr(), libc::MNT_DETACH) == 0
-            {
-                libc::mount(
-                    sysfs.as_ptr(),
-                    sys.as_ptr(),
-                    sysfs.as_ptr(),
-                    0,
-                    std::ptr::null(),
-                );
-            }
-            Ok(())
-        });
-    }
-    Ok(())
 }
 
 /// The command [`run`] waits for (0: not started yet).
@@ -170,7 +111,7 @@ pub fn run(prefix: &str, name: &str, argv: &[String]) -> Result<u8> {
         bail!("lab exec: no command given (podtrace lab exec NAME -- CMD...)");
     };
     let netns = target(prefix, name)?;
-    let mut cmd = command(&netns, program, args)?;
+    let mut cmd = crate::netns::command_in(&netns, program, args)?;
     // Signals sent to podtrace with kill(2) go on to the command; those from the terminal
     // (^C, ^\) reach it anyway, as it is in the same process group. podtrace keeps waiting
     // and reports how the command ended.

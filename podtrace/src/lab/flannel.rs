@@ -12,9 +12,11 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context as _, Result};
 
-use super::{
-    nl::{self, in_ns, mac_string, Route},
-    Build,
+use super::random_hex;
+use super::Build;
+use crate::{
+    netlink::{in_ns, mac_string, Route},
+    netns::sysctl,
 };
 
 /// The VXLAN network identifier flannel uses.
@@ -112,7 +114,7 @@ pub(super) fn build(b: &mut Build) -> Result<()> {
         })?;
         b.step(&format!("{}: eth0, cni0, flannel.1", node.name))?;
         in_ns(&ns, |nl| {
-            nl::sysctl("net/ipv4/ip_forward", "1")?;
+            sysctl("net/ipv4/ip_forward", "1")?;
             let eth0 = nl.index("eth0")?;
             nl.add_addr(eth0, node.underlay_ip, 24)?;
             nl.set_up(eth0)?;
@@ -135,7 +137,7 @@ pub(super) fn build(b: &mut Build) -> Result<()> {
         let pod_ns = b.netns(pod.name, "pod")?;
         b.step(&format!("{}: veth on {}", pod.name, node.name))?;
         // The bridge CNI plugin names host veths `veth` + 8 hex digits.
-        let host_veth = format!("veth{}", nl::random_hex(8)?);
+        let host_veth = format!("veth{}", random_hex(8)?);
         in_ns(node_path, |nl| {
             nl.add_veth(&host_veth, "eth0", Some(&pod_ns), MTU, None)?;
             let idx = nl.index(&host_veth)?;
@@ -160,7 +162,7 @@ pub(super) fn build(b: &mut Build) -> Result<()> {
                 node.gateway(),
                 eth0.index,
             ))?;
-            Ok(mac_string(&eth0.mac))
+            Ok(mac_string(&eth0.mac_or_zero()))
         })
         .with_context(|| format!("setting up {}", pod.name))?;
         b.pods.push(super::registry::LabPod {
@@ -185,7 +187,7 @@ pub(super) fn build(b: &mut Build) -> Result<()> {
     // sending that MAC to the remote underlay IP.
     let mut vtep_macs = Vec::new();
     for (node, ns) in &node_ns {
-        let mac = in_ns(ns, |nl| Ok(nl.link("flannel.1")?.mac))?;
+        let mac = in_ns(ns, |nl| Ok(nl.link("flannel.1")?.mac_or_zero().to_vec()))?;
         vtep_macs.push((*node, mac));
     }
     for (node, ns) in &node_ns {

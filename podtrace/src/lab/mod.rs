@@ -2,6 +2,8 @@
 //!
 //! - `flannel`: node-a and node-b on an underlay bridge, flannel.1 VXLAN (VNI 1, UDP 8472),
 //!   cni0, pods pod-a1, pod-a2 (node-a) and pod-b1 (node-b). See [`flannel`].
+//!   With it, `ext` (a host outside the cluster, on the underlay) and Services as kube-proxy
+//!   programs them on both nodes. See [`services`].
 //! - `eni`: node-c with AWS VPC CNI routing (eth0, ENIs eth1 and eth2, tables 2 and 3), pods
 //!   pod-c1 and pod-c2, the host `master` and a `vpc` namespace. See [`eni`].
 //!
@@ -14,8 +16,9 @@
 pub mod eni;
 pub mod exec;
 pub mod flannel;
-pub mod nl;
 pub mod registry;
+pub mod resolver;
+pub mod services;
 
 use std::{
     collections::BTreeSet,
@@ -30,15 +33,15 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Subcommand, ValueEnum};
 
-use crate::netns;
-use registry::{LabInterface, LabNode, LabPod, Registry};
+use crate::{netlink as nl, netns};
+use registry::{LabInterface, LabNode, LabPod, LabService, Registry};
 
 /// The default name prefix.
 pub const DEFAULT_PREFIX: &str = "pt-";
 
 /// Every namespace name (without prefix) a lab can have.
-pub const NETNS_NAMES: [&str; 11] = [
-    "underlay", "node-a", "node-b", "pod-a1", "pod-a2", "pod-b1", "vpc", "master", "node-c",
+pub const NETNS_NAMES: [&str; 12] = [
+    "underlay", "node-a", "node-b", "pod-a1", "pod-a2", "pod-b1", "ext", "vpc", "master", "node-c",
     "pod-c1", "pod-c2",
 ];
 
@@ -166,7 +169,8 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
                 let value = match &reg {
                     Some(r) => status_json(r)?,
                     None => serde_json::json!({
-                        "prefix": prefix, "pods": [], "nodes": [], "hosts": [], "up": false,
+                        "prefix": prefix, "pods": [], "nodes": [], "hosts": [], "services": [],
+                        "up": false,
                     })
                     .to_string(),
                 };
@@ -288,7 +292,42 @@ pub fn status_text(reg: &Registry) -> String {
         ]);
     }
     table(&mut out, &rows);
+    if !reg.services.is_empty() {
+        let _ = writeln!(out);
+        let mut rows = vec![[
+            "SERVICE".to_owned(),
+            "TYPE".to_owned(),
+            "VIP".to_owned(),
+            "NODEPORT".to_owned(),
+            "BACKENDS".to_owned(),
+        ]];
+        for s in &reg.services {
+            rows.push(service_row(s));
+        }
+        table(&mut out, &rows);
+    }
     out
+}
+
+fn service_row(s: &LabService) -> [String; 5] {
+    let backends = if s.backends.is_empty() {
+        "none (kube-proxy rejects: connection refused)".to_owned()
+    } else {
+        s.backends
+            .iter()
+            .map(|b| format!("{}:{} ({})", b.ip, b.port, b.pod))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    [
+        format!("{}/{}", s.namespace, s.name),
+        s.kind.clone(),
+        format!("{}:{}/{}", s.vip, s.port, s.protocol),
+        s.node_port
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "-".to_owned()),
+        backends,
+    ]
 }
 
 fn interface_summary(i: &LabInterface) -> String {
@@ -361,6 +400,7 @@ pub fn up_with(
         on_step,
         pods: Vec::new(),
         members: Vec::new(),
+        services: Vec::new(),
     };
     let built = build(&mut b, topology).and_then(|reg| {
         registry::save(&reg)?;
@@ -397,9 +437,20 @@ pub(crate) struct Build<'a> {
     pub(crate) pods: Vec<LabPod>,
     /// Nodes and hosts: (name, role, netns).
     members: Vec<(String, String, PathBuf)>,
+    /// Services, once programmed.
+    pub(crate) services: Vec<LabService>,
 }
 
 impl Build<'_> {
+    /// The namespace of lab member `name`, created earlier in this build.
+    pub(crate) fn existing(&self, name: &str) -> Result<PathBuf> {
+        let path = netns::path_of(&netns_name(self.prefix, name));
+        if !path.exists() {
+            bail!("{name} has not been built yet");
+        }
+        Ok(path)
+    }
+
     /// Announces the next step (and lets `on_step` stop the build).
     pub(crate) fn step(&mut self, what: &str) -> Result<()> {
         (self.on_step)(what).with_context(|| format!("stopped before: {what}"))
@@ -416,9 +467,9 @@ impl Build<'_> {
             // Deterministic reverse-path filtering whatever the machine's defaults (new
             // namespaces inherit them): loose (2) on every device, as on most distributions
             // and on the AWS VPC CNI's eth0; `all` 0 so that the device value counts.
-            nl::sysctl("net/ipv4/conf/all/rp_filter", "0")?;
-            nl::sysctl("net/ipv4/conf/default/rp_filter", "2")?;
-            nl::sysctl("net/ipv4/conf/lo/rp_filter", "2")
+            netns::sysctl("net/ipv4/conf/all/rp_filter", "0")?;
+            netns::sysctl("net/ipv4/conf/default/rp_filter", "2")?;
+            netns::sysctl("net/ipv4/conf/lo/rp_filter", "2")
         })
         .with_context(|| format!("preparing namespace {full}"))?;
         if role != "pod" {
@@ -432,6 +483,7 @@ impl Build<'_> {
 fn build(b: &mut Build, topology: Topology) -> Result<Registry> {
     if topology.flannel() {
         flannel::build(b).context("building the flannel cluster")?;
+        services::build(b).context("building the flannel cluster's Services")?;
     }
     if topology.eni() {
         eni::build(b).context("building the ENI node")?;
@@ -465,26 +517,27 @@ fn build(b: &mut Build, topology: Topology) -> Result<Registry> {
         pods,
         nodes,
         hosts,
+        services: std::mem::take(&mut b.services),
     })
 }
 
 /// The interfaces of the namespace at `ns` as the registry records them (`lo` left out).
 pub fn interfaces_of(ns: &Path) -> Result<Vec<LabInterface>> {
     nl::in_ns(ns, |nl| {
-        let links = nl.links()?;
-        let addrs = nl.addrs()?;
+        let snap = nl.snapshot()?;
+        let (links, addrs) = (&snap.links, &snap.addrs);
         let mut out = Vec::new();
         for l in links.iter().filter(|l| l.name != "lo") {
             out.push(LabInterface {
                 name: l.name.clone(),
                 ifindex: l.index,
                 kind: l.kind.clone(),
-                mac: nl::mac_string(&l.mac),
+                mac: l.mac.map(|m| nl::mac_string(&m)).unwrap_or_default(),
                 mtu: l.mtu,
                 addresses: addrs
                     .iter()
-                    .filter(|(i, _, _)| *i == l.index)
-                    .map(|(_, ip, len)| format!("{ip}/{len}"))
+                    .filter(|a| a.index == l.index)
+                    .map(|a| format!("{}/{}", a.ip, a.prefix))
                     .collect(),
                 master: l
                     .master
@@ -585,6 +638,35 @@ impl Drop for InterruptGuard {
     }
 }
 
+/// Random bytes from the kernel.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut buf = [0u8; N];
+    let mut filled = 0;
+    while filled < N {
+        // SAFETY: writes at most N - filled bytes into buf[filled..].
+        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), N - filled, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e).context("getrandom");
+        }
+        filled += n as usize;
+    }
+    Ok(buf)
+}
+
+/// `len` random lowercase hex digits.
+pub fn random_hex(len: usize) -> Result<String> {
+    let bytes = random_bytes::<16>()?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    if len > hex.len() {
+        bail!("random_hex: at most {} digits", hex.len());
+    }
+    Ok(hex[..len].to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -594,7 +676,12 @@ mod tests {
     #[test]
     fn every_topology_namespace_is_known_to_teardown() {
         let all: BTreeSet<&str> = NETNS_NAMES.iter().copied().collect();
-        let built: BTreeSet<&str> = flannel::NETNS.iter().chain(&eni::NETNS).copied().collect();
+        let built: BTreeSet<&str> = flannel::NETNS
+            .iter()
+            .chain(&services::NETNS)
+            .chain(&eni::NETNS)
+            .copied()
+            .collect();
         assert_eq!(all, built);
         assert_eq!(all.len(), NETNS_NAMES.len(), "duplicates in NETNS_NAMES");
         for p in flannel::PODS {
@@ -655,6 +742,7 @@ mod tests {
                 netns: "/run/netns/pt-master".into(),
                 interfaces: vec![],
             }],
+            services: services::registry_entries().unwrap(),
         }
     }
 
@@ -699,6 +787,32 @@ mod tests {
         let back: Registry = serde_json::from_str(&text).unwrap();
         assert_eq!(back, r);
         assert!(status_text(&r).contains("eni0123456789a"));
+        let web = &v["services"][0];
+        assert_eq!(web["name"], "web");
+        assert_eq!(web["type"], "ClusterIP");
+        assert_eq!(web["vip"], "10.96.0.10");
+        assert_eq!(web["port"], 80);
+        assert_eq!(web["protocol"], "tcp");
+        assert_eq!(web["backends"][1]["ip"], "10.244.1.5");
+        assert_eq!(web["backends"][1]["port"], 8080);
+        assert_eq!(web["backends"][1]["pod"], "pod-b1");
+        let text = status_text(&r);
+        assert!(
+            text.contains("default/web-np  NodePort   10.96.0.11:80/tcp  30080")
+                && text.contains("10.244.0.7:8080 (pod-a2), 10.244.1.5:8080 (pod-b1)"),
+            "{text}"
+        );
+        assert_eq!(r.service("default/empty").unwrap().backends, []);
+    }
+
+    #[test]
+    fn registries_without_services_still_load() {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&status_json(&sample()).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("services");
+        let back: Registry = serde_json::from_value(v).unwrap();
+        assert!(back.services.is_empty());
+        assert_eq!(back.pods, sample().pods);
     }
 
     #[test]

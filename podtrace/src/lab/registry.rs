@@ -44,6 +44,50 @@ pub struct Registry {
     /// Other machines and fabrics: the host `master` (ENI topology), the `underlay` bridge
     /// between flannel nodes and the `vpc` fabric. `lab exec` reaches them too.
     pub hosts: Vec<LabNode>,
+    /// Kubernetes Services, programmed by the lab on every flannel node as kube-proxy
+    /// (iptables mode) does. Absent in registries written before Services existed.
+    #[serde(default)]
+    pub services: Vec<LabService>,
+}
+
+/// A Service of the lab (one port), as `lab status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LabService {
+    /// `web`.
+    pub name: String,
+    /// `default`.
+    pub namespace: String,
+    /// `ClusterIP` or `NodePort`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The cluster IP.
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    /// `tcp`.
+    pub protocol: String,
+    /// The port's name (`http`).
+    pub port_name: String,
+    /// The NodePort on every node (`NodePort` Services).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<u16>,
+    /// Ready endpoints (none: kube-proxy rejects connections).
+    pub backends: Vec<LabBackend>,
+    /// kube-proxy's `KUBE-SVC-…` chain (none without endpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<String>,
+    /// The nodes whose rules implement it.
+    pub nodes: Vec<String>,
+}
+
+/// An endpoint of a lab Service.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LabBackend {
+    pub pod: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// Its `KUBE-SEP-…` chain.
+    pub chain: String,
 }
 
 /// A lab pod.
@@ -117,6 +161,17 @@ impl Registry {
         self.pods
             .iter()
             .find(|p| p.name == name && ns.is_none_or(|ns| ns == p.namespace))
+    }
+
+    /// The Service called `name` (`web` or `default/web`).
+    pub fn service(&self, name: &str) -> Option<&LabService> {
+        let (ns, name) = match name.split_once('/') {
+            Some((ns, n)) => (Some(ns), n),
+            None => (None, name),
+        };
+        self.services
+            .iter()
+            .find(|s| s.name == name && ns.is_none_or(|ns| ns == s.namespace))
     }
 
     /// The node or host called `name` (`node-a`, `master`, `vpc`).

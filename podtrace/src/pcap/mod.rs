@@ -1,7 +1,7 @@
 //! pcap/pcapng writing with rotation, and the capture filter language.
 //!
-//! Pure userspace: `podtrace capture` and `follow -w` feed packets in; nothing here touches
-//! eBPF or the network.
+//! Userspace only: `podtrace capture` and `follow -w` feed the engine's packets in through
+//! [`sink`]; nothing here touches eBPF or the network.
 //!
 //! * [`CaptureWriter`] writes pcapng (default) or classic pcap files, rotating them by size
 //!   (`-C`), time (`-G`) or both, keeping at most `-W` files ([`RotationPolicy`]; naming
@@ -85,6 +85,7 @@ pub mod error;
 pub mod filter;
 pub mod packet;
 pub mod rotate;
+pub mod sink;
 pub mod writer;
 
 pub use error::CaptureError;

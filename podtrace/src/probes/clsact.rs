@@ -198,14 +198,16 @@ pub fn has_clsact(ns: Option<&Path>, ifindex: u32) -> Result<bool> {
 /// Adds a clsact qdisc; `Ok(false)` when one is there already.
 pub fn add_clsact(ns: Option<&Path>, ifname: &str) -> Result<bool> {
     let ifname = ifname.to_owned();
-    netns::run_in(ns, move || match aya::programs::tc::qdisc_add_clsact(&ifname) {
-        Ok(()) => Ok(true),
-        Err(aya::programs::tc::TcError::NetlinkError(e))
-            if e.raw_os_error() == Some(libc::EEXIST) =>
-        {
-            Ok(false)
+    netns::run_in(ns, move || {
+        match aya::programs::tc::qdisc_add_clsact(&ifname) {
+            Ok(()) => Ok(true),
+            Err(aya::programs::tc::TcError::NetlinkError(e))
+                if e.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(anyhow!("adding a clsact qdisc to {ifname}: {e}")),
         }
-        Err(e) => Err(anyhow!("adding a clsact qdisc to {ifname}: {e}")),
     })
 }
 
@@ -224,7 +226,13 @@ fn delete_clsact(ns: Option<&Path>, ifindex: u32) -> Result<()> {
 }
 
 /// Deletes one filter by priority and handle.
-fn delete_filter(ns: Option<&Path>, ifindex: u32, ingress: bool, priority: u16, handle: u32) -> Result<()> {
+fn delete_filter(
+    ns: Option<&Path>,
+    ifindex: u32,
+    ingress: bool,
+    priority: u16,
+    handle: u32,
+) -> Result<()> {
     use rtnetlink::{
         packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST},
         packet_route::RouteNetlinkMessage,
@@ -232,7 +240,11 @@ fn delete_filter(ns: Option<&Path>, ifindex: u32, ingress: bool, priority: u16, 
     with_nl(ns, move |mut h| {
         Box::pin(async move {
             let mut m = TcMessage::with_index(ifindex as i32);
-            m.header.parent = TcHandle::from(if ingress { 0xffff_fff2u32 } else { 0xffff_fff3u32 });
+            m.header.parent = TcHandle::from(if ingress {
+                0xffff_fff2u32
+            } else {
+                0xffff_fff3u32
+            });
             m.header.handle = TcHandle::from(handle);
             m.header.info = ((priority as u32) << 16) | ETH_P_ALL_BE as u32;
             let mut req = NetlinkMessage::from(RouteNetlinkMessage::DelTrafficFilter(m));

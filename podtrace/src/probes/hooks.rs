@@ -9,12 +9,12 @@
 //! tracepoints, and BTF is required for the structure offsets in any case.)
 use std::{collections::BTreeSet, path::Path};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::btf::Btf;
 
 /// A kind of evidence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Evidence {
     Drop,
@@ -35,7 +35,7 @@ impl Evidence {
 }
 
 /// A hook mechanism.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mechanism {
     Kprobe,
@@ -158,10 +158,9 @@ pub fn variant(
                 (Evidence::Drop, a) if a >= 3 => v(&[("drop_kfree_skb", "kfree_skb")], true),
                 (Evidence::Drop, 2) => v(&[("drop_kfree_skb_noreason", "kfree_skb")], false),
                 (Evidence::Fib, 4) => v(&[("fib_fib_table_lookup", "fib_table_lookup")], false),
-                (Evidence::Xmit, 2) => v(
-                    &[("xmit_net_dev_start_xmit", "net_dev_start_xmit")],
-                    false,
-                ),
+                (Evidence::Xmit, 2) => {
+                    v(&[("xmit_net_dev_start_xmit", "net_dev_start_xmit")], false)
+                }
                 (_, a) => Err(format!(
                     "tracepoint {tp} has {a} arguments here, which podtrace does not know"
                 )),
@@ -186,10 +185,9 @@ pub fn variant(
             ],
             false,
         ),
-        (Mechanism::Kprobe, Evidence::Xmit) if facts.has("dev_hard_start_xmit") => v(
-            &[("kp_dev_hard_start_xmit", "dev_hard_start_xmit")],
-            false,
-        ),
+        (Mechanism::Kprobe, Evidence::Xmit) if facts.has("dev_hard_start_xmit") => {
+            v(&[("kp_dev_hard_start_xmit", "dev_hard_start_xmit")], false)
+        }
         (Mechanism::Kprobe, e) => Err(format!(
             "the kernel function for {} is not in BTF",
             e.label()
@@ -223,14 +221,14 @@ pub fn plan(
 }
 
 /// What was attached for one evidence kind, or why nothing was.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HookReport {
     pub evidence: Evidence,
     pub mechanism: Option<Mechanism>,
     /// `kprobe:kfree_skb_reason`, `tp_btf:kfree_skb`.
     pub attached: Option<String>,
     /// Drops only: whether they come with the kernel's drop reason (5.17+).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drop_reason: Option<bool>,
     /// Why an earlier choice was passed over, or why nothing could attach.
     pub notes: Vec<String>,
@@ -282,7 +280,11 @@ mod tests {
         facts(
             true,
             Some(3),
-            &["kfree_skb_reason", "fib_table_lookup", "dev_hard_start_xmit"],
+            &[
+                "kfree_skb_reason",
+                "fib_table_lookup",
+                "dev_hard_start_xmit",
+            ],
         )
     }
 
@@ -357,7 +359,11 @@ mod tests {
         assert!(err.contains("5 arguments"), "{err}");
         // kfree_skb has grown arguments after the reason (rx_sk in 6.10): still fine.
         let k = facts(false, Some(5), &[]);
-        assert!(variant(&k, Evidence::Drop, Mechanism::TpBtf).unwrap().drop_reason);
+        assert!(
+            variant(&k, Evidence::Drop, Mechanism::TpBtf)
+                .unwrap()
+                .drop_reason
+        );
     }
 
     #[test]

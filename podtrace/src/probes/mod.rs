@@ -18,6 +18,7 @@ pub mod hooks;
 use std::{
     collections::HashMap,
     net::Ipv4Addr,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -53,7 +54,7 @@ pub const CAPTURE_RING_BYTES: u32 = 16 << 20;
 pub const MIN_KERNEL: (u32, u32) = (5, 8);
 
 /// How a tc hop probe is attached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TcMode {
     /// A TCX link (kernel ≥ 6.6), first in the interface's chain.
@@ -79,10 +80,12 @@ pub struct HopCounts {
     pub egress: u64,
 }
 
-/// Global counters (`CNT_*` in podtrace-abi).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Global counters (`CNT_*` in podtrace-abi), cumulative.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Counters {
+    /// Packets the hop probes looked at.
     pub tc_seen: u64,
+    /// Packets of the traced conversation the hop probes saw.
     pub tc_matched: u64,
     pub drops_matched: u64,
     pub fib_matched: u64,
@@ -158,6 +161,7 @@ impl DropReasons {
                 .unwrap_or(&name);
             map.insert(value as u32, short.to_owned());
         }
+        map.insert(REASON_UNREPORTED, UNREPORTED.to_owned());
         Self(map)
     }
 
@@ -171,6 +175,11 @@ impl DropReasons {
             .get(&reason)
             .cloned()
             .unwrap_or_else(|| format!("reason {reason}"))
+    }
+
+    /// Every reason: (value, name).
+    pub fn all(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.0.iter().map(|(v, n)| (*v, n.as_str()))
     }
 
     /// The kernel's value for a reason name (without the `SKB_DROP_REASON_` prefix).
@@ -514,8 +523,10 @@ impl Probes {
             };
             let prog = self.classifier(ns_index, name)?;
             let prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
-            let link = netns::run_in(ns, || Ok(prog.attach_with_options(ifname, attach_type, options)?))
-                .with_context(|| format!("attaching {name} to {}", where_(target)))?;
+            let link = netns::run_in(ns, || {
+                Ok(prog.attach_with_options(ifname, attach_type, options)?)
+            })
+            .with_context(|| format!("attaching {name} to {}", where_(target)))?;
             if mode == TcMode::Clsact {
                 // Which filter the kernel made of it: ours is the one running our program.
                 let placed = clsact::list_filters(ns, ifindex, ingress)
@@ -523,7 +534,10 @@ impl Probes {
                     .and_then(|l| l.into_iter().find(|f| f.bpf_id == Some(prog_id)));
                 let Some(placed) = placed else {
                     let _ = netns::run_in(ns, || Ok(prog.detach(link)?));
-                    bail!("attached {name} to {} but cannot find its filter", where_(target));
+                    bail!(
+                        "attached {name} to {} but cannot find its filter",
+                        where_(target)
+                    );
                 };
                 let (priority, handle) = (placed.priority, placed.handle);
                 let owned = clsact::OwnedFilter {
@@ -680,19 +694,20 @@ impl Probes {
 
     /// The global counters.
     pub fn counters(&self) -> Result<Counters> {
-        let cnt: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map("COUNTERS")?)?;
-        let mut v = [0u64; CNT_SLOTS as usize];
-        for (i, slot) in v.iter_mut().enumerate() {
-            *slot = cnt.get(&(i as u32), 0)?.iter().sum();
+        read_counters(&PerCpuArray::try_from(self.map("COUNTERS")?)?)
+    }
+
+    /// A handle on the counters another thread can read while the probes stay here.
+    pub fn counter_reader(&self) -> Result<CounterReader> {
+        let fd = match self.map("COUNTERS")? {
+            aya::maps::Map::PerCpuArray(m) => m.fd().as_fd().try_clone_to_owned(),
+            _ => bail!("eBPF map COUNTERS is not a per-CPU array"),
         }
-        Ok(Counters {
-            tc_seen: v[podtrace_abi::CNT_TC_SEEN as usize],
-            tc_matched: v[podtrace_abi::CNT_TC_MATCHED as usize],
-            drops_matched: v[podtrace_abi::CNT_DROP_MATCHED as usize],
-            fib_matched: v[podtrace_abi::CNT_FIB_MATCHED as usize],
-            xmit_matched: v[podtrace_abi::CNT_XMIT_MATCHED as usize],
-            lost: v[podtrace_abi::CNT_LOST as usize],
-        })
+        .context("duplicating the counters map's fd")?;
+        let data = MapData::from_fd(fd).context("opening the counters map")?;
+        Ok(CounterReader(PerCpuArray::try_from(
+            aya::maps::Map::PerCpuArray(data),
+        )?))
     }
 
     /// Takes the event ring buffer (once); read it with [`read_event`].
@@ -703,6 +718,30 @@ impl Probes {
             .ok_or_else(|| anyhow!("the event ring buffer was taken already"))?;
         Ok(RingBuf::try_from(map)?)
     }
+}
+
+/// The counters map, readable from any thread.
+pub struct CounterReader(PerCpuArray<MapData, u64>);
+
+impl CounterReader {
+    pub fn read(&self) -> Result<Counters> {
+        read_counters(&self.0)
+    }
+}
+
+fn read_counters<T: std::borrow::Borrow<MapData>>(cnt: &PerCpuArray<T, u64>) -> Result<Counters> {
+    let mut v = [0u64; CNT_SLOTS as usize];
+    for (i, slot) in v.iter_mut().enumerate() {
+        *slot = cnt.get(&(i as u32), 0)?.iter().sum();
+    }
+    Ok(Counters {
+        tc_seen: v[podtrace_abi::CNT_TC_SEEN as usize],
+        tc_matched: v[podtrace_abi::CNT_TC_MATCHED as usize],
+        drops_matched: v[podtrace_abi::CNT_DROP_MATCHED as usize],
+        fib_matched: v[podtrace_abi::CNT_FIB_MATCHED as usize],
+        xmit_matched: v[podtrace_abi::CNT_XMIT_MATCHED as usize],
+        lost: v[podtrace_abi::CNT_LOST as usize],
+    })
 }
 
 /// Decodes one ring buffer record.
@@ -716,8 +755,9 @@ pub fn read_event(bytes: &[u8]) -> Option<Event> {
 
 /// Mounts bpffs on /sys/fs/bpf unless one is there (as bpftool does).
 fn ensure_bpffs() -> Result<()> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    if nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC) {
+    // `f_type` is i64 with glibc, u64 with musl.
+    const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
+    if nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| s.filesystem_type().0 as u64 == BPF_FS_MAGIC) {
         return Ok(());
     }
     nix::mount::mount(

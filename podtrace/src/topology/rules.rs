@@ -3,7 +3,7 @@
 //! no route, or a `throw` route, goes on to the next rule).
 use std::net::Ipv4Addr;
 
-use super::snapshot::{prefix_contains, Route, Rule, RuleAction, Snapshot, RTN_THROW};
+use crate::netlink::snapshot::{prefix_contains, Route, Rule, RuleAction, Snapshot, RTN_THROW};
 
 /// What a packet looks like to the rules.
 #[derive(Debug, Clone)]
@@ -82,7 +82,7 @@ pub fn source_rules_for(snap: &Snapshot, ip: Ipv4Addr) -> Vec<&Rule> {
         .filter(|r| {
             !r.invert
                 && r.src.is_some_and(|(net, len)| len > 0 && prefix_contains(net, len, ip))
-                && matches!(r.action, RuleAction::Lookup(t) if t != super::snapshot::TABLE_MAIN && t != super::snapshot::TABLE_LOCAL)
+                && matches!(r.action, RuleAction::Lookup(t) if t != crate::netlink::TABLE_MAIN && t != crate::netlink::TABLE_LOCAL)
         })
         .collect()
 }
@@ -90,7 +90,7 @@ pub fn source_rules_for(snap: &Snapshot, ip: Ipv4Addr) -> Vec<&Rule> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topology::snapshot::{RTN_LOCAL, RTN_UNICAST, TABLE_LOCAL, TABLE_MAIN};
+    use crate::netlink::snapshot::{RTN_LOCAL, RTN_UNICAST, TABLE_LOCAL, TABLE_MAIN};
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()

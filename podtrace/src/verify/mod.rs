@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
-    process::{Command, ExitCode, Stdio},
+    process::{ExitCode, Stdio},
     time::Duration,
 };
 
@@ -14,17 +14,15 @@ use serde::Serialize;
 
 use crate::{
     cli::{parse_duration, parse_ipv4, PodArgs},
-    follow::{
-        correlate::Seen,
-        plan::{self, Hook},
-        run_loop,
-        session::{self, Session, SessionOptions},
-        Stop,
+    netlink::{
+        snapshot::{table_name, RuleAction, Snapshot},
+        TABLE_DEFAULT, TABLE_LOCAL, TABLE_MAIN,
     },
-    topology::{
-        rules,
-        snapshot::{table_name, TABLE_DEFAULT, TABLE_LOCAL, TABLE_MAIN},
-        Topology,
+    topology::{self, rules, Role, Topology},
+    trace::{
+        plan::{Plan, PlannedHop},
+        run::{drive, Consumer, Stop, Until},
+        Engine, TraceEvent, TraceOptions,
     },
 };
 
@@ -89,7 +87,7 @@ struct EniChoice {
 }
 
 /// Tables of secondary ENIs: (table, device of its default route, the ENI's own rule).
-fn eni_tables(snap: &crate::topology::snapshot::Snapshot, primary: &str) -> Vec<(u32, String)> {
+fn eni_tables(snap: &Snapshot, primary: &str) -> Vec<(u32, String)> {
     let mut out = Vec::new();
     for r in &snap.routes {
         if r.prefix == 0 && ![TABLE_MAIN, TABLE_LOCAL, TABLE_DEFAULT].contains(&r.table) {
@@ -104,12 +102,13 @@ fn eni_tables(snap: &crate::topology::snapshot::Snapshot, primary: &str) -> Vec<
 }
 
 fn eni(args: EniArgs) -> Result<ExitCode> {
-    let loc = args.pod.locate()?;
-    let topo = crate::topology::resolve(&loc, Some(args.dst), None)?;
+    let chain = args.pod.resolvers();
+    let loc = args.pod.locate(&chain)?;
+    let topo = topology::resolve(&loc, Some(args.dst), None, &chain)?;
     let pod_ip = topo
         .pod_ip
         .ok_or_else(|| anyhow!("pod {} has no IPv4 address", loc.name))?;
-    if topo.hops.iter().any(|h| h.role == "bridge") {
+    if topo.hops.iter().any(|h| h.role == Role::Bridge) {
         bail!(
             "pod {} is not on an ENI: its CNI is {} (a bridge, not routed ENI veths); verify eni is for the AWS VPC CNI and its copies",
             topo.pod.name,
@@ -122,14 +121,10 @@ fn eni(args: EniArgs) -> Result<ExitCode> {
             topo.pod.node
         )
     })?;
-    let node_ns = topo
-        .hops
-        .iter()
-        .find(|h| h.role == "host-veth")
-        .and_then(|h| h.netns_path.clone());
-    let snap = crate::topology::read::in_netns(node_ns.as_deref(), |h| async move {
-        crate::topology::read::snapshot(&h).await
-    })?;
+    // The node as topology read it: nothing is read twice.
+    let snap = topo
+        .node_snapshot()
+        .ok_or_else(|| anyhow!("node {}'s namespace was not read", topo.pod.node))?;
     let tables = eni_tables(&snap, &primary);
     if tables.is_empty() {
         bail!(
@@ -142,7 +137,7 @@ fn eni(args: EniArgs) -> Result<ExitCode> {
     let choice = match src_rules.first() {
         Some(rule) => {
             let table = match rule.action {
-                crate::topology::snapshot::RuleAction::Lookup(t) => Some(t),
+                RuleAction::Lookup(t) => Some(t),
                 _ => None,
             };
             EniChoice {
@@ -164,96 +159,84 @@ fn eni(args: EniArgs) -> Result<ExitCode> {
     };
 
     // Watch every uplink of the node, the pod's side, and the kernel's FIB.
-    let uplinks = session::node_uplinks(&topo)?;
-    let plan = plan::build(&topo, uplinks);
-    let mut session = Session::start(
-        plan,
-        pod_ip,
-        Some(args.dst),
-        &SessionOptions {
-            hooks: args.hooks.hooks,
-            ..SessionOptions::default()
+    let plan = topology::plan::build(&topo, topology::plan::filter(&topo, pod_ip, Some(args.dst)));
+    let (engine, events) = Engine::start(
+        &plan,
+        &TraceOptions {
+            mechanism: args.hooks.hooks,
+            ..TraceOptions::default()
         },
     )?;
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"type": "ready", "pod": topo.pod.name, "dst": args.dst.to_string(),
-                "hops": session.plan.hops, "tc": session.tc_mode(), "kernel_hooks": session.hooks})
+            serde_json::to_string(&ReadyJson {
+                kind: "ready",
+                pod: &topo.pod.name,
+                dst: args.dst.to_string(),
+                hops: &plan.hops,
+                tc: engine.info.tc,
+                kernel_hooks: &engine.info.hooks,
+            })?
         );
     } else {
-        eprintln!("hooks: {}", session.hooks_line());
+        eprintln!("hooks: {}", engine.info.hooks_line());
         eprintln!("probes live");
     }
     let mut prober = if args.probe {
-        Some(
-            Command::new("nsenter")
-                .arg(format!("--net={}", loc.netns.display()))
-                .args(["ping", "-c", "3", "-i", "0.2", "-W", "1", "-q"])
-                .arg(args.dst.to_string())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| anyhow!("starting the probe ping in pod {}: {e}", topo.pod.name))?,
-        )
+        // A few echoes from inside the pod (the ping runs in its namespace).
+        let ping = crate::netns::command_in(
+            &loc.netns,
+            "ping",
+            &[
+                "-c".into(),
+                "3".into(),
+                "-i".into(),
+                "0.2".into(),
+                "-W".into(),
+                "1".into(),
+                "-q".into(),
+                args.dst.to_string(),
+            ],
+        )?
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| anyhow!("starting the probe ping in pod {}: {e}", topo.pod.name))?;
+        Some(ping)
     } else {
         None
     };
-
-    // (hop name, direction "out"/"in") → packets; FIB table → lookups for the pod's egress.
-    let mut counts: BTreeMap<String, u64> = session
-        .plan
-        .hops
-        .iter()
-        .map(|h| (h.name.clone(), 0))
-        .collect();
-    let mut by_dir: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
-    let mut fib_tables: BTreeMap<String, u64> = BTreeMap::new();
-    let pod_raw = u32::from_ne_bytes(pod_ip.octets());
-    let node_name = topo.pod.node.clone();
-    let stop = run_loop(
-        &mut session,
-        Some(args.duration),
-        vec![loc.netns.clone()],
-        &mut |s, bytes| {
-            let Some((_, obs, _)) = s.decode(bytes) else {
-                return Ok(None);
-            };
-            let outbound = obs.flow.saddr == pod_raw;
-            match &obs.seen {
-                Seen::Tc { hop, hook } => {
-                    if let Some(h) = s.plan.hop(*hop) {
-                        *counts.entry(h.name.clone()).or_default() += 1;
-                        let d = match (outbound, hook) {
-                            (true, _) => "out",
-                            (false, Hook::Ingress | Hook::Egress | Hook::Bridged) => "in",
-                        };
-                        *by_dir.entry((h.name.clone(), d)).or_default() += 1;
-                    }
-                }
-                Seen::Fib {
-                    location,
-                    table,
-                    err,
-                    ..
-                } if outbound && *err == 0 && *location == node_name => {
-                    *fib_tables.entry(table_name(*table)).or_default() += 1;
-                }
-                _ => {}
-            }
-            Ok(None)
+    let mut watch = Watch::new(&plan, pod_ip, topo.pod.node.clone());
+    let outcome = drive(
+        engine,
+        events,
+        &Until {
+            duration: Some(args.duration),
+            watch: vec![loc.netns.clone()],
         },
-        &mut |_| Ok(None),
-    )?;
+        &mut watch,
+    );
     if let Some(p) = prober.as_mut() {
         let _ = p.kill();
         let _ = p.wait();
     }
-    if let Stop::PodGone(ns) = stop {
-        bail!("pod {}'s network namespace {ns} is gone", topo.pod.name);
+    if let Stop::PodGone(ns) = outcome?.stop? {
+        bail!(
+            "pod {}'s network namespace {} is gone",
+            topo.pod.name,
+            ns.display()
+        );
     }
     let report = judge(
-        &topo, &primary, &tables, &choice, pod_ip, counts, &by_dir, fib_tables,
+        &topo,
+        &primary,
+        &tables,
+        &choice,
+        pod_ip,
+        watch.counts,
+        &watch.by_dir,
+        watch.fib_tables,
     );
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -265,6 +248,73 @@ fn eni(args: EniArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `{"type":"ready", ...}` of `verify eni --json`.
+#[derive(Serialize)]
+struct ReadyJson<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    pod: &'a str,
+    dst: String,
+    hops: &'a [PlannedHop],
+    tc: Option<crate::probes::TcMode>,
+    kernel_hooks: &'a [crate::probes::hooks::HookReport],
+}
+
+/// What `verify eni` counts while it watches.
+struct Watch<'a> {
+    plan: &'a Plan,
+    pod_ip: Ipv4Addr,
+    node: String,
+    /// Packets per hop name.
+    counts: BTreeMap<String, u64>,
+    /// (hop name, "out"/"in") → packets.
+    by_dir: BTreeMap<(String, &'static str), u64>,
+    /// FIB table → the node's lookups for the pod's egress.
+    fib_tables: BTreeMap<String, u64>,
+}
+
+impl<'a> Watch<'a> {
+    fn new(plan: &'a Plan, pod_ip: Ipv4Addr, node: String) -> Self {
+        Self {
+            plan,
+            pod_ip,
+            node,
+            counts: plan.hops.iter().map(|h| (h.name.clone(), 0)).collect(),
+            by_dir: BTreeMap::new(),
+            fib_tables: BTreeMap::new(),
+        }
+    }
+}
+
+impl Consumer for Watch<'_> {
+    fn on_events(&mut self, batch: Vec<TraceEvent>) -> Result<Option<Stop>> {
+        for ev in &batch {
+            match ev {
+                TraceEvent::Hop(h) => {
+                    if let Some(hop) = self.plan.hop(h.hop) {
+                        *self.counts.entry(hop.name.clone()).or_default() += 1;
+                        let d = if h.flow.src == self.pod_ip {
+                            "out"
+                        } else {
+                            "in"
+                        };
+                        *self.by_dir.entry((hop.name.clone(), d)).or_default() += 1;
+                    }
+                }
+                TraceEvent::Fib(f)
+                    if f.flow.src == self.pod_ip
+                        && f.err == 0
+                        && f.ns.is_some_and(|ns| self.plan.owner(ns) == self.node) =>
+                {
+                    *self.fib_tables.entry(table_name(f.table)).or_default() += 1;
+                }
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

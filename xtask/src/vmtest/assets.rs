@@ -216,9 +216,7 @@ impl Apt {
             cmd.current_dir(cwd);
         }
         eprintln!("xtask: $ {program} (private sources) {}", args.join(" "));
-        let out = cmd
-            .output()
-            .with_context(|| format!("running {program}"))?;
+        let out = cmd.output().with_context(|| format!("running {program}"))?;
         if !out.status.success() {
             bail!(
                 "{program} {} failed: {}",
@@ -277,7 +275,10 @@ pub fn setup() -> Result<()> {
         eprintln!("xtask: VM kernels (5.10, 6.1, 6.12) and busybox: present");
     } else {
         did = true;
-        let mut suites: Vec<&str> = SERIES.iter().flat_map(|s| s.suites.iter().copied()).collect();
+        let mut suites: Vec<&str> = SERIES
+            .iter()
+            .flat_map(|s| s.suites.iter().copied())
+            .collect();
         suites.sort();
         suites.dedup();
         let apt = Apt::new("kernels", &suites)?;

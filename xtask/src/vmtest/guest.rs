@@ -64,7 +64,8 @@ pub fn main() -> ! {
     let result = Report::open().map(|mut r| {
         let mut g = Guest { report: &mut r };
         if let Err(e) = g.run() {
-            g.report.send(json!({"ev": "fatal", "error": format!("{e:#}")}));
+            g.report
+                .send(json!({"ev": "fatal", "error": format!("{e:#}")}));
         }
         r.send(json!({"ev": "done"}));
     });
@@ -106,7 +107,8 @@ fn umount(target: &str) -> Result<()> {
     let t = CString::new(target)?;
     // SAFETY: valid C string.
     if unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("unmounting {target}"));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("unmounting {target}"));
     }
     Ok(())
 }
@@ -130,14 +132,8 @@ fn load_modules() -> Result<Vec<String>> {
         let f = File::open(path).with_context(|| format!("opening {path}"))?;
         let params = CString::new("")?;
         // SAFETY: finit_module with a valid fd and an empty parameter string.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_finit_module,
-                f.as_raw_fd(),
-                params.as_ptr(),
-                0,
-            )
-        };
+        let rc =
+            unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), params.as_ptr(), 0) };
         if rc != 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EEXIST) {
@@ -317,9 +313,8 @@ impl Bg {
                 );
             }
             // Not synchronisation: a bounded wait for the process's exit.
-            match self.lines.recv_timeout(Duration::from_millis(50)) {
-                Ok(l) => self.take(l),
-                Err(_) => {}
+            if let Ok(l) = self.lines.recv_timeout(Duration::from_millis(50)) {
+                self.take(l);
             }
         };
         // The readers end with the pipes.
@@ -444,13 +439,13 @@ impl Guest<'_> {
             .send(json!({"ev": "step", "name": name, "state": "start"}));
         match f(self) {
             Ok(data) => {
-                self.report.send(
-                    json!({"ev": "step", "name": name, "state": "pass", "data": data}),
-                );
+                self.report
+                    .send(json!({"ev": "step", "name": name, "state": "pass", "data": data}));
                 true
             }
             Err(e) => {
-                self.report.send(json!({"ev": "step", "name": name, "state": "fail",
+                self.report
+                    .send(json!({"ev": "step", "name": name, "state": "fail",
                     "error": format!("{e:#}")}));
                 false
             }
@@ -498,7 +493,11 @@ impl Guest<'_> {
                 let v: Value = serde_json::from_str(out.stdout.trim())
                     .map_err(|_| anyhow!("topo {pod}: no JSON; {}", out.brief()))?;
                 if !out.ok() || v["cni"] != want {
-                    bail!("topo {pod}: cni {} (want {want}); {}", v["cni"], out.brief());
+                    bail!(
+                        "topo {pod}: cni {} (want {want}); {}",
+                        v["cni"],
+                        out.brief()
+                    );
                 }
                 cnis.push(format!("{pod}: {want}"));
             }
@@ -554,7 +553,9 @@ impl Guest<'_> {
                 let rule = ["-p", "icmp", "-j", "DROP"];
                 let add = lab_exec(
                     "node-a",
-                    &["iptables", "-A", "FORWARD", rule[0], rule[1], rule[2], rule[3]],
+                    &[
+                        "iptables", "-A", "FORWARD", rule[0], rule[1], rule[2], rule[3],
+                    ],
                 )?;
                 if !add.ok() {
                     bail!("iptables -A: {}", add.brief());
@@ -596,7 +597,9 @@ impl Guest<'_> {
                 })();
                 let del = lab_exec(
                     "node-a",
-                    &["iptables", "-D", "FORWARD", rule[0], rule[1], rule[2], rule[3]],
+                    &[
+                        "iptables", "-D", "FORWARD", rule[0], rule[1], rule[2], rule[3],
+                    ],
                 )?;
                 if !del.ok() {
                     bail!("iptables -D: {}", del.brief());
@@ -643,7 +646,9 @@ impl Guest<'_> {
         });
 
         self.step("verify-eni", |_| {
-            let out = podtrace(&["verify", "eni", "pod-c1", "--dst", MASTER, "--probe", "--json"])?;
+            let out = podtrace(&[
+                "verify", "eni", "pod-c1", "--dst", MASTER, "--probe", "--json",
+            ])?;
             let verdict = json_lines(&out.stdout)
                 .into_iter()
                 .find(|v| v["type"] == "verdict")
@@ -707,8 +712,22 @@ impl Guest<'_> {
             tc(
                 &node_a,
                 &[
-                    "filter", "add", "dev", &veth, "ingress", "prio", "1", "handle", "1",
-                    "protocol", "all", "bpf", "bytecode", "1,6 0 0 4294967295,", "action", "ok",
+                    "filter",
+                    "add",
+                    "dev",
+                    &veth,
+                    "ingress",
+                    "prio",
+                    "1",
+                    "handle",
+                    "1",
+                    "protocol",
+                    "all",
+                    "bpf",
+                    "bytecode",
+                    "1,6 0 0 4294967295,",
+                    "action",
+                    "ok",
                 ],
             )?;
             Ok(json!({"dev": veth, "packets": cni_packets(&node_a, &veth)?}))
@@ -720,26 +739,42 @@ impl Guest<'_> {
             let before = cni_packets(&node_a, &veth)?;
             let mut bg = Bg::start(
                 PODTRACE,
-                &["follow", "pod-a1", "--dst", POD_B1, "--proto", "icmp", "-c", "6", "--json"],
+                &[
+                    "follow", "pod-a1", "--dst", POD_B1, "--proto", "icmp", "-c", "6", "--json",
+                ],
             )?;
             bg.wait_ready(Duration::from_secs(180))?;
             let during = tc_filters(&node_a, &veth, "ingress")?;
-            let ping = lab_exec("pod-a1", &["ping", "-c", "3", "-i", "0.2", "-W", "2", POD_B1])?;
+            let ping = lab_exec(
+                "pod-a1",
+                &["ping", "-c", "3", "-i", "0.2", "-W", "2", POD_B1],
+            )?;
             let out = bg.finish(Duration::from_secs(120))?;
             let after = cni_packets(&node_a, &veth)?;
             let summary = summary_of(&out)?;
             let ours: Vec<&Value> = during
                 .iter()
-                .filter(|f| f["options"]["bpf_name"].as_str().is_some_and(|n| n.starts_with("hop_")))
+                .filter(|f| {
+                    f["options"]["bpf_name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("hop_"))
+                })
                 .collect();
             if ours.len() != 1 || ours[0]["pref"] != 1 {
                 bail!("podtrace's filter on {veth} ingress should share priority 1: {during:?}");
             }
             if !ping.ok() || summary["verdict"] != "confirmed" {
-                bail!("verdict {} with the CNI's filter in place ({})", summary["verdict"], out.brief());
+                bail!(
+                    "verdict {} with the CNI's filter in place ({})",
+                    summary["verdict"],
+                    out.brief()
+                );
             }
             if after < before + 3 {
-                bail!("the CNI's filter ran {} times for 3 echo requests", after - before);
+                bail!(
+                    "the CNI's filter ran {} times for 3 echo requests",
+                    after - before
+                );
             }
             let left = podtrace_tc_state()?;
             if !left.is_empty() {
@@ -760,7 +795,10 @@ impl Guest<'_> {
                 bg.signal(sig)?;
                 let out = bg.finish(Duration::from_secs(120))?;
                 if out.signal.is_some() {
-                    bail!("killed by the signal instead of handling it ({})", out.brief());
+                    bail!(
+                        "killed by the signal instead of handling it ({})",
+                        out.brief()
+                    );
                 }
                 let left = podtrace_tc_state()?;
                 if !left.is_empty() {
@@ -788,20 +826,31 @@ impl Guest<'_> {
             // The next run cleans up, says so, and works.
             let mut bg = Bg::start(
                 PODTRACE,
-                &["follow", "pod-a1", "--dst", POD_B1, "--proto", "icmp", "-c", "6", "--json"],
+                &[
+                    "follow", "pod-a1", "--dst", POD_B1, "--proto", "icmp", "-c", "6", "--json",
+                ],
             )?;
             bg.wait_ready(Duration::from_secs(180))?;
-            let ping = lab_exec("pod-a1", &["ping", "-c", "3", "-i", "0.2", "-W", "2", POD_B1])?;
+            let ping = lab_exec(
+                "pod-a1",
+                &["ping", "-c", "3", "-i", "0.2", "-W", "2", POD_B1],
+            )?;
             let out = bg.finish(Duration::from_secs(120))?;
             let said = out
                 .stderr
                 .lines()
                 .find(|l| l.contains("left behind") && l.contains(&pid.to_string()))
                 .map(str::to_owned)
-                .ok_or_else(|| anyhow!("the next run did not say it cleaned up: {}", out.brief()))?;
+                .ok_or_else(|| {
+                    anyhow!("the next run did not say it cleaned up: {}", out.brief())
+                })?;
             let summary = summary_of(&out)?;
             if !ping.ok() || summary["verdict"] != "confirmed" {
-                bail!("verdict {} after the clean-up ({})", summary["verdict"], out.brief());
+                bail!(
+                    "verdict {} after the clean-up ({})",
+                    summary["verdict"],
+                    out.brief()
+                );
             }
             let left = podtrace_tc_state()?;
             if !left.is_empty() || record.exists() {
@@ -820,7 +869,15 @@ impl Guest<'_> {
 fn start_and_wait_follow() -> Result<Bg> {
     let mut bg = Bg::start(
         PODTRACE,
-        &["follow", "pod-a1", "--dst", POD_B1, "--duration", "600", "--json"],
+        &[
+            "follow",
+            "pod-a1",
+            "--dst",
+            POD_B1,
+            "--duration",
+            "600",
+            "--json",
+        ],
     )?;
     bg.wait_ready(Duration::from_secs(180))?;
     Ok(bg)
@@ -863,7 +920,9 @@ fn cni_filter(ns: &str, dev: &str) -> Result<Option<Value>> {
     Ok(tc_filters(ns, dev, "ingress")?.into_iter().find(|f| {
         f["pref"] == 1
             && f["options"]["handle"] == "0x1"
-            && f["options"]["bpf_name"].as_str().is_none_or(|n| !n.starts_with("hop_"))
+            && f["options"]["bpf_name"]
+                .as_str()
+                .is_none_or(|n| !n.starts_with("hop_"))
     }))
 }
 
@@ -902,14 +961,23 @@ fn podtrace_tc_state() -> Result<Vec<String>> {
         .collect();
     names.sort();
     for ns in &names {
-        let links = run("/usr/sbin/ip", &["-n", ns, "-j", "link", "show"], Duration::from_secs(60))?;
+        let links = run(
+            "/usr/sbin/ip",
+            &["-n", ns, "-j", "link", "show"],
+            Duration::from_secs(60),
+        )?;
         let links: Value = serde_json::from_str(links.stdout.trim()).unwrap_or(Value::Null);
         for l in links.as_array().into_iter().flatten() {
-            let Some(dev) = l["ifname"].as_str() else { continue };
+            let Some(dev) = l["ifname"].as_str() else {
+                continue;
+            };
             let mut others = 0;
             for hook in ["ingress", "egress"] {
                 for f in tc_filters(ns, dev, hook).unwrap_or_default() {
-                    if f["options"]["bpf_name"].as_str().is_some_and(|n| n.starts_with("hop_")) {
+                    if f["options"]["bpf_name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("hop_"))
+                    {
                         found.push(format!("{ns}/{dev} {hook} filter pref {}", f["pref"]));
                     } else {
                         others += 1;
@@ -921,7 +989,11 @@ fn podtrace_tc_state() -> Result<Vec<String>> {
             }
         }
     }
-    for e in fs::read_dir("/run/podtrace/tc").into_iter().flatten().flatten() {
+    for e in fs::read_dir("/run/podtrace/tc")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         found.push(format!("record {}", e.path().display()));
     }
     Ok(found)

@@ -379,15 +379,7 @@ pub fn add_modules(archive: &mut Archive, tree: &Path, wanted: &[&str]) -> Resul
         Ok(())
     }
     for w in wanted {
-        visit(
-            w,
-            &files,
-            &builtin,
-            &mut loaded,
-            &mut order,
-            archive,
-            0,
-        )?;
+        visit(w, &files, &builtin, &mut loaded, &mut order, archive, 0)?;
     }
     archive.file("/modules.load", order.join("\n").into_bytes(), 0o644);
     Ok(order)

@@ -130,7 +130,10 @@ pub fn run(args: VmtestArgs) -> Result<()> {
         out_dir.join("report.json").display()
     );
     if failed {
-        bail!("vmtest: some steps failed (console logs in {})", out_dir.display());
+        bail!(
+            "vmtest: some steps failed (console logs in {})",
+            out_dir.display()
+        );
     }
     Ok(())
 }
@@ -201,7 +204,11 @@ fn build_initramfs(k: &assets::Kernel, podtrace: &Path, agent: &Path, out: &Path
     let bb = assets::busybox();
     a.file("/bin/busybox", fs::read(&bb)?, 0o755);
     a.symlink("/bin/sh", "busybox");
-    a.file("/etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n".to_vec(), 0o644);
+    a.file(
+        "/etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\n".to_vec(),
+        0o644,
+    );
     a.file("/etc/group", b"root:x:0:\n".to_vec(), 0o644);
     initramfs::add_modules(&mut a, &k.modules, MODULES)?;
     initramfs::write_to(&a, out)
@@ -326,7 +333,14 @@ fn boot(
     let started = Instant::now();
     let mut child = Command::new(qemu)
         .args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "1536"])
-        .args(["-nodefaults", "-no-reboot", "-display", "none", "-nic", "none"])
+        .args([
+            "-nodefaults",
+            "-no-reboot",
+            "-display",
+            "none",
+            "-nic",
+            "none",
+        ])
         .arg("-kernel")
         .arg(&k.vmlinuz)
         .arg("-initrd")
@@ -336,7 +350,12 @@ fn boot(
         .arg("-chardev")
         .arg(format!("file,id=con,path={}", console.display()))
         .args(["-serial", "chardev:con"])
-        .args(["-chardev", "stdio,id=rep,signal=off", "-serial", "chardev:rep"])
+        .args([
+            "-chardev",
+            "stdio,id=rep,signal=off",
+            "-serial",
+            "chardev:rep",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -426,7 +445,8 @@ fn boot(
                     .entry(msg["name"].as_str().unwrap_or("?").to_owned())
                     .or_default();
                 buf.extend(
-                    (0..hex.len() / 2).filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()),
+                    (0..hex.len() / 2)
+                        .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()),
                 );
             }
             "file-end" => {
@@ -489,7 +509,14 @@ fn check_capture(path: &Path) -> Result<Value> {
     let out = Command::new("tshark")
         .arg("-r")
         .arg(path)
-        .args(["-T", "fields", "-e", "frame.interface_name", "-e", "icmp.type"])
+        .args([
+            "-T",
+            "fields",
+            "-e",
+            "frame.interface_name",
+            "-e",
+            "icmp.type",
+        ])
         .output()
         .context("running tshark")?;
     if !out.status.success() {
@@ -517,6 +544,8 @@ fn check_capture(path: &Path) -> Result<Value> {
     if requests == 0 || replies == 0 || !interfaces.contains("pod-a1/eth0") {
         bail!("want echo requests and replies on pod-a1/eth0 and more; got {requests} requests, {replies} replies on {interfaces:?}");
     }
-    Ok(json!({"packets": text.lines().count(), "requests": requests, "replies": replies,
-        "interfaces": interfaces}))
+    Ok(
+        json!({"packets": text.lines().count(), "requests": requests, "replies": replies,
+        "interfaces": interfaces}),
+    )
 }

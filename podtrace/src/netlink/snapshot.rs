@@ -56,6 +56,13 @@ pub struct Link {
     pub vxlan: Option<VxlanInfo>,
 }
 
+impl Link {
+    /// The MAC address; all zeros for a device without one (`lo`).
+    pub fn mac_or_zero(&self) -> Mac {
+        self.mac.unwrap_or_default()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Addr {
     pub index: u32,

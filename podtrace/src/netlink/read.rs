@@ -1,13 +1,13 @@
-//! Reads a [`Snapshot`] of a namespace, and asks the kernel's FIB for a route, over
-//! rtnetlink. Runs on a thread inside the namespace (see [`in_netns`]).
-use std::{future::Future, net::Ipv4Addr, path::Path};
+//! Reads over rtnetlink: a [`Snapshot`] of the namespace, one link, the kernel's FIB answer
+//! for a route, and the NSID another namespace has here.
+use std::{fs::File, net::Ipv4Addr, os::fd::AsRawFd as _};
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use futures::TryStreamExt;
 use rtnetlink::{
     packet_route::{
         address::AddressAttribute,
-        link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo},
+        link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
         neighbour::{NeighbourAddress, NeighbourAttribute},
         route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage},
         rule::{RuleAction as NlRuleAction, RuleAttribute, RuleFlags},
@@ -16,27 +16,11 @@ use rtnetlink::{
     Handle, IpVersion, RouteMessageBuilder,
 };
 
-use super::snapshot::{Addr, Fdb, Link, Mac, Neigh, Route, Rule, RuleAction, Snapshot, VxlanInfo};
-
-/// Runs `f` with an rtnetlink handle bound to the namespace at `ns` (`None`: the caller's).
-pub fn in_netns<T, F, Fut>(ns: Option<&Path>, f: F) -> Result<T>
-where
-    T: Send,
-    F: FnOnce(Handle) -> Fut + Send,
-    Fut: Future<Output = Result<T>>,
-{
-    crate::netns::run_in(ns, || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("building a netlink runtime")?;
-        rt.block_on(async {
-            let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
-            tokio::spawn(conn);
-            f(handle).await
-        })
-    })
-}
+use super::{
+    errno_of,
+    snapshot::{Addr, Fdb, Link, Mac, Neigh, Route, Rule, RuleAction, Snapshot, VxlanInfo},
+    Nl,
+};
 
 fn mac_of(bytes: &[u8]) -> Option<Mac> {
     bytes.try_into().ok()
@@ -50,57 +34,12 @@ fn v4(addr: &RouteAddress) -> Option<Ipv4Addr> {
 }
 
 /// Reads links, IPv4 addresses, routes of every table, IPv4 rules, neighbours and FDB entries.
-pub async fn snapshot(handle: &Handle) -> Result<Snapshot> {
+async fn snapshot(handle: &Handle) -> Result<Snapshot> {
     let mut snap = Snapshot::default();
 
     let mut links = handle.link().get().execute();
     while let Some(msg) = links.try_next().await.context("dumping links")? {
-        let mut link = Link {
-            index: msg.header.index,
-            up: msg.header.flags.contains(LinkFlags::Up),
-            ..Link::default()
-        };
-        for attr in &msg.attributes {
-            match attr {
-                LinkAttribute::IfName(n) => link.name = n.clone(),
-                LinkAttribute::Address(a) => link.mac = mac_of(a),
-                LinkAttribute::Mtu(m) => link.mtu = *m,
-                LinkAttribute::Controller(m) => link.master = Some(*m),
-                LinkAttribute::Link(l) => link.link = Some(*l),
-                LinkAttribute::LinkNetNsId(id) => link.link_netnsid = Some(*id),
-                LinkAttribute::LinkInfo(infos) => {
-                    for info in infos {
-                        match info {
-                            LinkInfo::Kind(kind) => {
-                                link.kind = match kind {
-                                    InfoKind::Veth => "veth".into(),
-                                    InfoKind::Bridge => "bridge".into(),
-                                    InfoKind::Vxlan => "vxlan".into(),
-                                    other => other.to_string(),
-                                }
-                            }
-                            LinkInfo::Data(InfoData::Vxlan(vx)) => {
-                                let mut v = VxlanInfo::default();
-                                for i in vx {
-                                    match i {
-                                        InfoVxlan::Id(id) => v.vni = Some(*id),
-                                        InfoVxlan::Local(ip) => v.local = Some(*ip),
-                                        InfoVxlan::Port(p) => v.port = Some(*p),
-                                        InfoVxlan::Link(l) => v.dev = Some(*l),
-                                        InfoVxlan::Learning(b) => v.learning = Some(*b),
-                                        _ => {}
-                                    }
-                                }
-                                link.vxlan = Some(v);
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        snap.links.push(link);
+        snap.links.push(link_of(&msg));
     }
 
     let mut addrs = handle.address().get().execute();
@@ -270,7 +209,7 @@ fn route_of(msg: &RouteMessage) -> Option<Route> {
 
 /// The kernel's answer to `ip route get DST [from SRC iif IIF]`: the FIB lookup a packet
 /// from SRC arriving on IIF (or generated locally, with no IIF) gets.
-pub async fn route_get(
+async fn route_get(
     handle: &Handle,
     dst: Ipv4Addr,
     src: Option<Ipv4Addr>,
@@ -293,4 +232,139 @@ pub async fn route_get(
         .with_context(|| format!("the kernel has no route to {dst}"))?
         .with_context(|| format!("the kernel gave no answer for a route to {dst}"))?;
     route_of(&answer).with_context(|| format!("unreadable route answer for {dst}"))
+}
+
+fn link_of(msg: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: msg.header.index,
+        up: msg.header.flags.contains(LinkFlags::Up),
+        ..Link::default()
+    };
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::Address(a) => link.mac = mac_of(a),
+            LinkAttribute::Mtu(m) => link.mtu = *m,
+            LinkAttribute::Controller(m) if *m != 0 => link.master = Some(*m),
+            LinkAttribute::Link(l) => link.link = Some(*l),
+            LinkAttribute::LinkNetNsId(id) => link.link_netnsid = Some(*id),
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    match info {
+                        LinkInfo::Kind(kind) => {
+                            link.kind = match kind {
+                                InfoKind::Veth => "veth".into(),
+                                InfoKind::Bridge => "bridge".into(),
+                                InfoKind::Vxlan => "vxlan".into(),
+                                InfoKind::Other(s) => s.clone(),
+                                other => other.to_string(),
+                            }
+                        }
+                        LinkInfo::Data(InfoData::Vxlan(vx)) => {
+                            let mut v = VxlanInfo::default();
+                            for i in vx {
+                                match i {
+                                    InfoVxlan::Id(id) => v.vni = Some(*id),
+                                    InfoVxlan::Local(ip) => v.local = Some(*ip),
+                                    InfoVxlan::Port(p) => v.port = Some(*p),
+                                    InfoVxlan::Link(l) => v.dev = Some(*l),
+                                    InfoVxlan::Learning(b) => v.learning = Some(*b),
+                                    _ => {}
+                                }
+                            }
+                            link.vxlan = Some(v);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    link
+}
+
+impl Nl {
+    /// Links, IPv4 addresses, routes of every table, IPv4 rules, neighbours and FDB entries.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        self.block(snapshot(&self.handle))
+    }
+
+    /// Every link of the namespace.
+    pub fn links(&self) -> Result<Vec<Link>> {
+        let msgs: Vec<LinkMessage> = self
+            .block(self.handle.link().get().execute().try_collect())
+            .context("listing links")?;
+        Ok(msgs.iter().map(link_of).collect())
+    }
+
+    /// The link called `name`.
+    pub fn link(&self, name: &str) -> Result<Link> {
+        let found = self.block(async {
+            self.handle
+                .link()
+                .get()
+                .match_name(name.to_owned())
+                .execute()
+                .try_next()
+                .await
+        });
+        match found {
+            Ok(Some(m)) => Ok(link_of(&m)),
+            Ok(None) => bail!("no link {name}"),
+            Err(e) if errno_of(&e) == Some(libc::ENODEV) => bail!("no link {name}"),
+            Err(e) => Err(e).with_context(|| format!("looking up link {name}")),
+        }
+    }
+
+    /// The index of the link called `name`.
+    pub fn index(&self, name: &str) -> Result<u32> {
+        Ok(self.link(name)?.index)
+    }
+
+    /// The kernel's answer to `ip route get DST [from SRC iif IIF]` (see [`route_get`]).
+    pub fn route_get(
+        &self,
+        dst: Ipv4Addr,
+        src: Option<Ipv4Addr>,
+        iif: Option<u32>,
+    ) -> Result<Route> {
+        self.block(route_get(&self.handle, dst, src, iif))
+    }
+
+    /// The NSID the namespace open as `ns` has in this one (RTM_GETNSID with its fd), as a
+    /// link's IFLA_LINK_NETNSID names it; `None` when none is assigned (then no link here
+    /// points into it).
+    pub fn nsid_of(&self, ns: &File) -> Result<Option<i32>> {
+        use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
+        use rtnetlink::packet_route::{
+            nsid::{NsidAttribute, NsidMessage},
+            RouteNetlinkMessage,
+        };
+        let mut msg = NsidMessage::default();
+        msg.attributes = vec![NsidAttribute::Fd(ns.as_raw_fd() as u32)];
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetNsId(msg));
+        req.header.flags = NLM_F_REQUEST;
+        let mut handle = self.handle.clone();
+        self.block(async move {
+            let mut answers = handle
+                .request(req)
+                .map_err(|e| anyhow::anyhow!("RTM_GETNSID: {e}"))?;
+            while let Some(msg) = futures::StreamExt::next(&mut answers).await {
+                match msg.payload {
+                    NetlinkPayload::Error(e) => {
+                        return Err(anyhow::anyhow!("RTM_GETNSID: {e}"));
+                    }
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNsId(m)) => {
+                        return Ok(m.attributes.iter().find_map(|a| match a {
+                            NsidAttribute::Id(id) if *id >= 0 => Some(*id),
+                            _ => None,
+                        }));
+                    }
+                    _ => {}
+                }
+            }
+            Ok(None)
+        })
+    }
 }

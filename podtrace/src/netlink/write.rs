@@ -1,50 +1,25 @@
-//! A small synchronous wrapper over rtnetlink for the lab: everything the lab does to links,
-//! addresses, routes, rules, neighbours and FDB entries goes through here, as netlink
-//! requests (no `ip`, no `bridge`).
-//!
-//! A netlink socket is bound to the network namespace of the thread that created it, so an
-//! [`Nl`] is made on a thread that has entered the namespace it should act on: use [`in_ns`],
-//! which runs a closure on a [`crate::netns::run_in`] thread with a fresh connection. Every
-//! request is driven to completion on a current-thread tokio runtime owned by the [`Nl`].
+//! Changes to a namespace's network, as netlink requests (no `ip`, no `bridge`): what the
+//! lab builds its topologies with. podtrace's tracing commands never call these.
 use std::{
-    fs::{self, File},
-    future::Future,
-    io::ErrorKind,
+    fs::File,
     net::{IpAddr, Ipv4Addr},
     os::fd::AsRawFd,
     path::Path,
 };
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use futures::TryStreamExt;
 use rtnetlink::{
     packet_route::{
-        address::AddressAttribute,
-        link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage},
+        link::{InfoData, InfoVeth},
         neighbour::{NeighbourFlags, NeighbourState},
         route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope},
         rule::RuleAction,
     },
-    Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
+    LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
 };
 
-/// A MAC address.
-pub type Mac = [u8; 6];
-
-pub use crate::topology::snapshot::mac_string;
-
-/// What the lab needs to know about a link in one namespace.
-#[derive(Debug, Clone)]
-pub struct Link {
-    pub index: u32,
-    pub name: String,
-    /// `veth`, `bridge`, `vxlan`, … (`IFLA_INFO_KIND`); empty for a device without one (`lo`).
-    pub kind: String,
-    pub mac: Vec<u8>,
-    pub mtu: u32,
-    /// Index of the bridge this link is enslaved to.
-    pub master: Option<u32>,
-}
+use super::{errno_of, snapshot::mac_string, Mac, Nl, TABLE_MAIN};
 
 /// A route to add. `table` 254 is main.
 #[derive(Debug, Clone)]
@@ -66,7 +41,7 @@ impl Route {
             prefix_len,
             gateway: None,
             oif,
-            table: MAIN_TABLE,
+            table: TABLE_MAIN,
             scope: RouteScope::Link,
             onlink: false,
         }
@@ -79,7 +54,7 @@ impl Route {
             prefix_len,
             gateway: Some(gateway),
             oif,
-            table: MAIN_TABLE,
+            table: TABLE_MAIN,
             scope: RouteScope::Universe,
             onlink: false,
         }
@@ -96,85 +71,7 @@ impl Route {
     }
 }
 
-/// The main routing table.
-pub const MAIN_TABLE: u32 = 254;
-
-/// A netlink connection in the namespace of the thread that made it.
-pub struct Nl {
-    rt: tokio::runtime::Runtime,
-    handle: Handle,
-}
-
-/// Runs `f` with a netlink connection inside the namespace at `ns`.
-pub fn in_ns<T: Send>(ns: &Path, f: impl FnOnce(&Nl) -> Result<T> + Send) -> Result<T> {
-    crate::netns::run_in(Some(ns), || {
-        let nl = Nl::new()?;
-        f(&nl)
-    })
-    .with_context(|| format!("in network namespace {}", ns.display()))
-}
-
-/// The errno a failed netlink request carried, if any.
-fn errno_of(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
-        _ => None,
-    }
-}
-
 impl Nl {
-    /// Opens a connection in the calling thread's network namespace.
-    pub fn new() -> Result<Self> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("building a tokio runtime for netlink")?;
-        let handle = rt.block_on(async {
-            let (conn, handle, _) =
-                rtnetlink::new_connection().context("opening a netlink socket")?;
-            tokio::spawn(conn);
-            anyhow::Ok(handle)
-        })?;
-        Ok(Self { rt, handle })
-    }
-
-    fn block<F: Future>(&self, f: F) -> F::Output {
-        self.rt.block_on(f)
-    }
-
-    // ---- links ----------------------------------------------------------------------------
-
-    /// Every link in the namespace.
-    pub fn links(&self) -> Result<Vec<Link>> {
-        let msgs: Vec<LinkMessage> = self
-            .block(self.handle.link().get().execute().try_collect())
-            .context("listing links")?;
-        Ok(msgs.iter().map(link_of).collect())
-    }
-
-    /// The link called `name`.
-    pub fn link(&self, name: &str) -> Result<Link> {
-        let found = self.block(async {
-            self.handle
-                .link()
-                .get()
-                .match_name(name.to_owned())
-                .execute()
-                .try_next()
-                .await
-        });
-        match found {
-            Ok(Some(m)) => Ok(link_of(&m)),
-            Ok(None) => bail!("no link {name}"),
-            Err(e) if errno_of(&e) == Some(libc::ENODEV) => bail!("no link {name}"),
-            Err(e) => Err(e).with_context(|| format!("looking up link {name}")),
-        }
-    }
-
-    pub fn index(&self, name: &str) -> Result<u32> {
-        Ok(self.link(name)?.index)
-    }
-
     /// Creates a veth pair `name` (here) / `peer` (in the namespace `peer_ns`, or here when
     /// `None`), both with `mtu`; `peer_mac` fixes the peer's MAC. The peer is created straight
     /// in its namespace (IFLA_NET_NS_FD inside the peer's VETH_INFO_PEER message), so it never
@@ -297,28 +194,6 @@ impl Nl {
         .with_context(|| format!("adding {ip}/{prefix_len} to link {index}"))
     }
 
-    /// IPv4 addresses as `(link index, address, prefix length)`.
-    pub fn addrs(&self) -> Result<Vec<(u32, Ipv4Addr, u8)>> {
-        let msgs: Vec<_> = self
-            .block(self.handle.address().get().execute().try_collect())
-            .context("listing addresses")?;
-        let mut out = Vec::new();
-        for m in msgs {
-            let local = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
-                _ => None,
-            });
-            let addr = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-                _ => None,
-            });
-            if let Some(ip) = local.or(addr) {
-                out.push((m.header.index, ip, m.header.prefix_len));
-            }
-        }
-        Ok(out)
-    }
-
     // ---- routes and rules -----------------------------------------------------------------
 
     pub fn add_route(&self, r: &Route) -> Result<()> {
@@ -401,6 +276,34 @@ impl Nl {
         })
     }
 
+    /// Deletes every IPv4 rule whose selector is `from IP` (what `ip rule del from IP` does,
+    /// for each of them); returns how many there were.
+    pub fn del_rules_from(&self, ip: Ipv4Addr) -> Result<usize> {
+        use rtnetlink::{packet_route::rule::RuleAttribute, IpVersion};
+        let rules: Vec<_> = self
+            .block(
+                self.handle
+                    .rule()
+                    .get(IpVersion::V4)
+                    .execute()
+                    .try_collect(),
+            )
+            .context("listing rules")?;
+        let mut n = 0;
+        for rule in rules {
+            let from_ip = rule
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RuleAttribute::Source(s) if *s == IpAddr::V4(ip)));
+            if from_ip {
+                self.block(self.handle.rule().del(rule).execute())
+                    .with_context(|| format!("deleting a rule from {ip}"))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     // ---- neighbours and FDB ---------------------------------------------------------------
 
     /// `ip neigh add IP lladdr MAC dev INDEX nud permanent`.
@@ -460,94 +363,4 @@ pub fn route_table(m: &RouteMessage) -> u32 {
             _ => None,
         })
         .unwrap_or(m.header.table as u32)
-}
-
-fn link_of(m: &LinkMessage) -> Link {
-    let mut link = Link {
-        index: m.header.index,
-        name: String::new(),
-        kind: String::new(),
-        mac: Vec::new(),
-        mtu: 0,
-        master: None,
-    };
-    for a in &m.attributes {
-        match a {
-            LinkAttribute::IfName(n) => link.name = n.clone(),
-            LinkAttribute::Address(mac) => link.mac = mac.clone(),
-            LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
-            LinkAttribute::Controller(c) if *c != 0 => link.master = Some(*c),
-            LinkAttribute::LinkInfo(infos) => {
-                for i in infos {
-                    if let LinkInfo::Kind(k) = i {
-                        link.kind = match k {
-                            InfoKind::Other(s) => s.clone(),
-                            k => k.to_string(),
-                        };
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    link
-}
-
-/// Writes a sysctl under /proc/sys (`key` as a path, e.g. `net/ipv4/ip_forward`; interface
-/// names may contain dots, so no dotted form) and reads it back.
-///
-/// /proc/sys/net shows the network namespace of the thread that opens the file, so call this
-/// on the thread that entered the namespace (inside [`in_ns`] or
-/// [`crate::netns::run_in`]).
-pub fn sysctl(key: &str, value: &str) -> Result<()> {
-    let path = Path::new("/proc/sys").join(key);
-    fs::write(&path, value).with_context(|| format!("writing {value} to {}", path.display()))?;
-    let back = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    if back.trim() != value {
-        bail!(
-            "{} reads {:?} after writing {value:?}",
-            path.display(),
-            back.trim()
-        );
-    }
-    Ok(())
-}
-
-/// Reads a sysctl (see [`sysctl`] about namespaces).
-pub fn sysctl_get(key: &str) -> Result<String> {
-    let path = Path::new("/proc/sys").join(key);
-    match fs::read_to_string(&path) {
-        Ok(s) => Ok(s.trim().to_owned()),
-        Err(e) if e.kind() == ErrorKind::NotFound => Err(anyhow!("no sysctl {}", path.display())),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
-/// Random bytes from the kernel.
-pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
-    let mut buf = [0u8; N];
-    let mut filled = 0;
-    while filled < N {
-        // SAFETY: writes at most N - filled bytes into buf[filled..].
-        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), N - filled, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e).context("getrandom");
-        }
-        filled += n as usize;
-    }
-    Ok(buf)
-}
-
-/// `len` random lowercase hex digits.
-pub fn random_hex(len: usize) -> Result<String> {
-    let bytes = random_bytes::<16>()?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    if len > hex.len() {
-        bail!("random_hex: at most {} digits", hex.len());
-    }
-    Ok(hex[..len].to_owned())
 }

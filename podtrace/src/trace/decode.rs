@@ -1,0 +1,221 @@
+//! Ring buffer records → [`TraceEvent`]s. Pure: a [`Decoder`] holds the tables a session
+//! fixed at start (namespace cookies → plan namespaces, the hop count, the kernel's drop
+//! reason names) and turns each record's bytes into a typed event, or nothing for a record
+//! that is not the session's (the kernel-wide probes see every namespace) or not well formed.
+use std::{collections::HashMap, sync::Arc};
+
+use bytes::Bytes;
+use podtrace_abi::{Event, DIR_INGRESS, KIND_DROP, KIND_FIB, KIND_TC, KIND_XMIT};
+
+use super::{
+    event::{DropEvent, FibEvent, Flow, HopEvent, Place, TraceEvent, XmitEvent},
+    plan::Hook,
+};
+
+/// The record header's size; packet bytes follow it in capture sessions.
+pub const HEADER_LEN: usize = std::mem::size_of::<Event>();
+
+/// What a session decodes its records with.
+#[derive(Debug, Clone, Default)]
+pub struct Decoder {
+    /// Kernel namespace identity (inode number) → index in the plan's namespaces.
+    namespaces: HashMap<u64, usize>,
+    hops: u32,
+    /// Drop reason value → name.
+    reasons: HashMap<u32, Arc<str>>,
+}
+
+impl Decoder {
+    /// `namespaces[i]` is the kernel identity of the plan's namespace `i`; `hops` the number
+    /// of hops; `reasons` the drop reason names by value.
+    pub fn new(
+        namespaces: &[u64],
+        hops: u32,
+        reasons: impl IntoIterator<Item = (u32, String)>,
+    ) -> Self {
+        Self {
+            namespaces: namespaces
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (*c, i))
+                .collect(),
+            hops,
+            reasons: reasons
+                .into_iter()
+                .map(|(v, n)| (v, Arc::from(n)))
+                .collect(),
+        }
+    }
+
+    fn reason(&self, value: u32) -> Arc<str> {
+        match self.reasons.get(&value) {
+            Some(n) => n.clone(),
+            None => Arc::from(format!("reason {value}")),
+        }
+    }
+
+    fn hop(&self, id: u32) -> Option<u32> {
+        (id < self.hops).then_some(id)
+    }
+
+    /// One record: the event, or `None` when it is not the session's or is malformed.
+    pub fn decode(&self, record: &[u8]) -> Option<TraceEvent> {
+        let header = record.get(..HEADER_LEN)?;
+        // SAFETY: length checked; `Event` is plain old data (every bit pattern is valid),
+        // read unaligned.
+        let ev: Event = unsafe { std::ptr::read_unaligned(header.as_ptr().cast::<Event>()) };
+        let flow = Flow::from(&ev.flow);
+        let ns = self.namespaces.get(&ev.netns_ino).copied();
+        match ev.kind {
+            KIND_TC => {
+                // A copy of the tc programs serves only the session's namespaces; an id it did
+                // not give is not ours.
+                let hop = self.hop(ev.hop_id)?;
+                let packet = match ev.cap_len {
+                    0 => None,
+                    n => {
+                        let data = record.get(HEADER_LEN..HEADER_LEN.checked_add(n as usize)?)?;
+                        Some(Bytes::copy_from_slice(data))
+                    }
+                };
+                Some(TraceEvent::Hop(HopEvent {
+                    ts_ns: ev.ts_ns,
+                    hop,
+                    hook: if ev.dir == DIR_INGRESS {
+                        Hook::Ingress
+                    } else {
+                        Hook::Egress
+                    },
+                    len: ev.skb_len,
+                    flow,
+                    packet,
+                }))
+            }
+            KIND_DROP => Some(TraceEvent::Drop(DropEvent {
+                ts_ns: ev.ts_ns,
+                // Kernel-wide: keep what happened in the session's namespaces.
+                at: Place {
+                    ns: ns?,
+                    ifindex: ev.ifindex,
+                },
+                hop: self.hop(ev.hop_id),
+                reason: self.reason(ev.reason),
+                len: ev.skb_len,
+                flow,
+            })),
+            KIND_FIB => Some(TraceEvent::Fib(FibEvent {
+                ts_ns: ev.ts_ns,
+                ns: Some(ns?),
+                table: ev.aux,
+                oif: (ev.aux2 != 0).then_some(ev.aux2),
+                gateway: (ev.aux3 != 0).then(|| std::net::Ipv4Addr::from(ev.aux3.to_ne_bytes())),
+                err: ev.reason as i32,
+                flow,
+            })),
+            KIND_XMIT => Some(TraceEvent::Xmit(XmitEvent {
+                ts_ns: ev.ts_ns,
+                at: Place {
+                    ns: ns?,
+                    ifindex: ev.ifindex,
+                },
+                hop: self.hop(ev.hop_id),
+                flow,
+            })),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(ev: Event, data: &[u8]) -> Vec<u8> {
+        // SAFETY: Event is plain old data.
+        let header =
+            unsafe { std::slice::from_raw_parts((&ev as *const Event).cast::<u8>(), HEADER_LEN) };
+        let mut v = header.to_vec();
+        v.extend_from_slice(data);
+        v
+    }
+
+    fn decoder() -> Decoder {
+        Decoder::new(&[111, 222], 3, [(77, "NETFILTER_DROP".to_owned())])
+    }
+
+    #[test]
+    fn hop_events_carry_their_packet() {
+        let ev = Event {
+            kind: KIND_TC,
+            dir: podtrace_abi::DIR_EGRESS,
+            hop_id: 2,
+            netns_ino: 222,
+            cap_len: 4,
+            skb_len: 98,
+            ts_ns: 5,
+            ..Event::default()
+        };
+        let Some(TraceEvent::Hop(h)) = decoder().decode(&record(ev, &[1, 2, 3, 4, 9])) else {
+            panic!("not a hop event");
+        };
+        assert_eq!((h.hop, h.hook, h.len), (2, Hook::Egress, 98));
+        assert_eq!(h.packet.as_deref(), Some(&[1u8, 2, 3, 4][..]));
+    }
+
+    #[test]
+    fn foreign_and_malformed_records_are_dropped() {
+        let d = decoder();
+        // A hop id the session did not give.
+        let tc = Event {
+            kind: KIND_TC,
+            hop_id: 9,
+            ..Event::default()
+        };
+        assert!(d.decode(&record(tc, &[])).is_none());
+        // A drop in a namespace that is not the session's.
+        let drop = Event {
+            kind: KIND_DROP,
+            netns_ino: 5,
+            reason: 77,
+            ..Event::default()
+        };
+        assert!(d.decode(&record(drop, &[])).is_none());
+        // Packet bytes promised but missing; a short header; an unknown kind.
+        let cut = Event {
+            kind: KIND_TC,
+            hop_id: 0,
+            cap_len: 100,
+            ..Event::default()
+        };
+        assert!(d.decode(&record(cut, &[0; 10])).is_none());
+        assert!(d.decode(&[0u8; 10]).is_none());
+        let odd = Event {
+            kind: 200,
+            ..Event::default()
+        };
+        assert!(d.decode(&record(odd, &[])).is_none());
+    }
+
+    #[test]
+    fn drops_are_named_and_placed() {
+        let drop = Event {
+            kind: KIND_DROP,
+            netns_ino: 111,
+            ifindex: 4,
+            hop_id: u32::MAX,
+            reason: 77,
+            ..Event::default()
+        };
+        let Some(TraceEvent::Drop(d)) = decoder().decode(&record(drop, &[])) else {
+            panic!("not a drop");
+        };
+        assert_eq!(&*d.reason, "NETFILTER_DROP");
+        assert_eq!(d.at, Place { ns: 0, ifindex: 4 });
+        assert_eq!(d.hop, None);
+        let other = Event { reason: 3, ..drop };
+        let Some(TraceEvent::Drop(d)) = decoder().decode(&record(other, &[])) else {
+            panic!("not a drop");
+        };
+        assert_eq!(&*d.reason, "reason 3");
+    }
+}

@@ -1,0 +1,256 @@
+//! The tracing engine: a [`Plan`] in, a stream of typed events out.
+//!
+//! [`Engine::start`] loads the eBPF programs, sets the flow filter, attaches the hop probes on
+//! every hop of the plan and the kernel-side evidence probes (drops, FIB lookups, device
+//! transmit), and starts a reader thread that decodes the ring buffer into [`TraceEvent`]s,
+//! sent in batches on the returned [`Events`] channel. [`Engine::stop`] asks the reader to
+//! drain what is left and end the stream; [`Engine::finish`] then detaches everything and
+//! gives the final counters. That is the whole interface: `follow` correlates the events,
+//! `capture` writes their packets, `verify` judges them, and a node agent streams them to a
+//! front end on another machine (plan and events are serde types).
+//!
+//! - [`plan`]: the input (hops, expected paths, flow filter) and options.
+//! - [`event`]: the output.
+//! - [`decode`]: ring buffer records → events.
+//! - [`run`]: the loop most consumers want (signals, duration, the pod's namespace going away).
+pub mod decode;
+pub mod event;
+pub mod plan;
+pub mod run;
+
+use std::{
+    os::fd::AsRawFd as _,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, Context as _, Result};
+use aya::maps::{MapData, RingBuf};
+use serde::{Deserialize, Serialize};
+
+use crate::probes::{hooks::HookReport, CounterReader, FilterSpec, HopTarget, Probes};
+pub use event::{Counters, TraceEvent};
+pub use plan::{Plan, TraceOptions};
+
+/// Batches of events, in the order the kernel produced them.
+pub type Events = tokio::sync::mpsc::Receiver<Vec<TraceEvent>>;
+
+/// Batches waiting for the consumer. A consumer that falls behind blocks the reader, the
+/// kernel's ring buffer fills and the kernel counts what it could not hand over
+/// ([`Counters::lost`], [`TraceEvent::Lost`]): nothing grows without bound.
+const QUEUE_BATCHES: usize = 64;
+/// Events per batch at most.
+const BATCH: usize = 512;
+/// How often the reader wakes up with nothing to read (stop requests, counters).
+const POLL: Duration = Duration::from_millis(50);
+/// How often the kernel's loss counter is looked at.
+const LOSS_EVERY: Duration = Duration::from_millis(100);
+/// How often the counters go out on the stream.
+const COUNTERS_EVERY: Duration = Duration::from_secs(1);
+
+/// What started: the mechanisms used and how long it took.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartInfo {
+    /// How the hop probes are attached: `tcx` (6.6+) or `clsact`.
+    pub tc: Option<crate::probes::TcMode>,
+    /// The kernel-side evidence probes and how each was attached.
+    pub hooks: Vec<HookReport>,
+    /// Loading the eBPF object (ms).
+    pub load_ms: f64,
+    /// Configuring and attaching everything (ms).
+    pub attach_ms: f64,
+}
+
+impl StartInfo {
+    /// `tc via tcx, drops via tp_btf:kfree_skb, fib via …`.
+    pub fn hooks_line(&self) -> String {
+        let tc = match self.tc {
+            Some(crate::probes::TcMode::Tcx) => "tc via tcx",
+            Some(crate::probes::TcMode::Clsact) => "tc via clsact",
+            None => "tc: none",
+        };
+        std::iter::once(tc.to_owned())
+            .chain(self.hooks.iter().map(HookReport::summary))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// A running session. Dropping it without [`Engine::finish`] detaches everything too.
+pub struct Engine {
+    probes: Option<Probes>,
+    stop: Arc<AtomicBool>,
+    reader: Option<JoinHandle<Result<Counters>>>,
+    pub info: StartInfo,
+}
+
+impl Engine {
+    /// Attaches everything the plan asks for and starts reading. Fails (with everything
+    /// detached again) when an interface of the plan is missing or a probe cannot attach.
+    pub fn start(plan: &Plan, opts: &TraceOptions) -> Result<(Engine, Events)> {
+        plan.validate()?;
+        let t0 = Instant::now();
+        let mut probes = match opts.snaplen {
+            Some(_) => Probes::load_with_ring(crate::probes::CAPTURE_RING_BYTES)?,
+            None => Probes::load()?,
+        };
+        let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let t1 = Instant::now();
+        let f = &plan.filter;
+        probes.set_filter(FilterSpec {
+            a: Some(f.pod),
+            b: f.peer,
+            proto: f.proto,
+            port: f.port,
+            emit: true,
+            vxlan_port: f
+                .vxlan_ports
+                .first()
+                .copied()
+                .unwrap_or(podtrace_abi::DEFAULT_VXLAN_PORT),
+            snaplen: opts.snaplen,
+        })?;
+        // Namespaces by inode number (`net->ns.inum`): what the probes report on every kernel.
+        let mut cookies = Vec::with_capacity(plan.namespaces.len());
+        for ns in &plan.namespaces {
+            cookies.push(crate::probes::netns_id(Some(&ns.path)).with_context(|| {
+                format!("network namespace {} of {}", ns.path.display(), ns.owner)
+            })?);
+        }
+        for hop in &plan.hops {
+            probes
+                .attach_hop(&HopTarget {
+                    netns: Some(plan.namespaces[hop.ns].path.clone()),
+                    ifname: hop.ifname.clone(),
+                    hop_id: hop.id,
+                })
+                .with_context(|| format!("attaching to {}", hop.name))?;
+            crate::signals::check()?;
+        }
+        let hooks = probes.attach_kernel_hooks(opts.mechanism, &opts.evidence)?;
+        let tc_mode = probes.tc_mode();
+        let decoder = decode::Decoder::new(
+            &cookies,
+            plan.hops.len() as u32,
+            probes.drop_reasons().all().map(|(v, n)| (v, n.to_owned())),
+        );
+        let ring = probes.take_events()?;
+        let counters = probes.counter_reader()?;
+        let attach_ms = t1.elapsed().as_secs_f64() * 1e3;
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE_BATCHES);
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("podtrace-events".into())
+                .spawn(move || read_loop(ring, counters, decoder, tx, stop))
+                .context("starting the event reader")?
+        };
+        Ok((
+            Engine {
+                probes: Some(probes),
+                stop,
+                reader: Some(reader),
+                info: StartInfo {
+                    tc: tc_mode,
+                    hooks,
+                    load_ms,
+                    attach_ms,
+                },
+            },
+            rx,
+        ))
+    }
+
+    /// Asks the reader to hand over what the kernel still holds and end the stream. Keep
+    /// receiving until the stream ends, then call [`Engine::finish`].
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Detaches every probe and returns the final counters. Call it after the stream ended
+    /// (or it stops the reader itself, dropping what was not received).
+    pub fn finish(mut self) -> Result<Counters> {
+        self.stop();
+        let counters = match self.reader.take() {
+            Some(r) => r
+                .join()
+                .map_err(|_| anyhow!("the event reader panicked"))??,
+            None => Counters::default(),
+        };
+        drop(self.probes.take());
+        Ok(counters)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+        // The probes detach as they drop; the reader ends at its next wake-up.
+    }
+}
+
+/// The reader thread: poll the ring buffer, decode, send batches; report losses and
+/// counters; on a stop request drain the ring and end.
+fn read_loop(
+    mut ring: RingBuf<MapData>,
+    counters: CounterReader,
+    decoder: decode::Decoder,
+    tx: tokio::sync::mpsc::Sender<Vec<TraceEvent>>,
+    stop: Arc<AtomicBool>,
+) -> Result<Counters> {
+    let fd = ring.as_raw_fd();
+    let mut lost_reported = 0u64;
+    let mut last_counters = Instant::now();
+    let mut last_read = Instant::now();
+    let mut batch: Vec<TraceEvent> = Vec::with_capacity(BATCH);
+    let send = |batch: &mut Vec<TraceEvent>| -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        let full = std::mem::replace(batch, Vec::with_capacity(BATCH));
+        tx.blocking_send(full).is_ok()
+    };
+    loop {
+        let stopping = stop.load(Ordering::SeqCst);
+        if !stopping {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd; the ring buffer keeps its fd open.
+            unsafe { libc::poll(&mut pfd, 1, POLL.as_millis() as libc::c_int) };
+        }
+        while let Some(item) = ring.next() {
+            if let Some(ev) = decoder.decode(&item) {
+                batch.push(ev);
+            }
+            drop(item);
+            if batch.len() >= BATCH && !send(&mut batch) {
+                return counters.read();
+            }
+        }
+        let now = Instant::now();
+        let due = now.duration_since(last_counters) >= COUNTERS_EVERY;
+        if due || stopping || now.duration_since(last_read) >= LOSS_EVERY {
+            last_read = now;
+            let c = counters.read()?;
+            if c.lost > lost_reported {
+                lost_reported = c.lost;
+                batch.push(TraceEvent::Lost { total: c.lost });
+            }
+            if due || stopping {
+                last_counters = now;
+                batch.push(TraceEvent::Counters(c));
+            }
+        }
+        if !send(&mut batch) || stopping {
+            return counters.read();
+        }
+    }
+}

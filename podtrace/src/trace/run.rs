@@ -1,0 +1,116 @@
+//! The loop most consumers of the engine run: events to the consumer as they come, a tick
+//! every 100 ms, and an end on SIGINT/SIGTERM ([`crate::signals`]), a duration, the pod's namespace going away, or
+//! the consumer's say-so. Whatever ends it, the rest of the stream is handed over and the
+//! engine finished (every probe detached) before it returns.
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+use super::{Counters, Engine, Events, TraceEvent};
+
+/// What ended a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// The consumer had what it wanted (`-c COUNT`, `--stop-on` …).
+    Count,
+    Duration,
+    Signal(&'static str),
+    /// The pod's namespace went away.
+    PodGone(PathBuf),
+}
+
+/// Takes the events of a run.
+pub trait Consumer {
+    /// A batch of events, in the kernel's order. `Some` ends the run.
+    fn on_events(&mut self, batch: Vec<TraceEvent>) -> Result<Option<Stop>>;
+    /// Every 100 ms. `Some` ends the run.
+    fn on_tick(&mut self) -> Result<Option<Stop>> {
+        Ok(None)
+    }
+}
+
+/// When a run ends on its own.
+#[derive(Debug, Clone, Default)]
+pub struct Until {
+    pub duration: Option<Duration>,
+    /// Namespaces whose disappearance ends the run (the pod's).
+    pub watch: Vec<PathBuf>,
+}
+
+/// How a run ended: why (or the consumer's error) and the final counters.
+pub struct Outcome {
+    pub stop: Result<Stop>,
+    pub counters: Counters,
+}
+
+const TICK: Duration = Duration::from_millis(100);
+
+/// Runs the engine's stream into `consumer` until something ends it; then drains the stream
+/// into the consumer (an error already ended it: then the rest is dropped) and finishes the
+/// engine.
+pub fn drive(
+    engine: Engine,
+    mut events: Events,
+    until: &Until,
+    consumer: &mut dyn Consumer,
+) -> Result<Outcome> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the event loop")?;
+    let stop = rt.block_on(async {
+        let deadline = until.duration.map(|d| Instant::now() + d);
+        let mut tick = tokio::time::interval(TICK);
+        let stop: Result<Stop> = loop {
+            tokio::select! {
+                batch = events.recv() => match batch {
+                    Some(batch) => match consumer.on_events(batch) {
+                        Ok(Some(s)) => break Ok(s),
+                        Ok(None) => {}
+                        Err(e) => break Err(e),
+                    },
+                    None => break Err(anyhow::anyhow!("the event reader stopped")),
+                },
+                _ = tick.tick() => {
+                    if let Some(sig) = crate::signals::pending() {
+                        break Ok(Stop::Signal(sig));
+                    }
+                    if let Some(gone) = until.watch.iter().find(|ns| !ns.exists()) {
+                        break Ok(Stop::PodGone(gone.clone()));
+                    }
+                    match consumer.on_tick() {
+                        Ok(Some(s)) => break Ok(s),
+                        Ok(None) => {}
+                        Err(e) => break Err(e),
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        break Ok(Stop::Duration);
+                    }
+                }
+            }
+        };
+        // What the kernel still holds belongs to the run.
+        engine.stop();
+        let mut stop = stop;
+        while let Some(batch) = events.recv().await {
+            if stop.is_ok() {
+                if let Err(e) = consumer.on_events(batch) {
+                    stop = Err(e);
+                }
+            }
+        }
+        anyhow::Ok(stop)
+    })?;
+    let counters = engine.finish()?;
+    Ok(Outcome { stop, counters })
+}
+
+/// The monotonic clock the eBPF programs stamp events with (ns).
+pub fn monotonic_ns() -> u64 {
+    let ts =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
