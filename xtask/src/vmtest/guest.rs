@@ -554,11 +554,11 @@ impl Guest<'_> {
                 let add = lab_exec(
                     "node-a",
                     &[
-                        "iptables", "-A", "FORWARD", rule[0], rule[1], rule[2], rule[3],
+                        "iptables", "-I", "FORWARD", rule[0], rule[1], rule[2], rule[3],
                     ],
                 )?;
                 if !add.ok() {
-                    bail!("iptables -A: {}", add.brief());
+                    bail!("iptables -I: {}", add.brief());
                 }
                 let result = (|| -> Result<Value> {
                     let mut bg = Bg::start(

@@ -59,16 +59,28 @@ const HOST_BINARIES: &[&str] = &[
     "/usr/bin/nsenter",
 ];
 
-/// Kernel modules the lab and the steps need (dependencies come along).
+/// Kernel modules the lab and the steps need (dependencies come along): its devices, tc,
+/// and the netfilter pieces kube-proxy's and flannel's rules use (legacy iptables backend).
 const MODULES: &[&str] = &[
     "veth",
     "bridge",
+    "br_netfilter",
     "vxlan",
     "sch_ingress",
     "cls_bpf",
     "act_gact",
     "ip_tables",
     "iptable_filter",
+    "iptable_nat",
+    "xt_conntrack",
+    "xt_comment",
+    "xt_mark",
+    "xt_addrtype",
+    "xt_statistic",
+    "xt_tcpudp",
+    "xt_nat",
+    "xt_MASQUERADE",
+    "ipt_REJECT",
 ];
 
 /// Per-kernel time limit (host clock): generous for a loaded 2-core machine.
@@ -196,7 +208,9 @@ fn build_initramfs(k: &assets::Kernel, podtrace: &Path, agent: &Path, out: &Path
             .with_context(|| format!("adding {b} to the initramfs"))?;
     }
     // iptables (legacy backend: the modules are plain x_tables) and its extensions.
-    a.symlink("/usr/sbin/iptables", "xtables-legacy-multi");
+    for name in ["iptables", "iptables-save", "iptables-restore"] {
+        a.symlink(&format!("/usr/sbin/{name}"), "xtables-legacy-multi");
+    }
     let xtables = Path::new("/usr/lib/x86_64-linux-gnu/xtables");
     for e in fs::read_dir(xtables).context("reading the xtables extensions")? {
         a.host_binary(&e?.path())?;
