@@ -324,7 +324,7 @@ mod tests {
     /// Builds a BTF blob by hand: `struct outer { int a; union { int b; struct { int pad; u16 c; }; }; }`
     /// and `enum e { X = 1, Y = 2 }`.
     fn sample() -> Vec<u8> {
-        let strings = b"\0outer\0a\0b\0c\0pad\0int\0e\0X\0Y\0".to_vec();
+        let strings = b"\0outer\0a\0b\0c\0pad\0int\0e\0X\0Y\0btf_trace_tp\0fn\0".to_vec();
         let s = |name: &str| -> u32 {
             let needle = format!("\0{name}\0");
             strings
@@ -378,6 +378,24 @@ mod tests {
         push(1);
         push(s("Y"));
         push(2);
+        // 6: func_proto (void *, int, int) — a tracepoint's probe: data plus 2 arguments
+        push(0);
+        push((KIND_FUNC_PROTO << 24) | 3);
+        push(0);
+        for _ in 0..3 {
+            push(0);
+            push(1);
+        }
+        // 7: pointer to 6; 8: typedef btf_trace_tp → 7; 9: func fn → 6
+        push(0);
+        push(KIND_PTR << 24);
+        push(6);
+        push(s("btf_trace_tp"));
+        push(KIND_TYPEDEF << 24);
+        push(7);
+        push(s("fn"));
+        push(KIND_FUNC << 24);
+        push(6);
         let mut blob = Vec::new();
         blob.extend_from_slice(&BTF_MAGIC.to_le_bytes());
         blob.push(1);
@@ -409,6 +427,15 @@ mod tests {
             btf.enum_values("e").unwrap(),
             vec![("X".to_owned(), 1), ("Y".to_owned(), 2)]
         );
+    }
+
+    #[test]
+    fn reads_tracepoint_and_function_signatures() {
+        let btf = Btf::parse(&sample()).unwrap();
+        assert_eq!(btf.tracepoint_args("tp"), Some(2));
+        assert_eq!(btf.tracepoint_args("nope"), None);
+        assert_eq!(btf.function_params("fn"), Some(3));
+        assert_eq!(btf.function_params("outer"), None);
     }
 
     #[test]

@@ -800,3 +800,33 @@ impl Drop for Probes {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_floor_is_said_in_one_line() {
+        let old = kernel_floor_problem("4.19.0-27-cloud-amd64", false).unwrap();
+        assert!(old.contains("4.19.0-27-cloud-amd64 is too old"), "{old}");
+        assert!(old.contains("5.8"), "{old}");
+        assert!(!old.contains('\n'));
+        let no_btf = kernel_floor_problem("5.10.0-46-cloud-amd64", false).unwrap();
+        assert!(no_btf.contains("no BTF"), "{no_btf}");
+        assert!(no_btf.contains("CONFIG_DEBUG_INFO_BTF"), "{no_btf}");
+        assert_eq!(kernel_floor_problem("5.8.0", true), None);
+        assert_eq!(
+            kernel_floor_problem("6.12.118+deb13-cloud-amd64", true),
+            None
+        );
+        // A release podtrace cannot parse is judged by BTF alone.
+        assert_eq!(kernel_floor_problem("weird", true), None);
+    }
+
+    #[test]
+    fn unreported_drops_have_a_name() {
+        let reasons = DropReasons::default();
+        assert_eq!(reasons.name(REASON_UNREPORTED), UNREPORTED);
+        assert_eq!(reasons.name(7), "reason 7");
+    }
+}
