@@ -34,7 +34,8 @@ pub struct PodArgs {
     pub container: Option<String>,
     /// The container runtime's CRI socket, as crictl's: unix:///PATH or PATH (default:
     /// $CONTAINER_RUNTIME_ENDPOINT, else the containerd, CRI-O, cri-dockerd and k3s sockets
-    /// that exist). Given, POD is looked up there only.
+    /// that exist and those of every runtime process, kind nodes' included). Given, POD is
+    /// looked up there only (a --dst pod there first, then in the machine's other runtimes).
     #[arg(long, value_name = "SOCK", conflicts_with_all = ["pid", "netns"])]
     pub runtime_endpoint: Option<String>,
     /// Which lab, when several are up (their --prefix).

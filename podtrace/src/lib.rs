@@ -13,6 +13,7 @@
 //! - [`services`]: Kubernetes Services as kube-proxy's iptables rules implement them on a node.
 //! - [`conntrack`]: the kernel's connection tracking table over netlink (NAT translations).
 //! - [`cri`]: finding real pods through the container runtime's CRI socket (containerd, CRI-O).
+pub mod agent;
 pub mod capture;
 pub mod cli;
 pub mod conntrack;
@@ -20,6 +21,7 @@ pub mod cri;
 pub mod demo;
 pub mod diagnose;
 pub mod follow;
+pub mod front;
 pub mod lab;
 pub mod netlink;
 pub mod netns;
@@ -27,6 +29,8 @@ pub mod pcap;
 pub mod pods;
 pub mod privilege;
 pub mod probes;
+pub mod random;
+pub mod remote;
 pub mod services;
 pub mod signals;
 pub mod topology;

@@ -32,6 +32,9 @@ enum Command {
     /// Checks with a verdict (exit 0 pass, 1 fail, 2 error).
     #[command(subcommand)]
     Verify(podtrace::verify::VerifyCommand),
+    /// The node agent: serves this node's half of every session to a front end
+    /// (`--agents`, `kubectl podtrace`) over gRPC.
+    Agent(podtrace::agent::AgentArgs),
     /// The whole story in two minutes on the lab: topology, follow, a drop, a rotating
     /// capture, verify eni.
     Demo(podtrace::demo::DemoArgs),
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Command::Follow(args) => tracing().and_then(|()| podtrace::follow::run(args)),
         Command::Capture(args) => tracing().and_then(|()| podtrace::capture::run(args)),
         Command::Verify(cmd) => tracing().and_then(|()| podtrace::verify::run(cmd)),
+        Command::Agent(args) => root().and_then(|()| podtrace::agent::run(args)),
         Command::Demo(args) => root().and_then(|()| podtrace::demo::run(args)),
     };
     match result {

@@ -2,6 +2,8 @@
 //! unique name prefixes so tests run side by side, and small command runners.
 //!
 //! Every guard cleans up in `Drop`, so a failing or panicking test leaves nothing behind.
+pub mod containerd;
+
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -204,6 +206,36 @@ impl Lab {
         };
         podtrace_ok(&["lab", "up", "--topology", topology, "--prefix", &lab.prefix]);
         lab
+    }
+
+    /// As [`Lab::up`], with one agent per node (`lab up --agents`).
+    pub fn up_with_agents(tag: &str, topology: &str) -> Self {
+        require_root();
+        let lab = Self {
+            prefix: unique_prefix(tag),
+        };
+        podtrace_ok(&[
+            "lab",
+            "up",
+            "--topology",
+            topology,
+            "--prefix",
+            &lab.prefix,
+            "--agents",
+        ]);
+        lab
+    }
+
+    /// `lab status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&podtrace_ok(&[
+            "lab",
+            "status",
+            "--json",
+            "--prefix",
+            &self.prefix,
+        ]))
+        .expect("lab status --json")
     }
 
     /// Runs `podtrace ARGS... --lab PREFIX`.
@@ -439,4 +471,55 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The JSON object a successful `podtrace ... --json` printed; panics otherwise.
+pub fn json_of(out: &std::process::Output, what: &str) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what}: not JSON: {e}"))
+}
+
+/// Exit 2 and one line on stderr that contains every `needle`.
+pub fn assert_one_line_error(out: &std::process::Output, needles: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
+    for n in needles {
+        assert!(stderr.contains(n), "{n:?} not in: {stderr}");
+    }
+    stderr
+}
+
+/// `nsenter --net=NETNS CMD...` (containerd's pod netns files are plain bind mounts).
+pub fn in_netns(netns: &Path, cmd: &[&str]) -> std::process::Output {
+    Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(cmd)
+        .output()
+        .unwrap()
+}
+
+/// (role, ifname) of each hop of a `topo --json` answer.
+pub fn roles(topo: &serde_json::Value) -> Vec<(String, String)> {
+    topo["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["role"].as_str().unwrap().to_owned(),
+                h["ifname"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
 }

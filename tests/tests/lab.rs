@@ -101,6 +101,7 @@ fn empty_registry(prefix: &str) -> Registry {
         nodes: Vec::new(),
         hosts: Vec::new(),
         services: Vec::new(),
+        agents: Vec::new(),
     }
 }
 

@@ -17,15 +17,17 @@ use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::{
     cli::{parse_duration, parse_ipv4, OutputArgs, PodArgs},
+    front,
     pcap::{
         sink::{self, CaptureSink, StopOn},
         CaptureFilter,
     },
     probes::hooks::Evidence,
+    remote::RemoteArgs,
     topology,
     trace::{
         run::{drive, Consumer, Stop, Until},
-        Engine, TraceEvent, TraceOptions,
+        TraceEvent, TraceOptions,
     },
 };
 
@@ -73,6 +75,8 @@ pub struct CaptureArgs {
     pub tail: Duration,
     #[command(flatten)]
     pub hooks: crate::cli::HookArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// Splits `POD EXPR...` (or just EXPR with --pid/--netns/--container).
@@ -111,16 +115,14 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
         .out
         .sink_options()?
         .ok_or_else(|| anyhow!("capture needs -w FILE"))?;
-    let chain = pod_args.resolvers();
-    let loc = pod_args.locate(&chain)?;
-    let dest = args.dst.and_then(|ip| chain.by_ip(ip));
-    let topo = topology::resolve(&loc, args.dst, dest.as_ref(), &chain)?;
+    let path = front::resolve(&pod_args, &args.remote, args.dst)?;
+    let topo = &path.topo;
     let pod_ip = topo
         .pod_ip
-        .ok_or_else(|| anyhow!("pod {} has no IPv4 address", loc.name))?;
-    let plan = topology::plan::build(&topo, topology::plan::filter(&topo, pod_ip, args.dst));
+        .ok_or_else(|| anyhow!("pod {} has no IPv4 address", topo.pod.name))?;
+    let plan = topology::plan::build(topo, topology::plan::filter(topo, pod_ip, args.dst));
     let sink = CaptureSink::create(&out, &plan, filter, args.stop_on, args.tail)?;
-    let (engine, events) = Engine::start(
+    let started = path.start(
         &plan,
         &TraceOptions {
             snaplen: Some(args.out.kernel_snaplen()),
@@ -129,14 +131,23 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
             evidence: vec![Evidence::Drop],
             mechanism: args.hooks.hooks,
         },
+        args.duration,
     )?;
     eprintln!(
-        "capturing {} ({pod_ip}){} on {} hops; hooks: {}",
+        "capturing {} ({pod_ip}){} on {} hops{}; kernel evidence: {}",
         topo.pod.name,
         args.dst.map(|d| format!(" ↔ {d}")).unwrap_or_default(),
         plan.hops.len(),
-        engine.info.hooks_line()
+        if path.remote() {
+            " through their nodes' agents"
+        } else {
+            ""
+        },
+        started.hooks_line()
     );
+    for u in &path.unobserved {
+        eprintln!("not observed: {u}");
+    }
     eprintln!("probes live");
     let mut capture = Capturer {
         sink,
@@ -146,14 +157,17 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
         lost: 0,
     };
     let outcome = drive(
-        engine,
-        events,
+        started.session,
+        started.events,
         &Until {
             duration: args.duration,
-            watch: vec![loc.netns.clone()],
+            watch: path.watch.clone(),
         },
         &mut capture,
     )?;
+    for u in &outcome.unobserved {
+        eprintln!("not observed: {u}");
+    }
     if capture.live {
         eprint!("\r\x1b[K");
     }
@@ -191,6 +205,11 @@ impl Consumer for Capturer {
         for ev in &batch {
             if let TraceEvent::Lost { total } = ev {
                 self.lost = *total;
+            }
+            // Checked before writing too: after a stop the engine drains what the kernel still
+            // holds into this consumer, and -c COUNT means COUNT packets in the files.
+            if self.count.is_some_and(|c| self.sink.written >= c) {
+                return Ok(Some(Stop::Count));
             }
             self.sink.on_event(ev)?;
             if self.count.is_some_and(|c| self.sink.written >= c) {

@@ -2,7 +2,9 @@
 //! cri-dockerd, k3s), as crictl does.
 //!
 //! - Which socket: `--runtime-endpoint` (or `CONTAINER_RUNTIME_ENDPOINT`, as crictl), else the
-//!   usual paths ([`DEFAULT_ENDPOINTS`]) that exist ([`discover`]).
+//!   usual paths ([`DEFAULT_ENDPOINTS`]) that exist and every runtime process's socket
+//!   ([`machine`]: kind nodes, k3s, runtimes in mount namespaces of their own), see
+//!   [`discover`].
 //! - Which pod: by `NAME` / `NAMESPACE/NAME` (sandbox metadata or the kubelet's
 //!   `io.kubernetes.pod.name` / `io.kubernetes.pod.namespace` labels, [`pods_named`]), by a
 //!   container or sandbox ID prefix ([`by_id_prefix`]), or by IP ([`pod_with_ip`]).
@@ -26,12 +28,9 @@
 //! # anyhow::Ok(())
 //! ```
 pub mod client;
+pub mod machine;
 
-use std::{
-    future::Future,
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-};
+use std::{future::Future, net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -73,7 +72,7 @@ impl Endpoints {
 }
 
 /// Picks the socket(s): `explicit` (the flag), else `CONTAINER_RUNTIME_ENDPOINT`, else every
-/// default path that exists.
+/// runtime of this machine ([`machine_endpoints`]).
 pub fn discover(explicit: Option<&str>) -> Result<Endpoints> {
     if let Some(s) = explicit {
         return Ok(Endpoints::Given(Endpoint::parse(s)?));
@@ -83,13 +82,26 @@ pub fn discover(explicit: Option<&str>) -> Result<Endpoints> {
             Endpoint::parse(&s).with_context(|| format!("${ENDPOINT_ENV}"))?,
         ));
     }
-    Ok(Endpoints::Found(
-        DEFAULT_ENDPOINTS
-            .iter()
-            .filter(|(_, p)| Path::new(p).exists())
-            .map(|(_, p)| Endpoint::from_path(p))
-            .collect(),
-    ))
+    Ok(Endpoints::Found(machine_endpoints()))
+}
+
+/// Every CRI socket of this machine, each once: the default paths that exist, then the
+/// sockets of runtime processes ([`machine::runtime_sockets`]) that are not one of those.
+pub fn machine_endpoints() -> Vec<Endpoint> {
+    let mut out: Vec<Endpoint> = Vec::new();
+    let mut seen = Vec::new();
+    let defaults = DEFAULT_ENDPOINTS.iter().map(|(_, p)| PathBuf::from(p));
+    let running = machine::runtime_sockets().into_iter().map(|s| s.reachable);
+    for path in defaults.chain(running) {
+        let Some(id) = machine::socket_id(&path) else {
+            continue;
+        };
+        if !seen.contains(&id) {
+            seen.push(id);
+            out.push(Endpoint::from_path(path));
+        }
+    }
+    out
 }
 
 /// The default paths, for "searched ..." messages.
@@ -113,8 +125,10 @@ pub struct CriPod {
     pub state: String,
     /// The pod's network namespace (`/var/run/netns/cni-…`, or `/proc/PID/ns/net`).
     pub netns: Option<PathBuf>,
-    /// The sandbox's (or the named container's) process.
+    /// The sandbox's (pause) process.
     pub pid: Option<u32>,
+    /// Found by `--container`: that container's process (in the same network namespace).
+    pub container_pid: Option<u32>,
     /// The pod's IPv4 address as the runtime reports it.
     pub ip: Option<Ipv4Addr>,
     /// `hostNetwork: true`: the pod shares the node's namespace.
@@ -236,6 +250,7 @@ async fn pod_of(client: &mut Client, id: &str) -> Result<CriPod> {
         state: state_name(status.state),
         netns: info.netns,
         pid: info.pid,
+        container_pid: None,
         ip,
         host_network,
         container: None,
@@ -307,24 +322,9 @@ pub async fn by_id_prefix(client: &mut Client, prefix: &str) -> Result<Vec<CriPo
         } else {
             pod.state = "running".into();
         }
-        // The container's own view of its namespace: the sandbox's named one when they are
-        // the same namespace, else the container's.
-        let own = info
-            .netns
-            .clone()
-            .filter(|p| p.exists())
-            .or_else(|| info.pid.map(|p| PathBuf::from(format!("/proc/{p}/ns/net"))));
-        let same = match (&own, &pod.netns) {
-            (Some(a), Some(b)) => {
-                let ino = |p: &Path| crate::netns::inode_of(p).ok();
-                ino(a).is_some() && ino(a) == ino(b)
-            }
-            _ => false,
-        };
-        if !same && own.is_some() {
-            pod.netns = own;
-        }
-        pod.pid = info.pid.or(pod.pid);
+        // A CRI container shares its sandbox's network namespace: the sandbox's path and
+        // pid are kept, the container's pid is one more way in.
+        pod.container_pid = info.pid;
         pod.container = Some((c.id.clone(), cname));
         out.push(pod);
     }
@@ -345,6 +345,14 @@ pub async fn by_id_prefix(client: &mut Client, prefix: &str) -> Result<Vec<CriPo
 
 /// The ready pod whose IP is `ip`, if the runtime has one.
 pub async fn pod_with_ip(client: &mut Client, ip: Ipv4Addr) -> Result<Option<CriPod>> {
+    Ok(ready_pods(client)
+        .await?
+        .into_iter()
+        .find(|p| p.ip == Some(ip) && !p.host_network))
+}
+
+/// Every ready pod sandbox of the runtime, described.
+pub async fn ready_pods(client: &mut Client) -> Result<Vec<CriPod>> {
     let ready: Vec<String> = client
         .list_sandboxes()
         .await?
@@ -352,13 +360,11 @@ pub async fn pod_with_ip(client: &mut Client, ip: Ipv4Addr) -> Result<Option<Cri
         .filter(|s| s.state == api::PodSandboxState::SandboxReady as i32)
         .map(|s| s.id)
         .collect();
+    let mut out = Vec::new();
     for id in ready {
-        let pod = pod_of(client, &id).await?;
-        if pod.ip == Some(ip) && !pod.host_network {
-            return Ok(Some(pod));
-        }
+        out.push(pod_of(client, &id).await?);
     }
-    Ok(None)
+    Ok(out)
 }
 
 /// Runs a CRI future to completion from synchronous code, on a thread of its own with a

@@ -4,6 +4,7 @@
 //!
 //! - [`correlate`]: one record per packet across hops, in the kernel's order, and the verdict.
 //! - [`output`]: text and JSON.
+pub mod clock;
 pub mod correlate;
 pub mod output;
 
@@ -19,15 +20,18 @@ use serde::Serialize;
 
 use crate::{
     cli::{parse_duration, parse_ipv4, parse_proto, OutputArgs, PodArgs},
+    front,
     pcap::sink::CaptureSink,
     probes::hooks::HookReport,
+    remote::RemoteArgs,
     topology::{self, Cni},
     trace::{
         plan::{Plan, PlannedHop},
         run::{drive, monotonic_ns, Consumer, Stop, Until},
-        Engine, TraceEvent, TraceOptions,
+        TraceEvent, TraceOptions,
     },
 };
+use clock::Clocks;
 use correlate::{Correlator, PacketRecord};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -57,6 +61,8 @@ pub struct FollowArgs {
     pub out: OutputArgs,
     #[command(flatten)]
     pub hooks: crate::cli::HookArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// `{"type":"ready", ...}`: every probe is attached.
@@ -78,36 +84,51 @@ pub struct Ready<'a> {
     pub resolve_ms: f64,
     /// From entering `follow` to this line (resolve + load + attach + the rest).
     pub ready_ms: f64,
+    /// What started on each node.
+    pub nodes: Vec<NodeStart>,
+    /// Whether the session runs through node agents.
+    pub through_agents: bool,
+    /// Parts of the path no agent could observe.
+    pub unobserved: &'a [String],
+}
+
+/// One node's start, in the ready line.
+#[derive(Debug, Serialize)]
+pub struct NodeStart {
+    pub node: String,
+    pub kernel_hooks: Vec<HookReport>,
+    pub load_ms: f64,
+    pub attach_ms: f64,
 }
 
 pub fn run(args: FollowArgs) -> Result<ExitCode> {
     let entered = Instant::now();
-    let chain = args.pod.resolvers();
-    let loc = args.pod.locate(&chain)?;
-    let dest = chain.by_ip(args.dst);
-    let topo = topology::resolve(&loc, Some(args.dst), dest.as_ref(), &chain)?;
+    let path = front::resolve(&args.pod, &args.remote, Some(args.dst))?;
+    let topo = &path.topo;
     let pod_ip = topo
         .pod_ip
-        .ok_or_else(|| anyhow::anyhow!("pod {} has no IPv4 address", loc.name))?;
-    let mut filter = topology::plan::filter(&topo, pod_ip, Some(args.dst));
+        .ok_or_else(|| anyhow::anyhow!("pod {} has no IPv4 address", topo.pod.name))?;
+    let mut filter = topology::plan::filter(topo, pod_ip, Some(args.dst));
     filter.proto = args.proto;
     filter.port = args.port;
-    let plan = topology::plan::build(&topo, filter);
+    let plan = topology::plan::build(topo, filter);
     let resolve_ms = entered.elapsed().as_secs_f64() * 1e3;
     // Capture files are checked (and created) before anything is attached.
     let sink = match args.out.sink_options()? {
         Some(o) => Some(CaptureSink::create(&o, &plan, None, None, Duration::ZERO)?),
         None => None,
     };
-    let (engine, events) = Engine::start(
+    let started = path.start(
         &plan,
         &TraceOptions {
             snaplen: args.out.write.is_some().then(|| args.out.kernel_snaplen()),
             mechanism: args.hooks.hooks,
             ..TraceOptions::default()
         },
+        args.duration,
     )?;
-    let hooks = engine.info.hooks.clone();
+    let hooks = started.info().hooks.clone();
+    let (load_ms, attach_ms) = started.times();
     let json = args.json;
     if json {
         let ready = Ready {
@@ -117,17 +138,29 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
             dst: args.dst.to_string(),
             cni: topo.cni,
             hops: &plan.hops,
-            tc: engine.info.tc,
+            tc: started.info().tc,
             kernel_hooks: &hooks,
-            load_ms: engine.info.load_ms,
-            attach_ms: engine.info.attach_ms,
+            load_ms,
+            attach_ms,
             resolve_ms,
             ready_ms: entered.elapsed().as_secs_f64() * 1e3,
+            nodes: started
+                .nodes
+                .iter()
+                .map(|(n, i)| NodeStart {
+                    node: n.clone(),
+                    kernel_hooks: i.hooks.clone(),
+                    load_ms: i.load_ms,
+                    attach_ms: i.attach_ms,
+                })
+                .collect(),
+            through_agents: path.remote(),
+            unobserved: &path.unobserved,
         };
         println!("{}", serde_json::to_string(&ready)?);
     } else {
         println!(
-            "following {} ({pod_ip}) ↔ {}: {} hops on {} ({})",
+            "following {} ({pod_ip}) ↔ {}: {} hops on {} ({}){}",
             topo.pod.name,
             args.dst,
             plan.hops.len(),
@@ -136,9 +169,14 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
                 nodes.sort();
                 nodes.join(", ")
             },
-            topo.cni
+            topo.cni,
+            if path.remote() {
+                ", through their agents"
+            } else {
+                ""
+            }
         );
-        println!("hooks: {}", engine.info.hooks_line());
+        println!("kernel evidence: {}", started.hooks_line());
         println!(
             "expected →  {}",
             plan.forward
@@ -149,11 +187,19 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
                 .collect::<Vec<_>>()
                 .join(" > ")
         );
+        for u in &path.unobserved {
+            println!("not observed: {u}");
+        }
         eprintln!("probes live");
     }
     std::io::stdout().flush()?;
 
     let mut follower = Follower {
+        clocks: if path.remote() {
+            Clocks::estimated(&topo.pod.node)
+        } else {
+            Clocks::same(&topo.pod.node)
+        },
         correlator: Correlator::new(plan.clone()),
         records: Vec::new(),
         json,
@@ -165,11 +211,11 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
         lost: 0,
     };
     let outcome = drive(
-        engine,
-        events,
+        started.session,
+        started.events,
         &Until {
             duration: args.duration,
-            watch: vec![loc.netns.clone()],
+            watch: path.watch.clone(),
         },
         &mut follower,
     )?;
@@ -192,28 +238,58 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
             ns.display()
         );
     }
+    let unobserved: Vec<String> = path
+        .unobserved
+        .iter()
+        .chain(&outcome.unobserved)
+        .cloned()
+        .collect();
     let summary = output::summary(
         &plan,
         &follower.records,
         &follower.correlator.counts,
         lost,
         &hooks,
+        &follower.clocks,
+        unobserved,
     );
     if json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         print!("{}", output::summary_text(&plan, &summary));
     }
-    Ok(if summary.verdict == correlate::Verdict::Confirmed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    std::io::stdout().flush()?;
+    exit_code(&summary, &follower.records)
+}
+
+/// 0 when the path is confirmed, 1 when what was seen proves it is not; with parts of the
+/// path unobserved, a confirmation covers only what was seen: "cannot say" (2) unless a drop,
+/// a detour or a wrong order was seen.
+fn exit_code(summary: &output::Summary, records: &[PacketRecord]) -> Result<ExitCode> {
+    use correlate::{Fate, Verdict};
+    if summary.unobserved.is_empty() {
+        return Ok(if summary.verdict == Verdict::Confirmed {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
+    let proven = records
+        .iter()
+        .any(|r| matches!(r.fate, Fate::Dropped | Fate::Diverged | Fate::OutOfOrder));
+    if proven {
+        return Ok(ExitCode::from(1));
+    }
+    bail!(
+        "cannot say whether the path works: {}",
+        summary.unobserved.join("; ")
+    )
 }
 
 /// `follow`'s consumer of the event stream.
 struct Follower {
     correlator: Correlator,
+    clocks: Clocks,
     records: Vec<PacketRecord>,
     json: bool,
     count: Option<u64>,
@@ -236,14 +312,23 @@ impl Follower {
         }
         let mut out = std::io::stdout().lock();
         for r in done {
+            // `-c COUNT`: what the kernel still held when the count was reached is not shown.
+            if self.reached() {
+                break;
+            }
+            self.clocks.observe(self.correlator.plan(), &r);
             if self.json {
                 writeln!(
                     out,
                     "{}",
-                    serde_json::to_string(&output::packet_json(self.plan(), &r))?
+                    serde_json::to_string(&output::packet_json(self.plan(), &r, &self.clocks))?
                 )?;
             } else {
-                write!(out, "{}", output::packet_text(self.plan(), &r))?;
+                write!(
+                    out,
+                    "{}",
+                    output::packet_text(self.plan(), &r, &self.clocks)
+                )?;
             }
             self.records.push(r);
         }
@@ -258,6 +343,9 @@ impl Follower {
 
 impl Consumer for Follower {
     fn on_events(&mut self, batch: Vec<TraceEvent>) -> Result<Option<Stop>> {
+        if self.reached() {
+            return Ok(Some(Stop::Count));
+        }
         let mut closed = Vec::new();
         for ev in &batch {
             match ev {

@@ -5,8 +5,11 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::Serialize;
 
-use super::correlate::{
-    drops, verdict, Direction, DropSeen, DropSummary, Fate, FibSeen, PacketRecord, Verdict,
+use super::{
+    clock::{Clocks, NodeClock, Offset},
+    correlate::{
+        drops, verdict, Direction, DropSeen, DropSummary, Fate, FibSeen, PacketRecord, Verdict,
+    },
 };
 use crate::{
     probes::hooks::HookReport,
@@ -144,11 +147,18 @@ pub struct HopJson {
     pub ifname: Option<String>,
     pub ifindex: Option<u32>,
     pub hook: Hook,
+    /// The kernel's timestamp, on this machine's clock (an agent's moved here through the
+    /// wall clocks).
     pub ts_ns: u64,
-    /// Since the first hop (the same node's clock; across nodes, see `clock`).
-    pub since_first_ns: i64,
-    /// Since the hop before.
-    pub delta_ns: i64,
+    /// Since the first hop, on the pod's node's clock; `null` when this hop's node's clock
+    /// cannot be compared with it (packets seen one way only).
+    pub since_first_ns: Option<i64>,
+    /// Since the hop before; `null` when not comparable.
+    pub delta_ns: Option<i64>,
+    /// How well this hop's time compares with the pod's node's, when they are different
+    /// machines (± ns).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_uncertainty_ns: Option<i64>,
     pub encap: &'static str,
     pub len: u32,
     pub expected: bool,
@@ -187,13 +197,30 @@ fn arrow(d: Direction) -> &'static str {
     }
 }
 
-pub fn packet_json<'a>(plan: &Plan, r: &'a PacketRecord) -> PacketJson<'a> {
-    let t0 = r.hops.first().map(|h| h.ts_ns).unwrap_or(0);
+/// Each hop's time on the reference clock (`None`: not comparable), and ± when estimated.
+fn timeline(plan: &Plan, r: &PacketRecord, clocks: &Clocks) -> Vec<(Option<i64>, Option<i64>)> {
+    r.hops
+        .iter()
+        .map(|h| {
+            let node = plan.hop(h.hop).map(|p| p.node.as_str()).unwrap_or("");
+            let u = match clocks.offset(node) {
+                Offset::Estimated { uncertainty_ns, .. } => Some(uncertainty_ns),
+                _ => None,
+            };
+            (clocks.to_reference(node, h.ts_ns), u)
+        })
+        .collect()
+}
+
+pub fn packet_json<'a>(plan: &Plan, r: &'a PacketRecord, clocks: &Clocks) -> PacketJson<'a> {
+    let times = timeline(plan, r, clocks);
+    let t0 = times.first().and_then(|t| t.0);
     let mut prev = t0;
     let hops = r
         .hops
         .iter()
-        .map(|h| {
+        .zip(&times)
+        .map(|(h, (t, u))| {
             let p = plan.hop(h.hop);
             let v = HopJson {
                 name: p.map(|p| p.name.clone()),
@@ -203,13 +230,14 @@ pub fn packet_json<'a>(plan: &Plan, r: &'a PacketRecord) -> PacketJson<'a> {
                 ifindex: p.map(|p| p.ifindex),
                 hook: h.hook,
                 ts_ns: h.ts_ns,
-                since_first_ns: h.ts_ns as i64 - t0 as i64,
-                delta_ns: h.ts_ns as i64 - prev as i64,
+                since_first_ns: t.zip(t0).map(|(t, t0)| t - t0),
+                delta_ns: t.zip(prev).map(|(t, p)| t - p),
+                clock_uncertainty_ns: *u,
                 encap: if h.encap { "vxlan" } else { "none" },
                 len: h.len,
                 expected: !r.unexpected.contains(&h.hop),
             };
-            prev = h.ts_ns;
+            prev = *t;
             v
         })
         .collect();
@@ -243,7 +271,7 @@ fn step_name(plan: &Plan, s: &Step) -> String {
         .unwrap_or_else(|| format!("hop {} {}", s.hop, s.hook.as_str()))
 }
 
-pub fn packet_text(plan: &Plan, r: &PacketRecord) -> String {
+pub fn packet_text(plan: &Plan, r: &PacketRecord, clocks: &Clocks) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -252,26 +280,42 @@ pub fn packet_text(plan: &Plan, r: &PacketRecord) -> String {
         arrow(r.direction),
         describe(&r.flow)
     );
-    let t0 = r.hops.first().map(|h| h.ts_ns).unwrap_or(0);
+    let times = timeline(plan, r, clocks);
+    let t0 = times.first().and_then(|t| t.0);
     let mut prev = t0;
-    for h in &r.hops {
+    let mut incomparable = false;
+    for (h, (t, u)) in r.hops.iter().zip(&times) {
         let name = plan.hop(h.hop).map(|p| p.name.as_str()).unwrap_or("?");
         let mark = if r.unexpected.contains(&h.hop) {
             "  ← not on the expected path"
         } else {
             ""
         };
+        let ms = |ns: i64| format!("{:.3}", ns as f64 / 1e6);
+        let (since, delta) = match (t, t0, prev) {
+            (Some(t), Some(t0), Some(p)) => (ms(t - t0), format!("+{}", ms(t - p))),
+            _ => {
+                incomparable = true;
+                ("?".to_owned(), "?".to_owned())
+            }
+        };
+        let plus_minus = u.map(|u| format!(" ±{}", ms(u))).unwrap_or_default();
         let _ = writeln!(
             out,
-            "    {:>9.3} ms  (+{:>7.3})  {:<28} {:<7}{}{}",
-            (h.ts_ns as i64 - t0 as i64) as f64 / 1e6,
-            (h.ts_ns as i64 - prev as i64) as f64 / 1e6,
+            "    {since:>9} ms  ({delta:>8}{plus_minus})  {:<28} {:<7}{}{}",
             name,
             h.hook.as_str(),
             if h.encap { "  [in vxlan]" } else { "" },
             mark
         );
-        prev = h.ts_ns;
+        prev = *t;
+    }
+    if incomparable {
+        let _ = writeln!(
+            out,
+            "    (?: this node's clock cannot be compared with {}'s: packets seen one way only)",
+            clocks.reference()
+        );
     }
     for f in &r.fib {
         let _ = writeln!(
@@ -339,6 +383,11 @@ pub struct Summary {
     /// Packets seen at expected hops out of the expected order.
     pub out_of_order: u64,
     pub lost_events: u64,
+    /// Each node's clock against the pod's node's.
+    pub clocks: Vec<NodeClock>,
+    /// Parts of the path that could not be observed (a node without an agent, an agent lost
+    /// mid-run): then `confirmed` covers the observed part only.
+    pub unobserved: Vec<String>,
     pub packets: usize,
     pub packets_forward: usize,
     pub packets_reverse: usize,
@@ -380,6 +429,8 @@ pub fn summary(
     counts: &BTreeMap<u32, u64>,
     lost: u64,
     hooks: &[HookReport],
+    clocks: &Clocks,
+    unobserved: Vec<String>,
 ) -> Summary {
     Summary {
         kind: "summary",
@@ -399,6 +450,8 @@ pub fn summary(
             .filter(|r| r.fate == Fate::OutOfOrder)
             .count() as u64,
         lost_events: lost,
+        clocks: clocks.all(&plan.nodes()),
+        unobserved,
         packets: records.len(),
         packets_forward: records
             .iter()
@@ -466,6 +519,34 @@ pub fn summary_text(plan: &Plan, s: &Summary) -> String {
         );
     }
     let _ = writeln!(out, "lost events: {}", s.lost_events);
+    for c in &s.clocks {
+        match c.offset {
+            Offset::Same => {}
+            Offset::Estimated {
+                offset_ns,
+                uncertainty_ns,
+            } => {
+                let _ = writeln!(
+                    out,
+                    "clock of {}: {:+.3} ms ±{:.3} ms against {}'s (from the packets both ways)",
+                    c.node,
+                    offset_ns as f64 / 1e6,
+                    uncertainty_ns as f64 / 1e6,
+                    s.clocks.first().map(|f| f.node.as_str()).unwrap_or("?")
+                );
+            }
+            Offset::NotComparable => {
+                let _ = writeln!(
+                    out,
+                    "clock of {}: not comparable (packets seen one way only): its cross-node times are not shown",
+                    c.node
+                );
+            }
+        }
+    }
+    for u in &s.unobserved {
+        let _ = writeln!(out, "not observed: {u}");
+    }
     if s.verdict == Verdict::NotSeen {
         let _ = writeln!(out, "no packet of the conversation was seen on any hop");
     }
@@ -502,7 +583,8 @@ mod tests {
             }));
         }
         let recs = c.finish();
-        let s = summary(&plan, &recs, &c.counts, 3, &[]);
+        let clocks = Clocks::same("node-a");
+        let s = summary(&plan, &recs, &c.counts, 3, &[], &clocks, Vec::new());
         let v = serde_json::to_value(&s).unwrap();
         for field in [
             "type",
@@ -521,7 +603,7 @@ mod tests {
         assert_eq!(v["observed_path"][3]["name"], "node-a/flannel.1");
         assert_eq!(v["observed_path"][3]["role"], "vxlan");
         assert_eq!(v["interfaces"]["pod-b1/eth0"], 1);
-        let p = serde_json::to_value(packet_json(&plan, &recs[0])).unwrap();
+        let p = serde_json::to_value(packet_json(&plan, &recs[0], &clocks)).unwrap();
         assert_eq!(p["type"], "packet");
         assert_eq!(p["hops"][0]["hook"], "egress");
         assert_eq!(p["flow"]["icmp_type"], 8);

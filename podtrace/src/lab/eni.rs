@@ -31,8 +31,8 @@ use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::{Context as _, Result};
 
-use super::random_hex;
 use super::{registry::LabPod, Build};
+use crate::random::random_hex;
 use crate::{
     netlink::{self as nl, in_ns, mac_string, Mac, Nl, Route},
     netns::sysctl,

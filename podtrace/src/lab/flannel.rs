@@ -12,8 +12,8 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context as _, Result};
 
-use super::random_hex;
 use super::Build;
+use crate::random::random_hex;
 use crate::{
     netlink::{in_ns, mac_string, Route},
     netns::sysctl,

@@ -13,6 +13,7 @@
 //! straight into theirs). `lab up` cleans up a stale lab with the same prefix first and
 //! removes everything again when it fails half-way; `lab down` deletes every device and
 //! namespace and the registry ([`registry`]), which `lab status` shows and pod lookup reads.
+pub mod agents;
 pub mod eni;
 pub mod exec;
 pub mod flannel;
@@ -94,6 +95,10 @@ pub enum LabCommand {
         /// Name prefix of the lab's namespaces (labs with different prefixes coexist).
         #[arg(long, default_value = DEFAULT_PREFIX)]
         prefix: String,
+        /// Also start one `podtrace agent` per node, each confined to its node, listening on
+        /// the node's address with mutual TLS; the lab's commands then go through them.
+        #[arg(long)]
+        agents: bool,
     },
     /// Remove the lab: its devices, namespaces and registry.
     Down {
@@ -132,15 +137,25 @@ pub enum LabCommand {
 /// `podtrace lab ...`.
 pub fn run(args: LabArgs) -> Result<ExitCode> {
     match args.command {
-        LabCommand::Up { topology, prefix } => {
+        LabCommand::Up {
+            topology,
+            prefix,
+            agents,
+        } => {
             let _signals = InterruptGuard::install()?;
-            let reg = up_with(&prefix, topology, &mut |step| {
+            let mut reg = up_with(&prefix, topology, &mut |step| {
                 log::info!("lab up {prefix}: {step}");
                 if INTERRUPTED.load(Ordering::SeqCst) {
                     bail!("interrupted");
                 }
                 Ok(())
             })?;
+            if agents {
+                if let Err(e) = start_agents(&mut reg) {
+                    let _ = down(&prefix);
+                    return Err(e.context("lab up --agents failed (the lab was removed)"));
+                }
+            }
             emit(&format!(
                 "lab {:?} is up ({} topology): {} pods, {} nodes; `podtrace lab status{}` \
                  shows it, `podtrace lab down{}` removes it\n",
@@ -292,6 +307,29 @@ pub fn status_text(reg: &Registry) -> String {
         ]);
     }
     table(&mut out, &rows);
+    if !reg.agents.is_empty() {
+        let _ = writeln!(out);
+        let mut rows = vec![[
+            "AGENT".to_owned(),
+            "ENDPOINT".to_owned(),
+            "REACHED FROM".to_owned(),
+            "PID".to_owned(),
+        ]];
+        for a in &reg.agents {
+            rows.push([
+                a.node.clone(),
+                a.endpoint.clone(),
+                a.via_netns.display().to_string(),
+                a.pid.to_string(),
+            ]);
+        }
+        table(&mut out, &rows);
+        let _ = writeln!(
+            out,
+            "(the lab's commands go through these agents; --no-agents runs them in one process; the front end's agents file: {})",
+            agents::config_path(&reg.prefix).display()
+        );
+    }
     if !reg.services.is_empty() {
         let _ = writeln!(out);
         let mut rows = vec![[
@@ -421,6 +459,13 @@ pub fn up_with(
     }
 }
 
+/// Starts the lab's agents (`lab up --agents`) and records them in its registry.
+pub fn start_agents(reg: &mut Registry) -> Result<()> {
+    let _lock = registry::lock()?;
+    reg.agents = agents::start(reg)?;
+    registry::save(reg)
+}
+
 /// Removes the lab `prefix`: every device in its namespaces, the namespaces, the registry.
 /// Returns whether there was anything to remove. Safe to call when nothing is up.
 pub fn down(prefix: &str) -> Result<bool> {
@@ -518,6 +563,7 @@ fn build(b: &mut Build, topology: Topology) -> Result<Registry> {
         nodes,
         hosts,
         services: std::mem::take(&mut b.services),
+        agents: Vec::new(),
     })
 }
 
@@ -554,6 +600,10 @@ pub fn interfaces_of(ns: &Path) -> Result<Vec<LabInterface>> {
 fn teardown(prefix: &str) -> Result<bool> {
     let mut names: BTreeSet<String> = NETNS_NAMES.iter().map(|n| netns_name(prefix, n)).collect();
     let reg = registry::load(prefix).ok().flatten();
+    // The agents first: they detach their probes as they stop.
+    if let Some(r) = &reg {
+        agents::stop(prefix, &r.agents);
+    }
     let mut found = reg.is_some();
     if let Some(reg) = &reg {
         for p in reg.netns_paths() {
@@ -638,35 +688,6 @@ impl Drop for InterruptGuard {
     }
 }
 
-/// Random bytes from the kernel.
-pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
-    let mut buf = [0u8; N];
-    let mut filled = 0;
-    while filled < N {
-        // SAFETY: writes at most N - filled bytes into buf[filled..].
-        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), N - filled, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e).context("getrandom");
-        }
-        filled += n as usize;
-    }
-    Ok(buf)
-}
-
-/// `len` random lowercase hex digits.
-pub fn random_hex(len: usize) -> Result<String> {
-    let bytes = random_bytes::<16>()?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    if len > hex.len() {
-        bail!("random_hex: at most {} digits", hex.len());
-    }
-    Ok(hex[..len].to_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -743,6 +764,7 @@ mod tests {
                 interfaces: vec![],
             }],
             services: services::registry_entries().unwrap(),
+            agents: Vec::new(),
         }
     }
 

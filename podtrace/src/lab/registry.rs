@@ -48,6 +48,9 @@ pub struct Registry {
     /// (iptables mode) does. Absent in registries written before Services existed.
     #[serde(default)]
     pub services: Vec<LabService>,
+    /// Its node agents (`lab up --agents`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<super::agents::LabAgent>,
 }
 
 /// A Service of the lab (one port), as `lab status` shows it.

@@ -53,6 +53,7 @@ fn location(reg: &Registry, p: &LabPod) -> PodLocation {
         node_netns: Some(p.node_netns.clone()),
         source: format!("lab:{}", reg.prefix),
         entered_by: None,
+        node_named_by: None,
     }
 }
 

@@ -28,7 +28,7 @@ pub fn table_name(table: u32) -> String {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VxlanInfo {
     pub vni: Option<u32>,
     pub local: Option<Ipv4Addr>,
@@ -38,7 +38,7 @@ pub struct VxlanInfo {
     pub learning: Option<bool>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Link {
     pub index: u32,
     pub name: String,
@@ -63,7 +63,7 @@ impl Link {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Addr {
     pub index: u32,
     pub ip: Ipv4Addr,
@@ -79,7 +79,7 @@ pub const RTN_UNREACHABLE: u8 = 7;
 pub const RTN_PROHIBIT: u8 = 8;
 pub const RTN_THROW: u8 = 9;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Route {
     pub table: u32,
     pub dst: Ipv4Addr,
@@ -109,7 +109,7 @@ pub fn prefix_contains(net: Ipv4Addr, prefix: u8, ip: Ipv4Addr) -> bool {
 }
 
 /// FIB rule actions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum RuleAction {
     Lookup(u32),
     Goto(u32),
@@ -120,7 +120,7 @@ pub enum RuleAction {
     Other,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rule {
     pub priority: u32,
     pub src: Option<(Ipv4Addr, u8)>,
@@ -176,7 +176,7 @@ impl Rule {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Neigh {
     pub index: u32,
     pub ip: Ipv4Addr,
@@ -186,7 +186,7 @@ pub struct Neigh {
 }
 
 /// A bridge/VXLAN forwarding entry (AF_BRIDGE neighbour).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Fdb {
     pub index: u32,
     pub mac: Mac,
@@ -196,7 +196,7 @@ pub struct Fdb {
 }
 
 /// Everything podtrace reads from one namespace.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
     pub links: Vec<Link>,
     pub addrs: Vec<Addr>,

@@ -3,6 +3,7 @@
 //! runtime (CRI), a process id, a namespace path. The chain is assembled by the command line
 //! ([`crate::cli::PodArgs::resolvers`]); nothing here is global.
 pub mod cri;
+pub mod node;
 pub mod process;
 
 use std::{
@@ -69,9 +70,11 @@ pub struct PodLocation {
     pub node_netns: Option<PathBuf>,
     /// Where the pod was found: `lab:PREFIX`, `cri:unix:///SOCKET`, `pid`, `netns`.
     pub source: String,
-    /// How its namespace was entered, when that needs saying (the runtime's path was not
-    /// visible here, so the sandbox's pid was used).
+    /// How its namespace was entered (the runtime's path, or the sandbox's pid when that path
+    /// is not visible here), for `topo`'s evidence.
     pub entered_by: Option<String>,
+    /// Why the node has its name ([`node`]'s rules), when a rule named it.
+    pub node_named_by: Option<String>,
 }
 
 /// What a resolver made of a pod reference.
@@ -126,6 +129,14 @@ impl Chain {
     /// Finds a pod: the first resolver that knows it wins; a pod given by pid or namespace is
     /// then named by whoever recognises its namespace.
     pub fn locate(&self, pod: &PodRef) -> Result<PodLocation> {
+        match self.lookup(pod)? {
+            Ok(loc) => Ok(loc),
+            Err(not_found) => bail!("{not_found}"),
+        }
+    }
+
+    /// As [`Chain::locate`], telling "not found" (`Ok(Err(what was searched))`) from a failure.
+    pub fn lookup(&self, pod: &PodRef) -> Result<std::result::Result<PodLocation, String>> {
         let mut searched = Vec::new();
         for r in &self.resolvers {
             match r.find(pod)? {
@@ -145,17 +156,18 @@ impl Chain {
                     {
                         loc.node = node;
                         loc.node_netns = Some(ns);
+                        loc.node_named_by = None;
                     }
-                    return Ok(loc);
+                    return Ok(Ok(loc));
                 }
                 Lookup::Missing(what) => searched.push(what),
                 Lookup::NotMine => {}
             }
         }
-        match searched.as_slice() {
-            [] => bail!("{} not found: nothing to search", pod.shown()),
-            s => bail!("{} not found ({})", pod.shown(), s.join("; ")),
-        }
+        Ok(Err(match searched.as_slice() {
+            [] => format!("{} not found: nothing to search", pod.shown()),
+            s => format!("{} not found ({})", pod.shown(), s.join("; ")),
+        }))
     }
 
     /// The pod with address `ip` that a resolver knows.
@@ -230,6 +242,7 @@ mod tests {
             node_netns: None,
             source: source.into(),
             entered_by: None,
+            node_named_by: None,
         }
     }
 

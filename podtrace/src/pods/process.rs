@@ -11,7 +11,7 @@ pub struct ByPid;
 /// `--netns PATH|NAME`: that namespace file (a name is looked up in /run/netns).
 pub struct ByNetns;
 
-fn unnamed(name: String, netns: PathBuf, source: &str) -> PodLocation {
+fn unnamed(name: String, netns: PathBuf, source: &str, entered_by: String) -> PodLocation {
     PodLocation {
         name,
         namespace: "-".to_owned(),
@@ -19,7 +19,27 @@ fn unnamed(name: String, netns: PathBuf, source: &str) -> PodLocation {
         node: hostname(),
         node_netns: None,
         source: source.to_owned(),
-        entered_by: None,
+        entered_by: Some(entered_by),
+        node_named_by: None,
+    }
+}
+
+/// `pid-PID-COMM`, the name of a pod known only by a process.
+fn pid_name(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| format!("pid-{pid}-{}", s.trim()))
+        .unwrap_or_else(|_| format!("pid-{pid}"))
+}
+
+/// The pid in a `/proc/PID/ns/net` path (`/proc/PID/task/TID/ns/net` too).
+pub fn pid_of_ns_path(p: &Path) -> Option<u32> {
+    let rest = p.strip_prefix("/proc").ok()?;
+    let mut parts = rest.iter().map(|c| c.to_str());
+    let pid = parts.next()??.parse().ok()?;
+    let tail: Vec<&str> = parts.collect::<Option<_>>()?;
+    match tail.as_slice() {
+        ["ns", "net"] | ["task", _, "ns", "net"] => Some(pid),
+        _ => None,
     }
 }
 
@@ -31,12 +51,20 @@ impl Resolver for ByPid {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             bail!("no process with pid {pid}");
         }
-        let netns = crate::netns::resolve(&format!("/proc/{pid}/ns/net"))
-            .with_context(|| format!("network namespace of pid {pid}"))?;
-        let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .map(|s| format!("pid-{pid}-{}", s.trim()))
-            .unwrap_or_else(|_| format!("pid-{pid}"));
-        Ok(Lookup::Found(unnamed(name, netns, "pid")))
+        let path = format!("/proc/{pid}/ns/net");
+        let netns = crate::netns::resolve(&path).with_context(|| {
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                format!("network namespace of pid {pid}")
+            } else {
+                format!("pid {pid} exited while podtrace was looking it up")
+            }
+        })?;
+        Ok(Lookup::Found(unnamed(
+            pid_name(*pid),
+            netns,
+            "pid",
+            format!("through pid {pid} ({path})"),
+        )))
     }
 }
 
@@ -46,10 +74,31 @@ impl Resolver for ByNetns {
             return Ok(Lookup::NotMine);
         };
         let netns = crate::netns::resolve(spec)?;
-        let name = netns
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| spec.clone());
-        Ok(Lookup::Found(unnamed(name, netns, "netns")))
+        let name = match pid_of_ns_path(&netns) {
+            Some(pid) => pid_name(pid),
+            None => netns
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| spec.clone()),
+        };
+        let how = format!("through the namespace file {}", netns.display());
+        Ok(Lookup::Found(unnamed(name, netns, "netns", how)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pids_in_namespace_paths() {
+        assert_eq!(pid_of_ns_path(Path::new("/proc/4242/ns/net")), Some(4242));
+        assert_eq!(
+            pid_of_ns_path(Path::new("/proc/4242/task/4243/ns/net")),
+            Some(4242)
+        );
+        assert_eq!(pid_of_ns_path(Path::new("/proc/self/ns/net")), None);
+        assert_eq!(pid_of_ns_path(Path::new("/proc/4242/ns/uts")), None);
+        assert_eq!(pid_of_ns_path(Path::new("/run/netns/pod-a1")), None);
     }
 }

@@ -53,6 +53,24 @@ impl Mechanism {
     }
 }
 
+/// Which mechanisms the running kernel offers at all (what an agent reports about its node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelSupport {
+    /// The kprobe PMU exists (CONFIG_KPROBES with perf events).
+    pub kprobes: bool,
+    /// BTF is there for tp_btf programs.
+    pub tp_btf: bool,
+}
+
+impl KernelSupport {
+    pub fn detect() -> Self {
+        Self {
+            kprobes: Path::new("/sys/bus/event_source/devices/kprobe/type").exists(),
+            tp_btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
+        }
+    }
+}
+
 /// What the running kernel offers, as far as the hooks go.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KernelFacts {

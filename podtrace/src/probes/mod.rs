@@ -63,6 +63,24 @@ pub enum TcMode {
     Clsact,
 }
 
+impl TcMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcMode::Tcx => "tcx",
+            TcMode::Clsact => "clsact",
+        }
+    }
+}
+
+/// How tc hop probes are attached on this kernel: TCX from 6.6 on, clsact before.
+pub fn tc_mode() -> TcMode {
+    if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+        TcMode::Tcx
+    } else {
+        TcMode::Clsact
+    }
+}
+
 /// An interface to put hop probes on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HopTarget {
@@ -493,11 +511,7 @@ impl Probes {
             target.hop_id,
             0,
         )?;
-        let mode = if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
-            TcMode::Tcx
-        } else {
-            TcMode::Clsact
-        };
+        let mode = tc_mode();
         let qdisc_created = match mode {
             TcMode::Tcx => false,
             TcMode::Clsact => clsact::add_clsact(ns, ifname).with_context(|| where_(target))?,

@@ -6,6 +6,7 @@ use anyhow::Result;
 use crate::{
     cli::{parse_ipv4, PodArgs},
     pods::{Chain, PodLocation},
+    remote::RemoteArgs,
     services,
 };
 
@@ -19,9 +20,28 @@ pub struct TopoArgs {
     /// One JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 pub fn run(args: TopoArgs) -> Result<ExitCode> {
+    if args.remote.config(args.pod.lab.as_deref())?.is_some() {
+        // Through agents: the halves of the nodes involved, stitched.
+        let path = crate::front::resolve(&args.pod, &args.remote, args.dst)?;
+        if args.json {
+            let mut v = serde_json::to_value(&path.topo)?;
+            if let Some(o) = v.as_object_mut() {
+                o.insert("unobserved".into(), serde_json::to_value(&path.unobserved)?);
+            }
+            println!("{v}");
+        } else {
+            print!("{}", super::render::text(&path.topo));
+            for u in &path.unobserved {
+                println!("not resolved: {u}");
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let chain = args.pod.resolvers();
     let loc = args.pod.locate(&chain)?;
     if let Some(code) = service_destination(&args, &loc, &chain)? {

@@ -20,6 +20,7 @@ pub mod rules;
 pub mod side;
 
 use std::{
+    collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -185,7 +186,7 @@ pub struct PodInfo {
 }
 
 /// `podtrace topo`'s answer.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Topology {
     pub pod: PodInfo,
     pub cni: Cni,
@@ -201,6 +202,10 @@ pub struct Topology {
     /// could leave a node instead (watched by `follow` so a leak shows).
     #[serde(skip)]
     pub other_uplinks: Vec<Hop>,
+    /// Interface names of every namespace involved, by path (for naming places that are not
+    /// hops).
+    #[serde(skip)]
+    pub interfaces: BTreeMap<PathBuf, BTreeMap<u32, String>>,
     /// What was read of every namespace involved.
     #[serde(skip)]
     pub namespaces: Namespaces,
@@ -248,12 +253,33 @@ impl Namespaces {
         Ok(snap)
     }
 
-    /// The snapshot of `path` if it was read.
-    pub fn cached(&self, path: &Path) -> Option<Arc<Snapshot>> {
-        let ino = crate::netns::inode_of(path).ok();
+    /// Interface names (by ifindex) of every namespace read, by path.
+    pub fn interface_names(&self) -> BTreeMap<PathBuf, BTreeMap<u32, String>> {
         self.read
             .iter()
-            .find(|(p, i, _)| p == path || Some(*i) == ino)
+            .map(|(p, _, s)| {
+                (
+                    p.clone(),
+                    s.links.iter().map(|l| (l.index, l.name.clone())).collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// Records what another machine read of its namespace at `path` (a node agent's answer).
+    pub fn insert_read_elsewhere(&mut self, path: &Path, snap: Snapshot) {
+        self.read.push((path.to_path_buf(), 0, Arc::new(snap)));
+    }
+
+    /// The snapshot of `path` if it was read.
+    pub fn cached(&self, path: &Path) -> Option<Arc<Snapshot>> {
+        if let Some((_, _, s)) = self.read.iter().find(|(p, _, _)| p == path) {
+            return Some(s.clone());
+        }
+        let ino = crate::netns::inode_of(path).ok()?;
+        self.read
+            .iter()
+            .find(|(_, i, _)| *i == ino)
             .map(|(_, _, s)| s.clone())
     }
 }

@@ -80,11 +80,14 @@ pub fn build(topo: &Topology, filter: FlowFilter) -> Plan {
                 .or_insert_with(|| h.ifname.clone());
             return i;
         }
-        let interfaces: BTreeMap<u32, String> = topo
-            .namespaces
-            .cached(&h.netns_path)
-            .map(|s| s.links.iter().map(|l| (l.index, l.name.clone())).collect())
-            .unwrap_or_else(|| [(h.ifindex, h.ifname.clone())].into());
+        let mut interfaces: BTreeMap<u32, String> = topo
+            .interfaces
+            .get(&h.netns_path)
+            .cloned()
+            .unwrap_or_default();
+        interfaces
+            .entry(h.ifindex)
+            .or_insert_with(|| h.ifname.clone());
         namespaces.push(PlanNamespace {
             path: h.netns_path.clone(),
             owner: h.owner.clone(),
@@ -197,6 +200,7 @@ pub(crate) mod tests {
             evidence: vec![],
             pod_ip: None,
             other_uplinks,
+            interfaces: Default::default(),
             namespaces: Namespaces::default(),
         }
     }

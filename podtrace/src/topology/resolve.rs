@@ -59,6 +59,9 @@ pub fn resolve(
             });
         }
     }
+    if let Some(how) = &side.loc.node_named_by {
+        evidence.insert(0, format!("node {} named by {how}", side.loc.node));
+    }
     if let Some(how) = &side.loc.entered_by {
         evidence.insert(0, format!("pod namespace entered {how}"));
     }
@@ -89,6 +92,40 @@ pub fn resolve(
         evidence,
         pod_ip: side.ip,
         other_uplinks,
+        interfaces: namespaces.interface_names(),
+        namespaces,
+    })
+}
+
+/// A destination pod's half of a path that arrives from another node: the hops from its
+/// node's uplinks into the pod (what a node agent answers for an address on its node).
+pub fn inbound(loc: &PodLocation, chain: &Chain) -> Result<Topology> {
+    let mut namespaces = Namespaces::default();
+    let side = resolve_side(loc, &mut namespaces, chain)?;
+    let hops = side.inbound_hops();
+    let (cni, evidence) = classify(&side, None);
+    let other_uplinks = side.uplinks(None, false);
+    Ok(Topology {
+        pod: PodInfo {
+            name: side.loc.name.clone(),
+            namespace: side.loc.namespace.clone(),
+            node: side.loc.node.clone(),
+            ip: side.ip.map(|i| i.to_string()),
+            netns: side.loc.netns.display().to_string(),
+            node_netns: ns_string(&side.node_ns),
+            ifname: side.eth0.name.clone(),
+            mac: side.eth0.mac.as_ref().map(|m| mac_string(m)),
+            source: side.loc.source.clone(),
+            entered_by: side.loc.entered_by.clone(),
+        },
+        cni,
+        hops,
+        route: None,
+        primary: side.primary().map(|l| l.name.clone()),
+        evidence,
+        pod_ip: side.ip,
+        other_uplinks,
+        interfaces: namespaces.interface_names(),
         namespaces,
     })
 }
@@ -219,7 +256,7 @@ fn decide(
             vxlan = Some(under);
             if let Some(dp) = dest_pod {
                 let o = resolve_side(dp, namespaces, chain)?;
-                hops.extend(o.inbound_hops());
+                hops.extend(o.inbound_hops(Some(src)));
                 other = Some(o);
             }
         }
@@ -234,7 +271,7 @@ fn decide(
                 };
                 if elsewhere {
                     let o = resolve_side(dp, namespaces, chain)?;
-                    hops.extend(o.inbound_hops());
+                    hops.extend(o.inbound_hops(Some(src)));
                     other = Some(o);
                 }
             }

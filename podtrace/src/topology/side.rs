@@ -138,6 +138,15 @@ pub(super) fn resolve_side(
     namespaces: &mut Namespaces,
     chain: &Chain,
 ) -> Result<Side> {
+    if !loc.netns.exists() {
+        // Its process exited (a `/proc/PID/ns/net` path) or the runtime removed it since the
+        // pod was found.
+        bail!(
+            "pod {}'s network namespace {} is gone: the pod stopped while podtrace was reading it",
+            loc.name,
+            loc.netns.display()
+        );
+    }
     let pod_snap = namespaces.get(&loc.netns).with_context(|| {
         format!(
             "reading pod {}'s namespace {}",
@@ -180,8 +189,14 @@ pub(super) fn resolve_side(
                     let ns = found.remove(0);
                     if let Some((name, named)) = chain.node_of(&ns) {
                         loc.node = name;
+                        loc.node_named_by = None;
                         named
                     } else {
+                        // No resolver knows it: named as the cluster would name it, where
+                        // that can be known (a kubelet, a node container's hostname).
+                        let named = crate::pods::node::name_of(&ns, None);
+                        loc.node = named.name;
+                        loc.node_named_by = Some(named.how);
                         ns
                     }
                 }
@@ -274,9 +289,29 @@ impl Side {
 
     /// Hops from the node's uplinks into this pod, for a destination pod on another node:
     /// uplink → vxlan → bridge → host veth → pod eth0, as this node's routing delivers it.
-    pub(super) fn inbound_hops(&self) -> Vec<Hop> {
+    /// `from`: the source pod's address; without an overlay, the packets come in by the
+    /// interface this node routes back to it (a routed underlay: host-gw, kindnet).
+    pub(super) fn inbound_hops(&self, from: Option<Ipv4Addr>) -> Vec<Hop> {
         let mut hops = Vec::new();
         if let Some(ip) = self.ip {
+            let has_vxlan = self.node_snap.links.iter().any(|l| l.kind == "vxlan");
+            if let (Some(br), Some(from), false) = (self.bridge(), from, has_vxlan) {
+                let back =
+                    crate::netlink::run(Some(&self.node_ns), |nl| nl.route_get(from, None, None))
+                        .map_err(|e| {
+                            log::debug!("node {}: route back to {from}: {e:#}", self.loc.node)
+                        })
+                        .ok();
+                if let Some(l) = back
+                    .and_then(|r| r.oif)
+                    .filter(|i| *i != br.index)
+                    .and_then(|i| self.node_snap.link(i))
+                {
+                    let mut h = self.node_hop(l, Role::Uplink);
+                    h.direction = Traversal::Ingress;
+                    hops.push(h);
+                }
+            }
             if self.bridge().is_some() {
                 // The VXLAN device that would decapsulate: the one whose VTEP is local here.
                 if let Some(vx) = self.node_snap.links.iter().find(|l| l.kind == "vxlan") {

@@ -20,17 +20,18 @@ pub const HEADER_LEN: usize = std::mem::size_of::<Event>();
 pub struct Decoder {
     /// Kernel namespace identity (inode number) → index in the plan's namespaces.
     namespaces: HashMap<u64, usize>,
-    hops: u32,
+    /// The session's hop ids.
+    hops: std::collections::HashSet<u32>,
     /// Drop reason value → name.
     reasons: HashMap<u32, Arc<str>>,
 }
 
 impl Decoder {
-    /// `namespaces[i]` is the kernel identity of the plan's namespace `i`; `hops` the number
-    /// of hops; `reasons` the drop reason names by value.
+    /// `namespaces[i]` is the kernel identity of the plan's namespace `i`; `hops` the plan's
+    /// hop ids; `reasons` the drop reason names by value.
     pub fn new(
         namespaces: &[u64],
-        hops: u32,
+        hops: impl IntoIterator<Item = u32>,
         reasons: impl IntoIterator<Item = (u32, String)>,
     ) -> Self {
         Self {
@@ -39,7 +40,7 @@ impl Decoder {
                 .enumerate()
                 .map(|(i, c)| (*c, i))
                 .collect(),
-            hops,
+            hops: hops.into_iter().collect(),
             reasons: reasons
                 .into_iter()
                 .map(|(v, n)| (v, Arc::from(n)))
@@ -55,7 +56,7 @@ impl Decoder {
     }
 
     fn hop(&self, id: u32) -> Option<u32> {
-        (id < self.hops).then_some(id)
+        self.hops.contains(&id).then_some(id)
     }
 
     /// One record: the event, or `None` when it is not the session's or is malformed.
@@ -140,7 +141,7 @@ mod tests {
     }
 
     fn decoder() -> Decoder {
-        Decoder::new(&[111, 222], 3, [(77, "NETFILTER_DROP".to_owned())])
+        Decoder::new(&[111, 222], [0, 1, 2], [(77, "NETFILTER_DROP".to_owned())])
     }
 
     #[test]

@@ -133,9 +133,10 @@ pub struct XmitEvent {
     pub flow: Flow,
 }
 
-/// One event of the stream.
+/// One event of the stream. (Externally tagged: internally tagged enums do not survive
+/// non-human-readable formats such as the agents' MessagePack with addresses inside.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum TraceEvent {
     Hop(HopEvent),
     Drop(DropEvent),

@@ -135,7 +135,7 @@ impl Engine {
         let tc_mode = probes.tc_mode();
         let decoder = decode::Decoder::new(
             &cookies,
-            plan.hops.len() as u32,
+            plan.hops.iter().map(|h| h.id),
             probes.drop_reasons().all().map(|(v, n)| (v, n.to_owned())),
         );
         let ring = probes.take_events()?;

@@ -190,15 +190,21 @@ impl Plan {
         out
     }
 
-    /// Checks what an engine relies on: hop ids are their index, namespaces exist.
+    /// Checks what an engine relies on: hop ids unique and in range, namespaces that exist,
+    /// path steps on the plan's hops. (A node's part of a plan keeps the whole plan's hop ids,
+    /// so they need not be 0, 1, 2, ….)
     pub fn validate(&self) -> anyhow::Result<()> {
         for (i, h) in self.hops.iter().enumerate() {
-            if h.id as usize != i {
+            if h.id >= podtrace_abi::MAX_HOPS {
                 anyhow::bail!(
-                    "plan: hop {} has id {} (ids must be 0, 1, 2, …)",
+                    "plan: hop {} has id {} (at most {})",
                     h.name,
-                    h.id
+                    h.id,
+                    podtrace_abi::MAX_HOPS - 1
                 );
+            }
+            if self.hops[..i].iter().any(|o| o.id == h.id) {
+                anyhow::bail!("plan: hop id {} is given twice", h.id);
             }
             if h.ns >= self.namespaces.len() {
                 anyhow::bail!(
@@ -209,19 +215,11 @@ impl Plan {
                 );
             }
         }
-        if self.hops.len() > podtrace_abi::MAX_HOPS as usize {
-            anyhow::bail!(
-                "plan: {} hops (at most {})",
-                self.hops.len(),
-                podtrace_abi::MAX_HOPS
-            );
-        }
         for s in self.forward.iter().chain(&self.reverse) {
-            if s.hop as usize >= self.hops.len() {
+            if self.hop(s.hop).is_none() {
                 anyhow::bail!(
-                    "plan: a path step names hop {} of {}",
-                    s.hop,
-                    self.hops.len()
+                    "plan: a path step names hop {}, which the plan does not have",
+                    s.hop
                 );
             }
         }

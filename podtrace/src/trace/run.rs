@@ -22,6 +22,29 @@ pub enum Stop {
     PodGone(PathBuf),
 }
 
+/// A running session: a local [`Engine`], or the per-node sessions of a run through agents
+/// ([`crate::remote`]).
+pub trait Session {
+    /// Asks for the end: what is still in flight is handed over, then the stream ends.
+    fn stop(&self);
+    /// After the stream ended: everything detached; the final counters.
+    fn finish(self: Box<Self>) -> Result<Counters>;
+    /// What the session could not observe (nodes whose agent was lost mid-run).
+    fn unobserved(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+impl Session for Engine {
+    fn stop(&self) {
+        Engine::stop(self)
+    }
+
+    fn finish(self: Box<Self>) -> Result<Counters> {
+        Engine::finish(*self)
+    }
+}
+
 /// Takes the events of a run.
 pub trait Consumer {
     /// A batch of events, in the kernel's order. `Some` ends the run.
@@ -40,19 +63,21 @@ pub struct Until {
     pub watch: Vec<PathBuf>,
 }
 
-/// How a run ended: why (or the consumer's error) and the final counters.
+/// How a run ended: why (or the consumer's error), the final counters, and what could not be
+/// observed.
 pub struct Outcome {
     pub stop: Result<Stop>,
     pub counters: Counters,
+    pub unobserved: Vec<String>,
 }
 
 const TICK: Duration = Duration::from_millis(100);
 
-/// Runs the engine's stream into `consumer` until something ends it; then drains the stream
+/// Runs a session's stream into `consumer` until something ends it; then drains the stream
 /// into the consumer (an error already ended it: then the rest is dropped) and finishes the
-/// engine.
+/// session.
 pub fn drive(
-    engine: Engine,
+    engine: Box<dyn Session>,
     mut events: Events,
     until: &Until,
     consumer: &mut dyn Consumer,
@@ -104,8 +129,13 @@ pub fn drive(
         }
         anyhow::Ok(stop)
     })?;
+    let unobserved = engine.unobserved();
     let counters = engine.finish()?;
-    Ok(Outcome { stop, counters })
+    Ok(Outcome {
+        stop,
+        counters,
+        unobserved,
+    })
 }
 
 /// The monotonic clock the eBPF programs stamp events with (ns).

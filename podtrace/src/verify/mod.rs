@@ -14,15 +14,17 @@ use serde::Serialize;
 
 use crate::{
     cli::{parse_duration, parse_ipv4, PodArgs},
+    front,
     netlink::{
         snapshot::{table_name, RuleAction, Snapshot},
         TABLE_DEFAULT, TABLE_LOCAL, TABLE_MAIN,
     },
+    remote::RemoteArgs,
     topology::{self, rules, Role, Topology},
     trace::{
         plan::{Plan, PlannedHop},
         run::{drive, Consumer, Stop, Until},
-        Engine, TraceEvent, TraceOptions,
+        TraceEvent, TraceOptions,
     },
 };
 
@@ -51,6 +53,8 @@ pub struct EniArgs {
     /// One JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 pub fn run(cmd: VerifyCommand) -> Result<ExitCode> {
@@ -102,12 +106,17 @@ fn eni_tables(snap: &Snapshot, primary: &str) -> Vec<(u32, String)> {
 }
 
 fn eni(args: EniArgs) -> Result<ExitCode> {
-    let chain = args.pod.resolvers();
-    let loc = args.pod.locate(&chain)?;
-    let topo = topology::resolve(&loc, Some(args.dst), None, &chain)?;
+    let path = front::resolve(&args.pod, &args.remote, Some(args.dst))?;
+    // The probe pings from inside the pod: only where its namespace is on this machine (an
+    // agent only observes; it sends nothing).
+    let pod_netns = path.watch.first().cloned();
+    if args.probe && pod_netns.is_none() {
+        bail!("--probe sends pings from inside the pod, which is on another machine here: send traffic yourself, or run verify on the pod's node");
+    }
+    let topo = &path.topo;
     let pod_ip = topo
         .pod_ip
-        .ok_or_else(|| anyhow!("pod {} has no IPv4 address", loc.name))?;
+        .ok_or_else(|| anyhow!("pod {} has no IPv4 address", topo.pod.name))?;
     if topo.hops.iter().any(|h| h.role == Role::Bridge) {
         bail!(
             "pod {} is not on an ENI: its CNI is {} (a bridge, not routed ENI veths); verify eni is for the AWS VPC CNI and its copies",
@@ -159,13 +168,14 @@ fn eni(args: EniArgs) -> Result<ExitCode> {
     };
 
     // Watch every uplink of the node, the pod's side, and the kernel's FIB.
-    let plan = topology::plan::build(&topo, topology::plan::filter(&topo, pod_ip, Some(args.dst)));
-    let (engine, events) = Engine::start(
+    let plan = topology::plan::build(topo, topology::plan::filter(topo, pod_ip, Some(args.dst)));
+    let started = path.start(
         &plan,
         &TraceOptions {
             mechanism: args.hooks.hooks,
             ..TraceOptions::default()
         },
+        Some(args.duration),
     )?;
     if args.json {
         println!(
@@ -175,18 +185,18 @@ fn eni(args: EniArgs) -> Result<ExitCode> {
                 pod: &topo.pod.name,
                 dst: args.dst.to_string(),
                 hops: &plan.hops,
-                tc: engine.info.tc,
-                kernel_hooks: &engine.info.hooks,
+                tc: started.info().tc,
+                kernel_hooks: &started.info().hooks,
             })?
         );
     } else {
-        eprintln!("hooks: {}", engine.info.hooks_line());
+        eprintln!("hooks: {}", started.hooks_line());
         eprintln!("probes live");
     }
     let mut prober = if args.probe {
         // A few echoes from inside the pod (the ping runs in its namespace).
         let ping = crate::netns::command_in(
-            &loc.netns,
+            pod_netns.as_deref().expect("checked above"),
             "ping",
             &[
                 "-c".into(),
@@ -209,11 +219,11 @@ fn eni(args: EniArgs) -> Result<ExitCode> {
     };
     let mut watch = Watch::new(&plan, pod_ip, topo.pod.node.clone());
     let outcome = drive(
-        engine,
-        events,
+        started.session,
+        started.events,
         &Until {
             duration: Some(args.duration),
-            watch: vec![loc.netns.clone()],
+            watch: path.watch.clone(),
         },
         &mut watch,
     );
@@ -229,7 +239,7 @@ fn eni(args: EniArgs) -> Result<ExitCode> {
         );
     }
     let report = judge(
-        &topo,
+        topo,
         &primary,
         &tables,
         &choice,

@@ -1,0 +1,121 @@
+//! Where a command's path is resolved and its session runs: in this process (the pod's node
+//! is this machine, or the lab is), or through the node agents of the nodes involved
+//! (`--agents`, a lab with agents). `topo`, `follow`, `capture` and `verify` call these and
+//! do not care which.
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use anyhow::Result;
+
+use crate::{
+    cli::PodArgs,
+    remote::{Fleet, RemoteArgs},
+    topology::{self, Topology},
+    trace::{run::Session, Engine, Events, Plan, StartInfo, TraceOptions},
+};
+
+/// A resolved path, and how to trace it.
+pub struct Resolved {
+    pub topo: Topology,
+    /// Namespaces whose disappearance ends a run (the pod's, when it is local).
+    pub watch: Vec<PathBuf>,
+    /// Parts of the path no agent could observe.
+    pub unobserved: Vec<String>,
+    fleet: Option<Fleet>,
+}
+
+/// Finds the pod and resolves its path towards `dst`, here or through agents.
+pub fn resolve(pod: &PodArgs, remote: &RemoteArgs, dst: Option<Ipv4Addr>) -> Result<Resolved> {
+    if let Some(cfg) = remote.config(pod.lab.as_deref())? {
+        let fleet = Fleet::connect(&cfg)?;
+        let r = fleet.resolve(&pod.pod_ref()?, dst)?;
+        return Ok(Resolved {
+            topo: r.topology,
+            watch: Vec::new(),
+            unobserved: r.unobserved,
+            fleet: Some(fleet),
+        });
+    }
+    let chain = pod.resolvers();
+    let loc = pod.locate(&chain)?;
+    let dest = dst.and_then(|ip| chain.by_ip(ip));
+    let topo = topology::resolve(&loc, dst, dest.as_ref(), &chain)?;
+    Ok(Resolved {
+        topo,
+        watch: vec![loc.netns],
+        unobserved: Vec::new(),
+        fleet: None,
+    })
+}
+
+/// A started session.
+pub struct Started {
+    pub session: Box<dyn Session>,
+    pub events: Events,
+    /// What started on each node (one entry when local).
+    pub nodes: Vec<(String, StartInfo)>,
+}
+
+impl Started {
+    /// The first node's start (the pod's node), for the one-line summaries.
+    pub fn info(&self) -> &StartInfo {
+        &self.nodes[0].1
+    }
+
+    /// The slowest node's load and attach times.
+    pub fn times(&self) -> (f64, f64) {
+        self.nodes.iter().fold((0.0, 0.0), |(l, a), (_, i)| {
+            (l.max(i.load_ms), a.max(i.attach_ms))
+        })
+    }
+
+    /// `drops via …` per node when they differ.
+    pub fn hooks_line(&self) -> String {
+        let first = self.info().hooks_line();
+        if self.nodes.iter().all(|(_, i)| i.hooks_line() == first) {
+            first
+        } else {
+            self.nodes
+                .iter()
+                .map(|(n, i)| format!("{n}: {}", i.hooks_line()))
+                .collect::<Vec<_>>()
+                .join("; ")
+        }
+    }
+}
+
+impl Resolved {
+    /// Whether the session runs through agents.
+    pub fn remote(&self) -> bool {
+        self.fleet.is_some()
+    }
+
+    /// Starts the session for `plan` (`duration` bounds the agents' sessions too).
+    pub fn start(
+        &self,
+        plan: &Plan,
+        opts: &TraceOptions,
+        duration: Option<Duration>,
+    ) -> Result<Started> {
+        match &self.fleet {
+            Some(fleet) => {
+                // The agents' own clocks end their sessions a little after ours does.
+                let bound = duration.map(|d| d + Duration::from_secs(5));
+                let (session, events, nodes) = fleet.trace(plan, opts, bound)?;
+                Ok(Started {
+                    session: Box::new(session),
+                    events,
+                    nodes,
+                })
+            }
+            None => {
+                let (engine, events) = Engine::start(plan, opts)?;
+                let info = engine.info.clone();
+                Ok(Started {
+                    session: Box::new(engine),
+                    events,
+                    nodes: vec![(self.topo.pod.node.clone(), info)],
+                })
+            }
+        }
+    }
+}
