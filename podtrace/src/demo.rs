@@ -179,7 +179,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     let _ = lab::down(PREFIX);
     let _guard = LabGuard { keep: args.keep };
     show(&format!("podtrace lab up --prefix {PREFIX}"));
-    lab::up(PREFIX, lab::Topology::All)?;
+    let mut reg = lab::up(PREFIX, lab::Topology::All)?;
     println!("    two flannel nodes (node-a, node-b) with pods pod-a1, pod-a2, pod-b1;");
     println!("    an ENI node (node-c) with pod-c1 on eth1, pod-c2 on eth2; a host 'master'");
 
@@ -187,9 +187,10 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     step_drop()?;
     step_capture()?;
     step_verify_eni()?;
+    step_agents(&mut reg)?;
 
     header(
-        5,
+        6,
         "Clean up, and how to run it yourself",
         "every step above, by hand",
     );
@@ -212,6 +213,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     println!("  podtrace lab exec pod-a1 -- ping -c 3 10.244.1.5");
     println!("  podtrace capture pod-a1 --dst 10.244.1.5 -w /tmp/pod-a1.pcapng -C 1 -W 3");
     println!("  podtrace verify eni pod-c2 --dst 10.19.0.11 --probe");
+    println!("  podtrace lab up --agents      # one agent per node; the commands then use them");
     println!("  podtrace lab down");
     println!();
     println!(
@@ -445,5 +447,50 @@ fn step_verify_eni() -> Result<()> {
         code == 1
             && out.contains("egress left via eth0: no `from 10.19.0.32` rule selects table 3"),
         "without its rule, the check fails and names the cause",
+    )
+}
+
+fn step_agents(reg: &mut lab::registry::Registry) -> Result<()> {
+    header(
+        5,
+        "Across machines: one agent per node, one timeline",
+        "seeds 001/002: tcpdump on each node by hand, the files lined up by eye",
+    );
+    show(&format!("podtrace lab up --agents --prefix {PREFIX}   (an agent in each node, mutual TLS, reached from the underlay)"));
+    lab::start_agents(reg)?;
+    for a in &reg.agents {
+        println!("    agent of {:<7} {} (pid {})", a.node, a.endpoint, a.pid);
+    }
+    println!();
+    show(
+        "podtrace follow pod-a1 --dst 10.244.1.5 -c 4   (now through node-a's and node-b's agents)",
+    );
+    let bg = Background::start(&[
+        "follow",
+        "pod-a1",
+        "--dst",
+        "10.244.1.5",
+        "-c",
+        "4",
+        "--lab",
+        PREFIX,
+    ])?;
+    lab_exec("pod-a1", &["ping", "-c", "2", "-i", "0.2", "10.244.1.5"])?;
+    let (code, out, _) = bg.finish(20)?;
+    // The first packet, then the verdict and the clocks.
+    let packet = out
+        .lines()
+        .filter(|l| l.starts_with("following") || l.starts_with('#') || l.contains(" ms "))
+        .take(12);
+    let verdict = out
+        .lines()
+        .filter(|l| l.starts_with("verdict") || l.starts_with("clock of"));
+    indent(&packet.chain(verdict).collect::<Vec<_>>().join("\n"));
+    check(
+        code == 0
+            && out.contains("through their agents")
+            && out.contains("verdict: CONFIRMED")
+            && out.contains("clock of node-b"),
+        "each node's agent traced its half; the front end merged one timeline, with node-b's clock offset estimated from the packets",
     )
 }

@@ -170,7 +170,10 @@ fn cross_node_follow_and_capture_through_agents_match_one_process() {
     }
     assert_eq!(steps(agents, "observed_path").len(), 10);
     assert_eq!(agents["interfaces"], local["interfaces"]);
-    // One clock here: the estimate from the packets is within its own uncertainty of zero.
+    // Both directions were seen: node-b's clock is estimated from the packets. The agents
+    // share this machine's clock, so what is left after the wall-clock conversion is the
+    // conversion's own error (microseconds), far below a millisecond; a broken conversion
+    // would leave the machines' boot times apart.
     let b = agents["clocks"]
         .as_array()
         .unwrap()
@@ -178,10 +181,8 @@ fn cross_node_follow_and_capture_through_agents_match_one_process() {
         .find(|c| c["node"] == "node-b")
         .unwrap();
     assert_eq!(b["clock"], "estimated", "{b}");
-    assert!(
-        b["offset_ns"].as_i64().unwrap().abs() <= b["uncertainty_ns"].as_i64().unwrap() + 1_000,
-        "{b}"
-    );
+    assert!(b["offset_ns"].as_i64().unwrap().abs() < 1_000_000, "{b}");
+    assert!(b["uncertainty_ns"].as_i64().unwrap() < 1_000_000, "{b}");
 
     // capture through the agents: one pcapng with an interface per hop of both nodes.
     let dir = Scratch::new("cap");
@@ -373,6 +374,7 @@ fn an_agent_refuses_another_nodes_namespaces() {
             .resolve(pb::ResolveRequest {
                 what: Some(pb::resolve_request::What::Pod("pod-b1".into())),
                 dst: String::new(),
+                from: String::new(),
             })
             .await
             .unwrap()

@@ -68,11 +68,21 @@ async fn blocking<T: Send + 'static>(
         .map_err(internal)
 }
 
-/// This machine's clocks, read together: (monotonic, realtime) in ns.
+/// This machine's clocks, read together: (monotonic, realtime) in ns. The realtime clock is
+/// read on both sides of the monotonic one, three times, and the tightest pair kept, so a
+/// thread descheduled between two reads does not skew the pair.
 pub fn clocks() -> (u64, u64) {
-    let mono = crate::trace::run::monotonic_ns();
-    let real = crate::pcap::wall_clock_ns();
-    (mono, real)
+    let mut best = (u64::MAX, 0, 0);
+    for _ in 0..3 {
+        let before = crate::pcap::wall_clock_ns();
+        let mono = crate::trace::run::monotonic_ns();
+        let after = crate::pcap::wall_clock_ns();
+        let width = after.saturating_sub(before);
+        if width < best.0 {
+            best = (width, mono, before + width / 2);
+        }
+    }
+    (best.1, best.2)
 }
 
 impl AgentService {
@@ -177,13 +187,17 @@ impl pb::agent_server::Agent for AgentService {
         req: Request<pb::ResolveRequest>,
     ) -> Result<Response<pb::ResolveReply>, Status> {
         let req = req.into_inner();
-        let dst =
-            match req.dst.as_str() {
-                "" => None,
-                s => Some(s.parse::<Ipv4Addr>().map_err(|_| {
-                    Status::invalid_argument(format!("{s:?} is not an IPv4 address"))
-                })?),
-            };
+        let ip = |s: &str| -> Result<Option<Ipv4Addr>, Status> {
+            match s {
+                "" => Ok(None),
+                s => s
+                    .parse::<Ipv4Addr>()
+                    .map(Some)
+                    .map_err(|_| Status::invalid_argument(format!("{s:?} is not an IPv4 address"))),
+            }
+        };
+        let dst = ip(&req.dst)?;
+        let from = ip(&req.from)?;
         let me = self.clone();
         let reply = blocking(move || {
             let chain = (me.chain)();
@@ -201,8 +215,11 @@ impl pb::agent_server::Agent for AgentService {
                         .map_err(|_| anyhow::anyhow!("{ip:?} is not an IPv4 address"))?;
                     match chain.by_ip(ip) {
                         Some(loc) if me.boundary.contains(&loc.netns).unwrap_or(false) => {
-                            let t =
-                                crate::topology::resolve::inbound(&me.on_this_node(loc), &chain)?;
+                            let t = crate::topology::resolve::inbound(
+                                &me.on_this_node(loc),
+                                &chain,
+                                from,
+                            )?;
                             Ok(me.half(t))
                         }
                         _ => Err(format!("no pod with address {ip} on node {}", me.node)),

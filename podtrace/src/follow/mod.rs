@@ -310,13 +310,17 @@ impl Follower {
         if done.is_empty() {
             return Ok(());
         }
+        // The clocks learn from the whole batch first: a request and its reply finish
+        // together, and the request's cross-node times need the reply's bound.
+        for r in &done {
+            self.clocks.observe(self.correlator.plan(), r);
+        }
         let mut out = std::io::stdout().lock();
         for r in done {
             // `-c COUNT`: what the kernel still held when the count was reached is not shown.
             if self.reached() {
                 break;
             }
-            self.clocks.observe(self.correlator.plan(), &r);
             if self.json {
                 writeln!(
                     out,

@@ -284,8 +284,18 @@ pub fn packet_text(plan: &Plan, r: &PacketRecord, clocks: &Clocks) -> String {
     let t0 = times.first().and_then(|t| t.0);
     let mut prev = t0;
     let mut incomparable = false;
+    let mut prev_node = "";
     for (h, (t, u)) in r.hops.iter().zip(&times) {
         let name = plan.hop(h.hop).map(|p| p.name.as_str()).unwrap_or("?");
+        let node = plan.hop(h.hop).map(|p| p.node.as_str()).unwrap_or("");
+        // Within a node the delta is on one clock: exact; across nodes, as good as the
+        // estimate of the second node's clock.
+        let u = if node != prev_node && !prev_node.is_empty() {
+            *u
+        } else {
+            None
+        };
+        prev_node = node;
         let mark = if r.unexpected.contains(&h.hop) {
             "  ← not on the expected path"
         } else {

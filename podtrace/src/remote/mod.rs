@@ -357,6 +357,7 @@ impl Fleet {
         let answers = self.ask_all(pb::ResolveRequest {
             what: Some(what),
             dst: dst.map(|d| d.to_string()).unwrap_or_default(),
+            from: String::new(),
         });
         let src = match self.one_half(answers, &pod.shown())? {
             Ok(h) => h,
@@ -383,6 +384,7 @@ impl Fleet {
             let answers = self.ask_all(pb::ResolveRequest {
                 what: Some(pb::resolve_request::What::Ip(dst.to_string())),
                 dst: String::new(),
+                from: topology.pod_ip.map(|i| i.to_string()).unwrap_or_default(),
             });
             let last = topology
                 .hops

@@ -99,10 +99,11 @@ pub fn resolve(
 
 /// A destination pod's half of a path that arrives from another node: the hops from its
 /// node's uplinks into the pod (what a node agent answers for an address on its node).
-pub fn inbound(loc: &PodLocation, chain: &Chain) -> Result<Topology> {
+/// `from`: the source pod's address (the way in over a routed underlay is the one back to it).
+pub fn inbound(loc: &PodLocation, chain: &Chain, from: Option<Ipv4Addr>) -> Result<Topology> {
     let mut namespaces = Namespaces::default();
     let side = resolve_side(loc, &mut namespaces, chain)?;
-    let hops = side.inbound_hops();
+    let hops = side.inbound_hops(from);
     let (cni, evidence) = classify(&side, None);
     let other_uplinks = side.uplinks(None, false);
     Ok(Topology {
