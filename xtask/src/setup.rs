@@ -26,6 +26,8 @@ const PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "gcc",
     "libc6-dev",
+    // The static (musl) release build: ring (rustls) compiles C with musl-gcc.
+    "musl-tools",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -152,17 +152,7 @@ pub fn run(args: VmtestArgs) -> Result<()> {
 
 /// Builds this binary static (musl): the guest's /init.
 fn static_agent() -> Result<PathBuf> {
-    crate::run(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "--package",
-            "xtask",
-            "--target",
-            crate::build::STATIC_TARGET,
-        ],
-    )?;
+    crate::build::static_build(&["--package", "xtask"])?;
     let bin = crate::root()
         .join("target")
         .join(crate::build::STATIC_TARGET)
