@@ -1,10 +1,11 @@
 //! Argument groups shared by the commands that take a pod.
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use podtrace_abi::MAX_SNAPLEN;
 
 use anyhow::{bail, Result};
 
+pub use crate::parse::{parse_duration, parse_ipv4, parse_proto};
 use crate::{
     lab::resolver::LabResolver,
     pcap::CaptureFormat,
@@ -13,6 +14,7 @@ use crate::{
         process::{ByNetns, ByPid},
         Chain, PodLocation, PodRef,
     },
+    remote::{parse_agents, AgentsConfig, Credentials},
 };
 
 /// `POD` as every command takes it: `NAME`, `NAMESPACE/NAME`, `--pid PID`, `--netns PATH|NAME`
@@ -144,42 +146,64 @@ pub struct HookArgs {
     pub hooks: Option<crate::probes::hooks::Mechanism>,
 }
 
-/// Parses `--dst` with a clear message.
-pub fn parse_ipv4(s: &str) -> Result<Ipv4Addr, String> {
-    s.parse::<Ipv4Addr>()
-        .map_err(|_| format!("{s:?} is not an IPv4 address"))
+/// How a command reaches agents (flattened into topo, follow, capture, verify).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RemoteArgs {
+    /// Run through node agents: NODE=ENDPOINT[,NODE=ENDPOINT…], ENDPOINT being unix:PATH or
+    /// tcp:ADDR:PORT. (A lab brought up with --agents is used this way by default.)
+    #[arg(long, value_name = "NODE=ENDPOINT,…", conflicts_with = "no_agents")]
+    pub agents: Option<String>,
+    /// The agents as a JSON file: {"agents":[{"node","endpoint","via_netns"}],"credentials":{…}}.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["agents", "no_agents"])]
+    pub agents_config: Option<PathBuf>,
+    /// The agents' CA (TLS to TCP endpoints).
+    #[arg(long, value_name = "FILE")]
+    pub agent_ca: Option<PathBuf>,
+    /// This client's certificate (mutual TLS).
+    #[arg(long, value_name = "FILE", requires = "agent_key")]
+    pub agent_cert: Option<PathBuf>,
+    /// This client's key.
+    #[arg(long, value_name = "FILE", requires = "agent_cert")]
+    pub agent_key: Option<PathBuf>,
+    /// The bearer token the agents expect, from a file.
+    #[arg(long, value_name = "FILE")]
+    pub agent_token_file: Option<PathBuf>,
+    /// Trace in this process even when the lab has agents.
+    #[arg(long)]
+    pub no_agents: bool,
 }
 
-/// Parses a duration as tcpdump users write it: `90` (seconds), `90s`, `10m`, `1h`, `500ms`.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (use 90, 90s, 10m, 1h)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?} is not a duration (use 90, 90s, 10m, 1h)")),
-    };
-    if !(secs > 0.0 && secs.is_finite()) {
-        return Err(format!("{s:?}: a duration must be positive"));
-    }
-    Ok(std::time::Duration::from_secs_f64(secs))
-}
-
-/// `--proto tcp|udp|icmp` → IP protocol number.
-pub fn parse_proto(s: &str) -> Result<u8, String> {
-    match s {
-        "tcp" => Ok(6),
-        "udp" => Ok(17),
-        "icmp" => Ok(1),
-        _ => Err(format!("{s:?} is not one of tcp, udp, icmp")),
+impl RemoteArgs {
+    /// The agents to use, if any: --agents / --agents-config, else those of the lab in use
+    /// (unless --no-agents).
+    pub fn config(&self, lab: Option<&str>) -> Result<Option<AgentsConfig>> {
+        let mut cfg = if let Some(s) = &self.agents {
+            AgentsConfig {
+                agents: parse_agents(s)?,
+                credentials: Credentials::default(),
+            }
+        } else if let Some(p) = &self.agents_config {
+            AgentsConfig::load(p)?
+        } else if self.no_agents {
+            return Ok(None);
+        } else {
+            match crate::lab::agents::config_of(lab)? {
+                Some(c) => c,
+                None => return Ok(None),
+            }
+        };
+        let c = &mut cfg.credentials;
+        if self.agent_ca.is_some() {
+            c.ca = self.agent_ca.clone();
+        }
+        if self.agent_cert.is_some() {
+            c.cert = self.agent_cert.clone();
+            c.key = self.agent_key.clone();
+        }
+        if self.agent_token_file.is_some() {
+            c.token_file = self.agent_token_file.clone();
+        }
+        Ok(Some(cfg))
     }
 }
 

@@ -8,7 +8,8 @@ use anyhow::Result;
 
 use crate::{
     cli::PodArgs,
-    remote::{Fleet, RemoteArgs},
+    cli::RemoteArgs,
+    remote::Fleet,
     topology::{self, Topology},
     trace::{run::Session, Engine, Events, Plan, StartInfo, TraceOptions},
 };

@@ -25,6 +25,7 @@ pub mod front;
 pub mod lab;
 pub mod netlink;
 pub mod netns;
+pub mod parse;
 pub mod pcap;
 pub mod pods;
 pub mod privilege;

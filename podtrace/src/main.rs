@@ -72,7 +72,18 @@ fn main() -> ExitCode {
         Command::Follow(args) => tracing().and_then(|()| podtrace::follow::run(args)),
         Command::Capture(args) => tracing().and_then(|()| podtrace::capture::run(args)),
         Command::Verify(cmd) => tracing().and_then(|()| podtrace::verify::run(cmd)),
-        Command::Agent(args) => root().and_then(|()| podtrace::agent::run(args)),
+        Command::Agent(args) => root().and_then(|()| {
+            // The agent finds pods as the command line does.
+            let chain = |lab: Option<&str>, runtime: Option<&str>| {
+                podtrace::cli::PodArgs {
+                    lab: lab.map(str::to_owned),
+                    runtime_endpoint: runtime.map(str::to_owned),
+                    ..Default::default()
+                }
+                .resolvers()
+            };
+            podtrace::agent::run(args, std::sync::Arc::new(chain))
+        }),
         Command::Demo(args) => root().and_then(|()| podtrace::demo::run(args)),
     };
     match result {

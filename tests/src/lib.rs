@@ -439,6 +439,139 @@ pub fn json_lines(lines: &[String]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The `xtask` binary of this build (target/<profile>/xtask, beside `podtrace`); `cargo xtask`
+/// builds it.
+pub fn xtask_bin() -> PathBuf {
+    let bin = podtrace_bin().with_file_name("xtask");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p xtask), or run cargo xtask test",
+        bin.display()
+    );
+    bin
+}
+
+/// A real two-node Kubernetes cluster brought up with `cargo xtask k8s up --prefix P` (see
+/// xtask/src/k8s/README.md), removed with `k8s down` on drop, also when the test fails.
+/// Needs the binaries `cargo xtask setup` builds.
+pub struct K8sCluster {
+    pub prefix: String,
+    /// The admin kubeconfig (through the relay in the machine's namespace).
+    pub kubeconfig: PathBuf,
+    /// The cluster's cluster.json: paths, sockets, addresses.
+    pub info: serde_json::Value,
+    /// How long `k8s up` took.
+    pub up_time: std::time::Duration,
+}
+
+impl K8sCluster {
+    pub fn up(tag: &str) -> Self {
+        require_root();
+        let mut me = Self {
+            prefix: unique_prefix(tag),
+            kubeconfig: PathBuf::new(),
+            info: serde_json::Value::Null,
+            up_time: std::time::Duration::ZERO,
+        };
+        let started = std::time::Instant::now();
+        let out = Command::new(xtask_bin())
+            .args(["k8s", "up", "--prefix", &me.prefix, "--podtrace"])
+            .arg(podtrace_bin())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("running xtask k8s up");
+        me.up_time = started.elapsed();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "xtask k8s up failed: {stdout}");
+        let last = stdout.lines().last().unwrap_or_default();
+        let path = last
+            .strip_prefix("export KUBECONFIG=")
+            .unwrap_or_else(|| panic!("k8s up's last line is not `export KUBECONFIG=`: {last:?}"));
+        me.kubeconfig = PathBuf::from(path);
+        let json = me.kubeconfig.with_file_name("cluster.json");
+        me.info = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        me
+    }
+
+    /// Runs `kubectl --kubeconfig K ARGS...` (optionally with `stdin`); its output.
+    pub fn kubectl_with(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        use std::io::Write as _;
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            // Discovery cache in the cluster's directory (removed with it), not ~/.kube.
+            .arg("--cache-dir")
+            .arg(self.kubeconfig.with_file_name("kube-cache"))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running kubectl");
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).unwrap();
+        }
+        drop(input);
+        child.wait_with_output().unwrap()
+    }
+
+    /// `kubectl ARGS...`, panicking unless it succeeds; stdout.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let out = self.kubectl_with(args, None);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// A node's entry of cluster.json (`node-a`, `node-b`).
+    pub fn node(&self, name: &str) -> &serde_json::Value {
+        self.info["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .unwrap_or_else(|| panic!("no node {name} in cluster.json"))
+    }
+
+    /// A node's network namespace.
+    pub fn node_netns(&self, name: &str) -> PathBuf {
+        PathBuf::from(self.node(name)["netns"].as_str().unwrap())
+    }
+
+    /// A node's containerd socket, as seen from the machine's mount namespace.
+    pub fn containerd_socket(&self, name: &str) -> PathBuf {
+        PathBuf::from(self.node(name)["containerd_socket"].as_str().unwrap())
+    }
+}
+
+impl Drop for K8sCluster {
+    fn drop(&mut self) {
+        let started = std::time::Instant::now();
+        let out = Command::new(xtask_bin())
+            .args(["k8s", "down", "--prefix", &self.prefix, "--podtrace"])
+            .arg(podtrace_bin())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => eprintln!(
+                "k8s down --prefix {} took {:.1} s",
+                self.prefix,
+                started.elapsed().as_secs_f64()
+            ),
+            Ok(o) => eprintln!(
+                "cleanup: xtask k8s down --prefix {} failed: {}",
+                self.prefix,
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => eprintln!("cleanup: running xtask k8s down: {e}"),
+        }
+    }
+}
+
 /// Waits (polling, up to `secs`) until `cond` holds; panics naming `what` otherwise. For
 /// conditions with no event to wait on (a socket bound in another namespace, a kernel object
 /// released).

@@ -254,6 +254,68 @@ fn lab_netns_on_disk(prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// How many namespaces `--topology all` makes: every lab namespace but the `flannel-nodes`
+/// topology's control-plane host.
+fn all_topology_netns_count() -> usize {
+    lab::NETNS_NAMES
+        .iter()
+        .filter(|n| **n != lab::flannel::CONTROL_PLANE)
+        .count()
+}
+
+#[test]
+fn flannel_nodes_have_flannel_but_no_pods_and_reach_the_control_plane() {
+    let l = Lab::up("fnod", Topology::FlannelNodes);
+    assert_eq!(l.reg.topology, "flannel-nodes");
+    assert!(l.reg.pods.is_empty(), "pods: {:?}", l.reg.pods);
+    let on_disk: BTreeSet<String> = lab_netns_on_disk(&l.prefix).into_iter().collect();
+    let want: BTreeSet<String> = ["underlay", "node-a", "node-b", "control-plane"]
+        .iter()
+        .map(|n| format!("{}{n}", l.prefix))
+        .collect();
+    assert_eq!(on_disk, want);
+    for node in ["node-a", "node-b"] {
+        let names: Vec<&str> = l
+            .reg
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .unwrap()
+            .interfaces
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["eth0", "flannel.1"],
+            "{node}: a CNI plugin makes cni0"
+        );
+    }
+    // The control-plane host on the underlay, with routes to the pod subnets via the nodes.
+    assert!(l.ping("control-plane", "10.30.180.56", 1));
+    assert!(l.ping("control-plane", "10.30.180.55", 1));
+    let routes = String::from_utf8(
+        l.exec("control-plane", &["ip", "-4", "route", "show"])
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        routes.contains("10.244.0.0/24 via 10.30.180.56 dev eth0"),
+        "{routes}"
+    );
+    assert!(
+        routes.contains("10.244.1.0/24 via 10.30.180.55 dev eth0"),
+        "{routes}"
+    );
+    // flanneld's route to the other node's pod subnet is there.
+    let routes =
+        String::from_utf8(l.exec("node-a", &["ip", "-4", "route", "show"]).stdout).unwrap();
+    assert!(
+        routes.contains("10.244.1.0/24 via 10.244.1.0 dev flannel.1 proto static onlink"),
+        "{routes}"
+    );
+}
+
 #[test]
 fn flannel_pods_talk_through_cni0_and_across_flannel_vxlan() {
     let lab = Lab::up("flan", Topology::Flannel);
@@ -628,7 +690,10 @@ fn two_labs_side_by_side_leave_the_root_namespace_alone() {
         "the root namespace changed while the labs are up"
     );
     for l in [&l1, &l2] {
-        assert_eq!(lab_netns_on_disk(&l.prefix).len(), lab::NETNS_NAMES.len());
+        assert_eq!(
+            lab_netns_on_disk(&l.prefix).len(),
+            all_topology_netns_count()
+        );
         assert!(
             l.ping("pod-a1", "10.244.1.5", 2),
             "{}: pod-a1 -> pod-b1",
@@ -718,7 +783,7 @@ fn up_replaces_a_stale_lab_and_a_failure_half_way_leaves_nothing() {
             );
         }
     }
-    assert_eq!(lab_netns_on_disk(&prefix).len(), lab::NETNS_NAMES.len());
+    assert_eq!(lab_netns_on_disk(&prefix).len(), all_topology_netns_count());
     assert!(steps.len() > 10, "steps: {steps:?}");
 
     // Stopping at the first, a middle and the last step removes everything.

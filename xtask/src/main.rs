@@ -9,6 +9,8 @@
 //!   data-path overhead, lossless capture rate, memory; against tcpdump). Not part of `test`.
 //! - `vmtest`: the static podtrace on Debian's 5.10, 6.1 and 6.12 kernels under QEMU (see
 //!   `vmtest/mod.rs`); part of `test`.
+//! - `k8s up|down`: a real two-node Kubernetes cluster inside a lab (src/k8s/README.md).
+//! - `image`: podtrace's OCI image (the static binary), for containerd to import.
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode},
@@ -19,6 +21,8 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build;
+mod image;
+mod k8s;
 mod setup;
 mod vmtest;
 
@@ -48,6 +52,11 @@ enum Task {
     /// Build the static podtrace and run it on Debian's 5.10, 6.1 and 6.12 cloud kernels
     /// under QEMU: lab, topo, follow (both hook mechanisms), capture, verify eni, clsact.
     Vmtest(vmtest::VmtestArgs),
+    /// A real two-node Kubernetes 1.20 cluster inside a lab (needs root and `setup`):
+    /// `k8s up` (last line: `export KUBECONFIG=PATH`), `k8s down`.
+    K8s(k8s::K8sArgs),
+    /// Build podtrace's OCI image (static binary, no Docker): target/image/podtrace.tar.
+    Image,
 }
 
 fn main() -> ExitCode {
@@ -60,6 +69,8 @@ fn main() -> ExitCode {
         Task::Demo => demo(),
         Task::Bench(args) => bench::run(args),
         Task::Vmtest(args) => setup::run().and_then(|()| vmtest::run(args)),
+        Task::K8s(args) => k8s::run(args),
+        Task::Image => image::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

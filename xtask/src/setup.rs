@@ -28,6 +28,16 @@ const PACKAGES: &[&str] = &[
     "libc6-dev",
     // The static (musl) release build: ring (rustls) compiles C with musl-gcc.
     "musl-tools",
+    // The Kubernetes test cluster (cargo xtask k8s): Go and the tools that build Kubernetes
+    // from Debian's source package, etcd, openssl for its certificates, busybox for its test
+    // image. kubectl: see kubectl().
+    "golang-go",
+    "make",
+    "rsync",
+    "dpkg-dev",
+    "etcd-server",
+    "openssl",
+    "busybox-static",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -46,6 +56,9 @@ pub fn run() -> Result<()> {
     nightly()?;
     musl_target()?;
     bpf_linker()?;
+    kubectl()?;
+    crate::k8s::binaries::ensure()?;
+    crate::k8s::images::ensure_test_images()?;
     crate::vmtest::setup()?;
     eprintln!("xtask: setup complete");
     Ok(())
@@ -129,6 +142,34 @@ fn musl_target() -> Result<()> {
     }
     eprintln!("xtask: installing rust target {target} (static release builds)");
     sh("rustup", &["target", "add", target])
+}
+
+/// kubectl: the one on PATH when there is one (this machine image has 1.32, which works
+/// against the 1.20 server with a skew warning), Debian's `kubernetes-client` (1.20) otherwise.
+fn kubectl() -> Result<()> {
+    if let Some(v) = output("kubectl", &["version", "--client"]) {
+        eprintln!(
+            "xtask: kubectl: present ({})",
+            v.lines().next().unwrap_or("").trim()
+        );
+        return Ok(());
+    }
+    eprintln!("xtask: installing kubectl (Debian's kubernetes-client)");
+    let status = Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "kubernetes-client",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?;
+    if !status.success() {
+        bail!("apt-get install kubernetes-client failed");
+    }
+    Ok(())
 }
 
 fn bpf_linker() -> Result<()> {

@@ -26,8 +26,11 @@ use anyhow::{bail, Context as _, Result};
 use tokio::sync::watch;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-use crate::{cli::parse_duration, pods::Chain};
+use crate::parse::parse_duration;
 use service::{AgentService, Limits};
+
+/// How the agent makes its pod resolvers: (lab prefix, runtime endpoint) → chain.
+pub type MakeChain = Arc<dyn Fn(Option<&str>, Option<&str>) -> crate::pods::Chain + Send + Sync>;
 use wire::pb::agent_server::AgentServer;
 
 /// Where the agent listens by default.
@@ -119,7 +122,9 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
 }
 
-pub fn run(args: AgentArgs) -> Result<ExitCode> {
+/// Runs the agent; `make_chain(lab, runtime_endpoint)` gives the resolvers it finds pods with
+/// (the command line's: lab registry, CRI, pid, netns).
+pub fn run(args: AgentArgs, make_chain: MakeChain) -> Result<ExitCode> {
     let listens: Vec<Listen> = if args.listen.is_empty() {
         vec![Listen::Unix(PathBuf::from(DEFAULT_SOCKET))]
     } else {
@@ -160,17 +165,9 @@ pub fn run(args: AgentArgs) -> Result<ExitCode> {
     }
     let node = node_name(&args);
     let boundary = boundary::NodeBoundary::new(service::own_netns())?;
-    let lab = args.lab.clone();
-    let runtime = args.runtime_endpoint.clone();
-    let make_chain: service::MakeChain = Arc::new(move || {
-        let pods = crate::cli::PodArgs {
-            lab: lab.clone(),
-            runtime_endpoint: runtime.clone(),
-            ..Default::default()
-        };
-        let chain: Chain = pods.resolvers();
-        chain
-    });
+    let (lab, runtime) = (args.lab.clone(), args.runtime_endpoint.clone());
+    let make_chain: service::MakeChain =
+        Arc::new(move || make_chain(lab.as_deref(), runtime.as_deref()));
     let limits = Limits {
         max_sessions: args.max_sessions.max(1),
         max_duration: args.max_duration,

@@ -16,14 +16,13 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::{
-    cli::{parse_duration, parse_ipv4, OutputArgs, PodArgs},
+    cli::{parse_duration, parse_ipv4, OutputArgs, PodArgs, RemoteArgs},
     front,
     pcap::{
         sink::{self, CaptureSink, StopOn},
         CaptureFilter,
     },
     probes::hooks::Evidence,
-    remote::RemoteArgs,
     topology,
     trace::{
         run::{drive, Consumer, Stop, Until},

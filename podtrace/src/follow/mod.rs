@@ -19,11 +19,10 @@ use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 
 use crate::{
-    cli::{parse_duration, parse_ipv4, parse_proto, OutputArgs, PodArgs},
+    cli::{parse_duration, parse_ipv4, parse_proto, OutputArgs, PodArgs, RemoteArgs},
     front,
     pcap::sink::CaptureSink,
     probes::hooks::HookReport,
-    remote::RemoteArgs,
     topology::{self, Cni},
     trace::{
         plan::{Plan, PlannedHop},

@@ -19,26 +19,12 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use serde::{Deserialize, Serialize};
 
-use super::registry::{self, LabNode, Registry};
+use super::registry::{self, LabAgent, LabNode, Registry};
 use crate::remote::{AgentSpec, AgentsConfig, Credentials, Endpoint};
 
 /// The port lab agents listen on.
 pub const PORT: u16 = 7070;
-
-/// An agent of the lab, as the registry records it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct LabAgent {
-    pub node: String,
-    /// `tcp:ADDR:PORT`.
-    pub endpoint: String,
-    /// The namespace the front end connects from.
-    pub via_netns: PathBuf,
-    pub pid: u32,
-    /// Its log.
-    pub log: PathBuf,
-}
 
 /// Where a lab's agents keep their certificates, logs and the front end's agents file.
 pub fn dir(prefix: &str) -> PathBuf {

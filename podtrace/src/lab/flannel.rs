@@ -8,6 +8,12 @@
 //!
 //! The underlay is the bridge `br0` in the lab's `underlay` namespace; each node's `eth0` is a
 //! veth whose peer (`node-a-eth0`) is a port of that bridge.
+//!
+//! The `flannel-nodes` topology builds the nodes, the underlay and what flanneld makes
+//! (flannel.1 with its routes, neighbour and FDB entries) but no pods and no `cni0`: a real
+//! cluster's CNI plugin makes those (`cargo xtask k8s up` runs kubelets in node-a and node-b).
+//! It adds the host `control-plane` ([`CONTROL_PLANE_IP`]) on the underlay for the API server,
+//! with routes to the nodes' pod subnets through the nodes.
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context as _, Result};
@@ -92,8 +98,14 @@ pub const PODS: [PodSpec; 3] = [
 /// The namespaces this topology creates (without the prefix).
 pub const NETNS: [&str; 6] = ["underlay", "node-a", "node-b", "pod-a1", "pod-a2", "pod-b1"];
 
-/// Builds the flannel cluster.
-pub(super) fn build(b: &mut Build) -> Result<()> {
+/// The host of a Kubernetes control plane on the underlay (`flannel-nodes` topology only).
+pub const CONTROL_PLANE: &str = "control-plane";
+/// Its underlay address (/24, eth0).
+pub const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(10, 30, 180, 10);
+
+/// Builds the flannel cluster; with `pods` false, no pods and no cni0 but the
+/// `control-plane` host (the `flannel-nodes` topology).
+pub(super) fn build(b: &mut Build, pods: bool) -> Result<()> {
     let underlay = b.netns("underlay", "fabric")?;
     b.step("underlay bridge")?;
     in_ns(&underlay, |nl| {
@@ -118,9 +130,11 @@ pub(super) fn build(b: &mut Build) -> Result<()> {
             let eth0 = nl.index("eth0")?;
             nl.add_addr(eth0, node.underlay_ip, 24)?;
             nl.set_up(eth0)?;
-            let cni0 = nl.add_bridge("cni0", Some(MTU))?;
-            nl.add_addr(cni0, node.gateway(), 24)?;
-            nl.set_up(cni0)?;
+            if pods {
+                let cni0 = nl.add_bridge("cni0", Some(MTU))?;
+                nl.add_addr(cni0, node.gateway(), 24)?;
+                nl.set_up(cni0)?;
+            }
             let vxlan = nl.add_vxlan("flannel.1", VNI, node.underlay_ip, eth0, VXLAN_PORT, MTU)?;
             nl.add_addr(vxlan, node.vtep_ip(), 32)?;
             nl.set_up(vxlan)
@@ -129,7 +143,7 @@ pub(super) fn build(b: &mut Build) -> Result<()> {
         node_ns.push((node, ns));
     }
 
-    for pod in PODS {
+    for pod in PODS.iter().filter(|_| pods) {
         let (node, node_path) = node_ns
             .iter()
             .find(|(n, _)| n.name == pod.node)
@@ -206,5 +220,34 @@ pub(super) fn build(b: &mut Build) -> Result<()> {
         })
         .with_context(|| format!("wiring {} to the other nodes", node.name))?;
     }
+    if !pods {
+        control_plane(b, &underlay)?;
+    }
     Ok(())
+}
+
+/// The `control-plane` host: eth0 on the underlay bridge, and a route to each node's pod
+/// subnet through that node (as a cloud VPC's route table does for flannel's host-gw peers).
+fn control_plane(b: &mut Build, underlay: &std::path::Path) -> Result<()> {
+    let ns = b.netns(CONTROL_PLANE, "host")?;
+    b.step("control-plane: underlay link and routes")?;
+    // The underlay bridge's port (node ports are `node-a-eth0`; interface names have at most
+    // 15 bytes).
+    let port = "cplane-eth0";
+    in_ns(underlay, |nl| {
+        nl.add_veth(port, "eth0", Some(&ns), 1500, None)?;
+        let idx = nl.index(port)?;
+        nl.set_master(idx, nl.index(UNDERLAY_BRIDGE)?)?;
+        nl.set_up(idx)
+    })?;
+    in_ns(&ns, |nl| {
+        let eth0 = nl.index("eth0")?;
+        nl.add_addr(eth0, CONTROL_PLANE_IP, 24)?;
+        nl.set_up(eth0)?;
+        for node in NODES {
+            nl.add_route(&Route::via(node.vtep_ip(), 24, node.underlay_ip, eth0))?;
+        }
+        Ok(())
+    })
+    .context("setting up the control-plane host")
 }

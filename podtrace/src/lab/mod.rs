@@ -6,6 +6,8 @@
 //!   programs them on both nodes. See [`services`].
 //! - `eni`: node-c with AWS VPC CNI routing (eth0, ENIs eth1 and eth2, tables 2 and 3), pods
 //!   pod-c1 and pod-c2, the host `master` and a `vpc` namespace. See [`eni`].
+//! - `flannel-nodes`: the flannel cluster's nodes without pods or cni0, plus the host
+//!   `control-plane`: the nodes of a real cluster (`cargo xtask k8s up`). See [`flannel`].
 //!
 //! Every namespace is `/run/netns/{prefix}{name}` (prefix `pt-` by default), e.g.
 //! `pt-node-a`, `pt-pod-a1`, `pt-underlay`, `pt-vpc`, `pt-master`. Nothing is connected to
@@ -41,9 +43,20 @@ use registry::{LabInterface, LabNode, LabPod, LabService, Registry};
 pub const DEFAULT_PREFIX: &str = "pt-";
 
 /// Every namespace name (without prefix) a lab can have.
-pub const NETNS_NAMES: [&str; 12] = [
-    "underlay", "node-a", "node-b", "pod-a1", "pod-a2", "pod-b1", "ext", "vpc", "master", "node-c",
-    "pod-c1", "pod-c2",
+pub const NETNS_NAMES: [&str; 13] = [
+    "underlay",
+    "node-a",
+    "node-b",
+    "pod-a1",
+    "pod-a2",
+    "pod-b1",
+    "ext",
+    "vpc",
+    "master",
+    "node-c",
+    "pod-c1",
+    "pod-c2",
+    flannel::CONTROL_PLANE,
 ];
 
 /// The namespace name of lab member `name`: `{prefix}{name}`.
@@ -60,6 +73,9 @@ pub enum Topology {
     Eni,
     /// Both.
     All,
+    /// node-a and node-b with flannel VXLAN but no pods and no cni0 (a CNI plugin makes
+    /// them), and the host control-plane on the underlay: for a real cluster's kubelets.
+    FlannelNodes,
 }
 
 impl Topology {
@@ -68,11 +84,15 @@ impl Topology {
             Topology::Flannel => "flannel",
             Topology::Eni => "eni",
             Topology::All => "all",
+            Topology::FlannelNodes => "flannel-nodes",
         }
     }
 
     fn flannel(self) -> bool {
-        matches!(self, Topology::Flannel | Topology::All)
+        matches!(
+            self,
+            Topology::Flannel | Topology::All | Topology::FlannelNodes
+        )
     }
 
     fn eni(self) -> bool {
@@ -527,8 +547,12 @@ impl Build<'_> {
 
 fn build(b: &mut Build, topology: Topology) -> Result<Registry> {
     if topology.flannel() {
-        flannel::build(b).context("building the flannel cluster")?;
-        services::build(b).context("building the flannel cluster's Services")?;
+        let pods = topology != Topology::FlannelNodes;
+        flannel::build(b, pods).context("building the flannel cluster")?;
+        // The lab's Services are backed by the lab's pods (a real cluster has its own).
+        if pods {
+            services::build(b).context("building the flannel cluster's Services")?;
+        }
     }
     if topology.eni() {
         eni::build(b).context("building the ENI node")?;
@@ -701,6 +725,7 @@ mod tests {
             .iter()
             .chain(&services::NETNS)
             .chain(&eni::NETNS)
+            .chain(&[flannel::CONTROL_PLANE])
             .copied()
             .collect();
         assert_eq!(all, built);

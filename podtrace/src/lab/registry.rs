@@ -50,7 +50,20 @@ pub struct Registry {
     pub services: Vec<LabService>,
     /// Its node agents (`lab up --agents`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub agents: Vec<super::agents::LabAgent>,
+    pub agents: Vec<LabAgent>,
+}
+
+/// An agent of the lab, as the registry records it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LabAgent {
+    pub node: String,
+    /// `tcp:ADDR:PORT`.
+    pub endpoint: String,
+    /// The namespace the front end connects from.
+    pub via_netns: PathBuf,
+    pub pid: u32,
+    /// Its log.
+    pub log: PathBuf,
 }
 
 /// A Service of the lab (one port), as `lab status` shows it.

@@ -33,33 +33,6 @@ use crate::{
 };
 pub use connect::{AgentSpec, Credentials, Endpoint};
 
-/// How a command reaches agents (flattened into topo, follow, capture, verify).
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct RemoteArgs {
-    /// Run through node agents: NODE=ENDPOINT[,NODE=ENDPOINT…], ENDPOINT being unix:PATH or
-    /// tcp:ADDR:PORT. (A lab brought up with --agents is used this way by default.)
-    #[arg(long, value_name = "NODE=ENDPOINT,…", conflicts_with = "no_agents")]
-    pub agents: Option<String>,
-    /// The agents as a JSON file: {"agents":[{"node","endpoint","via_netns"}],"credentials":{…}}.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["agents", "no_agents"])]
-    pub agents_config: Option<PathBuf>,
-    /// The agents' CA (TLS to TCP endpoints).
-    #[arg(long, value_name = "FILE")]
-    pub agent_ca: Option<PathBuf>,
-    /// This client's certificate (mutual TLS).
-    #[arg(long, value_name = "FILE", requires = "agent_key")]
-    pub agent_cert: Option<PathBuf>,
-    /// This client's key.
-    #[arg(long, value_name = "FILE", requires = "agent_cert")]
-    pub agent_key: Option<PathBuf>,
-    /// The bearer token the agents expect, from a file.
-    #[arg(long, value_name = "FILE")]
-    pub agent_token_file: Option<PathBuf>,
-    /// Trace in this process even when the lab has agents.
-    #[arg(long)]
-    pub no_agents: bool,
-}
-
 /// The agents of a session, as a file (`--agents-config`; the lab writes one).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentsConfig {
@@ -100,40 +73,6 @@ pub fn parse_agents(s: &str) -> Result<Vec<AgentSpec>> {
         bail!("--agents names no agent");
     }
     Ok(out)
-}
-
-impl RemoteArgs {
-    /// The agents to use, if any: --agents / --agents-config, else those of the lab in use
-    /// (unless --no-agents).
-    pub fn config(&self, lab: Option<&str>) -> Result<Option<AgentsConfig>> {
-        let mut cfg = if let Some(s) = &self.agents {
-            AgentsConfig {
-                agents: parse_agents(s)?,
-                credentials: Credentials::default(),
-            }
-        } else if let Some(p) = &self.agents_config {
-            AgentsConfig::load(p)?
-        } else if self.no_agents {
-            return Ok(None);
-        } else {
-            match crate::lab::agents::config_of(lab)? {
-                Some(c) => c,
-                None => return Ok(None),
-            }
-        };
-        let c = &mut cfg.credentials;
-        if self.agent_ca.is_some() {
-            c.ca = self.agent_ca.clone();
-        }
-        if self.agent_cert.is_some() {
-            c.cert = self.agent_cert.clone();
-            c.key = self.agent_key.clone();
-        }
-        if self.agent_token_file.is_some() {
-            c.token_file = self.agent_token_file.clone();
-        }
-        Ok(Some(cfg))
-    }
 }
 
 /// A connected agent.

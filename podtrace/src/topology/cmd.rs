@@ -4,9 +4,8 @@ use std::{net::Ipv4Addr, process::ExitCode};
 use anyhow::Result;
 
 use crate::{
-    cli::{parse_ipv4, PodArgs},
+    cli::{parse_ipv4, PodArgs, RemoteArgs},
     pods::{Chain, PodLocation},
-    remote::RemoteArgs,
     services,
 };
 

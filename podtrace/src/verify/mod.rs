@@ -13,13 +13,12 @@ use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
 
 use crate::{
-    cli::{parse_duration, parse_ipv4, PodArgs},
+    cli::{parse_duration, parse_ipv4, PodArgs, RemoteArgs},
     front,
     netlink::{
         snapshot::{table_name, RuleAction, Snapshot},
         TABLE_DEFAULT, TABLE_LOCAL, TABLE_MAIN,
     },
-    remote::RemoteArgs,
     topology::{self, rules, Role, Topology},
     trace::{
         plan::{Plan, PlannedHop},
