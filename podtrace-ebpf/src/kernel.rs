@@ -314,21 +314,19 @@ unsafe fn on_fib(tb_id: u32, flp: *const u8, nhc: *const u8, err: i32) -> Option
             proto: read_at(flp, off.flowi4_proto)?,
             ..FlowInfo::default()
         };
-        // Route lookups carry no ports: match on addresses and protocol only.
-        let fwd =
-            (f.addr_a == 0 || flow.saddr == f.addr_a) && (f.addr_b == 0 || flow.daddr == f.addr_b);
-        let rev =
-            (f.addr_a == 0 || flow.daddr == f.addr_a) && (f.addr_b == 0 || flow.saddr == f.addr_b);
-        if !(fwd || rev) || (f.proto != 0 && flow.proto != 0 && flow.proto != f.proto) {
+        // Route lookups carry no IP id; TCP/UDP ones carry ports.
+        let ports = if flow.proto == 6 || flow.proto == 17 {
+            read_at::<[u8; 4]>(flp, off.flowi4_ports).map(|p| {
+                (
+                    u16::from_be_bytes([p[2], p[3]]),
+                    u16::from_be_bytes([p[0], p[1]]),
+                )
+            })
+        } else {
+            None
+        };
+        if !crate::packet::fib_match(f, flow.saddr, flow.daddr, flow.proto, ports) {
             return None;
-        }
-        if f.port != 0 && (flow.proto == 6 || flow.proto == 17) {
-            let ports: [u8; 4] = read_at(flp, off.flowi4_ports)?;
-            let dport = u16::from_be_bytes([ports[0], ports[1]]);
-            let sport = u16::from_be_bytes([ports[2], ports[3]]);
-            if dport != f.port && sport != f.port {
-                return None;
-            }
         }
         bump(CNT_FIB_MATCHED);
         if f.flags & FILTER_EMIT == 0 {

@@ -4,8 +4,18 @@
 //!
 //! Every program runs on every packet of its device (the tracing ones on every packet of the
 //! machine), so rejecting is the hot path: one read of the IPv4 header decides for most
-//! packets; only UDP to the VXLAN port costs a second look before it is turned away.
-use podtrace_abi::{Filter, FlowInfo};
+//! packets; only UDP to a VXLAN port costs a second look before it is turned away. With
+//! `FILTER_NAT` a packet outside the conversation also costs the `NAT_FLOWS` lookups (its
+//! translated forms: a Service's backends, masquerade addresses), and an ICMP error a look at
+//! the header it quotes (an error about the conversation, sent from another address).
+use aya_ebpf::{macros::map, maps::HashMap};
+use podtrace_abi::{Filter, FlowInfo, NatKey, FILTER_NAT, MAX_NAT_FLOWS, MAX_VXLAN_PORTS};
+
+/// The translated forms of the traced conversation, filled by userspace (from the Service
+/// model before traffic flows, from conntrack as connections appear). Declared here rather
+/// than with the other maps: only the packet filter uses it.
+#[map]
+pub static NAT_FLOWS: HashMap<NatKey, u8> = HashMap::with_max_entries(MAX_NAT_FLOWS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -57,6 +67,69 @@ fn addrs_match(f: &Filter, saddr: u32, daddr: u32) -> bool {
     fwd || rev
 }
 
+#[inline(always)]
+fn nat_hit(addr_a: u32, addr_b: u32, port_b: u16, proto: u8) -> bool {
+    let key = NatKey {
+        addr_a,
+        addr_b,
+        port_b,
+        proto,
+        _pad: 0,
+    };
+    // SAFETY: the value is not read.
+    unsafe { NAT_FLOWS.get(&key) }.is_some()
+}
+
+/// Whether `saddr:sport → daddr:dport` is a translated form of the conversation (either
+/// direction): a `NAT_FLOWS` entry with that port, or with port 0 (any).
+#[inline(always)]
+pub fn nat_match(f: &Filter, saddr: u32, daddr: u32, proto: u8, sport: u16, dport: u16) -> bool {
+    if f.flags & FILTER_NAT == 0 {
+        return false;
+    }
+    if proto != IPPROTO_ICMP
+        && (nat_hit(saddr, daddr, dport, proto) || nat_hit(daddr, saddr, sport, proto))
+    {
+        return true;
+    }
+    nat_hit(saddr, daddr, 0, proto) || nat_hit(daddr, saddr, 0, proto)
+}
+
+/// Whether a route lookup for `saddr → daddr` (`ports`: TCP/UDP source and destination, when
+/// the lookup carried them) is for the conversation or one of its translated forms.
+#[inline(always)]
+pub fn fib_match(f: &Filter, saddr: u32, daddr: u32, proto: u8, ports: Option<(u16, u16)>) -> bool {
+    let proto_ok = f.proto == 0 || proto == 0 || proto == f.proto;
+    let port_ok = match ports {
+        Some((s, d)) => f.port == 0 || s == f.port || d == f.port,
+        None => true,
+    };
+    if addrs_match(f, saddr, daddr) && proto_ok && port_ok {
+        return true;
+    }
+    let (s, d) = ports.unwrap_or((0, 0));
+    nat_match(f, saddr, daddr, proto, s, d)
+}
+
+/// Whether UDP destination port `port` is one of the path's VXLAN ports.
+#[inline(always)]
+fn vxlan_port(f: &Filter, port: u16) -> bool {
+    if port == 0 {
+        return false;
+    }
+    if port == f.vxlan_port {
+        return true;
+    }
+    let mut i = 0;
+    while i < MAX_VXLAN_PORTS - 1 {
+        if f.vxlan_more[i] == port {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
 /// Parses the Ethernet frame at `offset` (tc programs: offset 0) if it carries a traced packet.
 #[inline(always)]
 pub fn parse_eth<R: Reader>(r: &R, offset: usize, f: &Filter) -> Option<FlowInfo> {
@@ -76,16 +149,16 @@ pub fn parse_ipv4<R: Reader>(r: &R, l3: usize, f: &Filter) -> Option<FlowInfo> {
     if ip.vihl >> 4 != 4 {
         return None;
     }
-    if addrs_match(f, ip.saddr, ip.daddr) {
-        return finish(r, l3, &ip, f);
+    if let Some(flow) = classify(r, l3, &ip, f) {
+        return Some(flow);
     }
     // Not ours on the outside: only VXLAN can still carry ours.
-    if ip.proto != IPPROTO_UDP || f.vxlan_port == 0 || be16(ip.frag) & 0x1fff != 0 {
+    if ip.proto != IPPROTO_UDP || be16(ip.frag) & 0x1fff != 0 {
         return None;
     }
     let l4 = l3 + ((ip.vihl & 0x0f) as usize) * 4;
     let udp: L4Hdr = r.load(l4)?;
-    if be16(udp.b) != f.vxlan_port {
+    if !vxlan_port(f, be16(udp.b)) {
         return None;
     }
     let inner_eth = l4 + UDP_HLEN + VXLAN_HLEN;
@@ -95,20 +168,114 @@ pub fn parse_ipv4<R: Reader>(r: &R, l3: usize, f: &Filter) -> Option<FlowInfo> {
     }
     let inner_l3 = inner_eth + ETH_HLEN;
     let inner: Ipv4Hdr = r.load(inner_l3)?;
-    if inner.vihl >> 4 != 4 || !addrs_match(f, inner.saddr, inner.daddr) {
+    if inner.vihl >> 4 != 4 {
         return None;
     }
-    let mut flow = finish(r, inner_l3, &inner, f)?;
+    let mut flow = classify(r, inner_l3, &inner, f)?;
     flow.encap = 1;
     flow.outer_saddr = ip.saddr;
     flow.outer_daddr = ip.daddr;
     Some(flow)
 }
 
-/// The flow of a packet whose addresses matched: protocol and port checks, L4 fields.
+/// The flow of the IPv4 packet at `l3` if it is of the conversation: by its addresses (and
+/// the filter's protocol and port), as a translated form of it (`NAT_FLOWS`), or as an ICMP
+/// error about it.
 #[inline(always)]
-fn finish<R: Reader>(r: &R, l3: usize, ip: &Ipv4Hdr, f: &Filter) -> Option<FlowInfo> {
-    if f.proto != 0 && ip.proto != f.proto {
+fn classify<R: Reader>(r: &R, l3: usize, ip: &Ipv4Hdr, f: &Filter) -> Option<FlowInfo> {
+    if addrs_match(f, ip.saddr, ip.daddr) {
+        if let Some(flow) = finish(r, l3, ip, f, true) {
+            return Some(flow);
+        }
+    }
+    if be16(ip.frag) & 0x1fff != 0 {
+        return None;
+    }
+    let l4 = l3 + ((ip.vihl & 0x0f) as usize) * 4;
+    if f.flags & FILTER_NAT != 0 {
+        let (sport, dport) = match ip.proto {
+            IPPROTO_TCP | IPPROTO_UDP => {
+                let h: L4Hdr = r.load(l4)?;
+                (be16(h.a), be16(h.b))
+            }
+            _ => (0, 0),
+        };
+        if nat_match(f, ip.saddr, ip.daddr, ip.proto, sport, dport) {
+            // The translated form has the backend's port, not the filter's.
+            return finish(r, l3, ip, f, false);
+        }
+    }
+    if ip.proto != IPPROTO_ICMP {
+        return None;
+    }
+    // An ICMP error whose quoted packet is of the conversation (a REJECT's port
+    // unreachable, a router's net unreachable): sent from an address of its own.
+    let h: L4Hdr = r.load(l4)?;
+    if !matches!(h.a[0], 3 | 11 | 12) {
+        return None;
+    }
+    let mut q = FlowInfo::default();
+    quoted(r, l4 + 8, &mut q)?;
+    let ours = addrs_match(f, q.err_saddr, q.err_daddr)
+        && (f.proto == 0 || q.err_proto == f.proto)
+        && (f.port == 0 || q.err_sport == f.port || q.err_dport == f.port);
+    if !ours
+        && !nat_match(
+            f,
+            q.err_saddr,
+            q.err_daddr,
+            q.err_proto,
+            q.err_sport,
+            q.err_dport,
+        )
+    {
+        return None;
+    }
+    finish(r, l3, ip, f, false)
+}
+
+/// Reads the header an ICMP error quotes (at `q`) into `flow.err_*`.
+#[inline(always)]
+fn quoted<R: Reader>(r: &R, q: usize, flow: &mut FlowInfo) -> Option<()> {
+    let qip: Ipv4Hdr = r.load(q)?;
+    if qip.vihl >> 4 != 4 {
+        return None;
+    }
+    flow.err_proto = qip.proto;
+    flow.err_saddr = qip.saddr;
+    flow.err_daddr = qip.daddr;
+    if be16(qip.frag) & 0x1fff == 0 {
+        match qip.proto {
+            IPPROTO_TCP | IPPROTO_UDP => {
+                let qh: L4Hdr = r.load(q + ((qip.vihl & 0x0f) as usize) * 4)?;
+                flow.err_sport = be16(qh.a);
+                flow.err_dport = be16(qh.b);
+            }
+            IPPROTO_ICMP => {
+                // An echo's identifier, which conntrack and podtrace use as its ports.
+                let qh: L4Hdr = r.load(q + ((qip.vihl & 0x0f) as usize) * 4)?;
+                let id = u16::from_be_bytes([qh.c[0], qh.c[1]]);
+                flow.err_sport = id;
+                flow.err_dport = id;
+            }
+            _ => {}
+        }
+    }
+    Some(())
+}
+
+/// The flow of a packet whose addresses matched: protocol and (with `check_port`) port
+/// checks, L4 fields. Translated forms and ICMP errors skip the checks (their protocol and
+/// port are the translation's, or the error's).
+#[inline(always)]
+fn finish<R: Reader>(
+    r: &R,
+    l3: usize,
+    ip: &Ipv4Hdr,
+    f: &Filter,
+    check_port: bool,
+) -> Option<FlowInfo> {
+    if check_port && f.proto != 0 && ip.proto != f.proto {
         return None;
     }
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
@@ -141,12 +308,17 @@ fn finish<R: Reader>(r: &R, l3: usize, ip: &Ipv4Hdr, f: &Filter) -> Option<FlowI
             IPPROTO_ICMP => {
                 let h: L4Hdr = r.load(l3 + ihl)?;
                 flow.flags = h.a[0];
+                flow.icmp_code = h.a[1];
                 flow.seq = u32::from_be_bytes(h.c);
+                if matches!(h.a[0], 3 | 11 | 12) {
+                    // Best effort: an error too short to quote a header is still one.
+                    let _ = quoted(r, l3 + ihl + 8, &mut flow);
+                }
             }
             _ => {}
         }
     }
-    if f.port != 0 && flow.sport != f.port && flow.dport != f.port {
+    if check_port && f.port != 0 && flow.sport != f.port && flow.dport != f.port {
         return None;
     }
     Some(flow)

@@ -24,6 +24,35 @@ pub struct Resolved {
     fleet: Option<Fleet>,
 }
 
+/// Finds the pod and resolves its path towards `dst` through what the pod's node rewrites it
+/// to (a Service's backends, a masquerade: [`crate::services::path`]), with the plan for it;
+/// `None` for the plan when the node rewrites nothing (or the path is resolved through
+/// agents, which do not read the nodes' rules yet): then the plain path applies.
+pub fn resolve_nat(
+    pod: &PodArgs,
+    remote: &RemoteArgs,
+    dst: Ipv4Addr,
+    port: Option<u16>,
+    proto: Option<u8>,
+) -> Result<(Resolved, Option<Plan>)> {
+    if remote.config(pod.lab.as_deref())?.is_none() {
+        let chain = pod.resolvers();
+        let loc = pod.locate(&chain)?;
+        if let Some(p) = crate::services::path::plan(&loc, dst, port, proto, &chain)? {
+            return Ok((
+                Resolved {
+                    topo: p.topo,
+                    watch: vec![loc.netns],
+                    unobserved: Vec::new(),
+                    fleet: None,
+                },
+                Some(p.plan),
+            ));
+        }
+    }
+    Ok((resolve(pod, remote, Some(dst))?, None))
+}
+
 /// Finds the pod and resolves its path towards `dst`, here or through agents.
 pub fn resolve(pod: &PodArgs, remote: &RemoteArgs, dst: Option<Ipv4Addr>) -> Result<Resolved> {
     if let Some(cfg) = remote.config(pod.lab.as_deref())? {
@@ -54,6 +83,9 @@ pub struct Started {
     pub events: Events,
     /// What started on each node (one entry when local).
     pub nodes: Vec<(String, StartInfo)>,
+    /// Widens the kernel filter to translated forms learnt while the session runs (local
+    /// sessions).
+    pub nat_flows: Option<crate::probes::nat::NatFlows>,
 }
 
 impl Started {
@@ -106,15 +138,18 @@ impl Resolved {
                     session: Box::new(session),
                     events,
                     nodes,
+                    nat_flows: None,
                 })
             }
             None => {
-                let (engine, events) = Engine::start(plan, opts)?;
+                let (mut engine, events) = Engine::start(plan, opts)?;
                 let info = engine.info.clone();
+                let nat_flows = engine.nat_flows();
                 Ok(Started {
                     session: Box::new(engine),
                     events,
                     nodes: vec![(self.topo.pod.node.clone(), info)],
+                    nat_flows,
                 })
             }
         }

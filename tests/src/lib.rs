@@ -5,10 +5,16 @@
 pub mod containerd;
 
 use std::{
-    net::Ipv4Addr,
+    io::{BufRead, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Command, Output},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc,
+    },
+    time::Duration,
 };
 
 /// Fails the test at once, with a clear message, unless it runs as root.
@@ -604,6 +610,83 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A TCP server in a lab namespace answering every connection with `NAME PEER_IP:PORT`;
+/// stopped on drop.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds before returning, so connections made after it are accepted.
+    pub fn start(netns: PathBuf, port: u16, name: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let name = name.to_owned();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let listener = podtrace::netns::run_in(Some(&netns), || {
+                // A socket stays in the namespace it was made in.
+                Ok(TcpListener::bind(("0.0.0.0", port))?)
+            });
+            let listener = match listener {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = tx.send(Err(format!("{e:#}")));
+                    return;
+                }
+            };
+            listener.set_nonblocking(true).unwrap();
+            let _ = tx.send(Ok(()));
+            while !flag.load(Ordering::SeqCst) {
+                let mut fds = libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut fds, 1, 100) };
+                if let Ok((mut s, peer)) = listener.accept() {
+                    let _ = s.set_nonblocking(false);
+                    let _ = writeln!(s, "{name} {peer}");
+                }
+            }
+        });
+        rx.recv()
+            .expect("server thread")
+            .unwrap_or_else(|e| panic!("binding port {port}: {e}"));
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connects from the namespace to `dst:port`; returns the client's own address and the
+/// server's line (`NAME PEER`), or the error.
+pub fn connect(netns: &Path, dst: Ipv4Addr, port: u16) -> std::io::Result<(SocketAddr, String)> {
+    let r = podtrace::netns::run_in(Some(netns), || {
+        let addr = SocketAddr::from((dst, port));
+        Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(3)))
+    })
+    .unwrap();
+    let s = r?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let local = s.local_addr()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok((local, line.trim().to_owned()))
 }
 
 /// The JSON object a successful `podtrace ... --json` printed; panics otherwise.

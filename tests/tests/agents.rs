@@ -413,7 +413,9 @@ fn an_agent_refuses_another_nodes_namespaces() {
                 proto: None,
                 port: None,
                 vxlan_ports: vec![8472],
+                nat: Vec::new(),
             },
+            nat: None,
         };
         let status = client
             .trace(pb::TraceRequest {

@@ -17,6 +17,9 @@ fn the_demo_tells_the_whole_story_and_cleans_up() {
         "━━━ 3.",
         "━━━ 4.",
         "━━━ 5.",
+        "━━━ 6.",
+        "through their agents",
+        "clock of node-b",
         "verdict: CONFIRMED",
         "verdict: DROPPED",
         "NETFILTER_DROP",
@@ -26,7 +29,7 @@ fn the_demo_tells_the_whole_story_and_cleans_up() {
     ] {
         assert!(text.contains(step), "missing {step:?} in:\n{text}");
     }
-    assert_eq!(text.matches("  ✓ ").count(), 7, "{text}");
+    assert_eq!(text.matches("  ✓ ").count(), 8, "{text}");
     let left: Vec<String> = podtrace::netns::list()
         .unwrap()
         .into_iter()

@@ -133,12 +133,13 @@ fn cross_node_ping_is_confirmed_on_both_nodes() {
 #[test]
 fn cross_node_udp_and_tcp_are_confirmed() {
     let lab = Lab::up("fudp", "flannel");
-    // UDP: three datagrams, no reply.
+    // UDP: three datagrams, no reply but pod-b1's port unreachables (each a record of its
+    // own, so the run is bounded by time, not by a count).
     let run = follow(
         &lab,
         "pod-a1",
         "10.244.1.5",
-        &["--proto", "udp", "--port", "5353", "-c", "3"],
+        &["--proto", "udp", "--port", "5353", "--duration", "3"],
     );
     let out = lab.exec(
         "pod-a1",
@@ -151,9 +152,28 @@ fn cross_node_udp_and_tcp_are_confirmed() {
     assert!(out.status.success(), "{out:?}");
     let (_, objs, summary) = finish(run);
     assert_eq!(summary["packets_forward"], 3, "{summary:#}");
-    // Nothing listens: the kernel answers with ICMP port unreachable, which is not UDP 5353
-    // traffic and is filtered out. The datagrams reached pod-b1 and died there: no socket.
+    // Nothing listens: the datagrams reached pod-b1 and died there (no socket), and pod-b1's
+    // kernel answered with ICMP port unreachable, an error about the conversation that is
+    // followed back with it.
     for p in objs.iter().filter(|o| o["type"] == "packet") {
+        if p["flow"]["proto"] == "icmp" {
+            assert_eq!(p["direction"], "reverse", "{p:#}");
+            assert_eq!(
+                (
+                    p["flow"]["icmp_type"].as_u64(),
+                    p["flow"]["icmp_code"].as_u64()
+                ),
+                (Some(3), Some(3))
+            );
+            assert!(
+                p["flow"]["about"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("> 10.244.1.5:5353"),
+                "{p:#}"
+            );
+            continue;
+        }
         assert_eq!(p["flow"]["proto"], "udp");
         assert_eq!(p["hops"].as_array().unwrap().len(), 10);
     }

@@ -2,102 +2,15 @@
 //! connections: cluster IP to backends on two nodes, hairpin, NodePort from outside, a
 //! Service without endpoints, masquerade to a host outside the cluster; what podtrace reads
 //! back from the nodes' rules and conntrack tables; `topo --dst VIP`.
-use std::{
-    io::{BufRead, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
-    path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{net::Ipv4Addr, time::Duration};
 
 use podtrace::{
     conntrack::{Conntrack, Status, Tuple},
     lab::services as lab_services,
     services::read,
 };
-use podtrace_tests::Lab;
+use podtrace_tests::{connect, Lab, Server};
 use serde_json::Value;
-
-/// A TCP server in a lab namespace answering every connection with `NAME PEER_IP:PORT`;
-/// stopped on drop.
-struct Server {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Server {
-    /// Binds before returning, so connections made after it are accepted.
-    fn start(netns: PathBuf, port: u16, name: &str) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let name = name.to_owned();
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let listener = podtrace::netns::run_in(Some(&netns), || {
-                // A socket stays in the namespace it was made in.
-                Ok(TcpListener::bind(("0.0.0.0", port))?)
-            });
-            let listener = match listener {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = tx.send(Err(format!("{e:#}")));
-                    return;
-                }
-            };
-            listener.set_nonblocking(true).unwrap();
-            let _ = tx.send(Ok(()));
-            while !flag.load(Ordering::SeqCst) {
-                let mut fds = libc::pollfd {
-                    fd: listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd.
-                unsafe { libc::poll(&mut fds, 1, 100) };
-                if let Ok((mut s, peer)) = listener.accept() {
-                    let _ = s.set_nonblocking(false);
-                    let _ = writeln!(s, "{name} {peer}");
-                }
-            }
-        });
-        rx.recv()
-            .expect("server thread")
-            .unwrap_or_else(|e| panic!("binding port {port}: {e}"));
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Connects from the namespace to `dst:port`; returns the client's own address and the
-/// server's line (`NAME PEER`), or the error.
-fn connect(netns: &Path, dst: Ipv4Addr, port: u16) -> std::io::Result<(SocketAddr, String)> {
-    let r = podtrace::netns::run_in(Some(netns), || {
-        let addr = SocketAddr::from((dst, port));
-        Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(3)))
-    })
-    .unwrap();
-    let s = r?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    let local = s.local_addr()?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
-    Ok((local, line.trim().to_owned()))
-}
 
 fn backends(lab: &Lab) -> (Server, Server) {
     (

@@ -25,6 +25,15 @@ pub const FILTER_ENABLED: u8 = 1;
 pub const FILTER_EMIT: u8 = 2;
 /// `Filter::flags`: tc events carry the packet's bytes (up to `Filter::snaplen`).
 pub const FILTER_CAPTURE: u8 = 4;
+/// `Filter::flags`: also trace the translated forms of the conversation that `NAT_FLOWS`
+/// lists (a Service's backends, the node's masquerade addresses).
+pub const FILTER_NAT: u8 = 8;
+
+/// VXLAN UDP ports the filter looks inside: `Filter::vxlan_port` and `Filter::vxlan_more`.
+pub const MAX_VXLAN_PORTS: usize = 8;
+
+/// Entries of `NAT_FLOWS`.
+pub const MAX_NAT_FLOWS: u32 = 1024;
 
 /// The most packet bytes one event carries (a GSO packet is cut here, its length kept).
 pub const MAX_SNAPLEN: u32 = 65536;
@@ -62,6 +71,24 @@ pub struct Filter {
     pub _pad: u16,
     /// Packet bytes per event with `FILTER_CAPTURE` (≤ `MAX_SNAPLEN`).
     pub snaplen: u32,
+    /// More VXLAN ports (host order; 0: unused), for paths with VXLAN devices on several
+    /// ports.
+    pub vxlan_more: [u16; MAX_VXLAN_PORTS - 1],
+    pub _pad2: u16,
+}
+
+/// A translated form of the traced conversation (`NAT_FLOWS` key): packets from `addr_a` to
+/// `addr_b` port `port_b`, and back. `port_b` 0: any port (and ICMP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatKey {
+    /// Network order.
+    pub addr_a: u32,
+    pub addr_b: u32,
+    /// Host order.
+    pub port_b: u16,
+    pub proto: u8,
+    pub _pad: u8,
 }
 
 /// `Event::reason` of a drop on a kernel whose `kfree_skb` reports no reason (before 5.17).
@@ -138,6 +165,17 @@ pub struct FlowInfo {
     pub seq: u32,
     pub outer_saddr: u32,
     pub outer_daddr: u32,
+    /// ICMP: the code.
+    pub icmp_code: u8,
+    /// ICMP errors (destination unreachable, time exceeded, parameter problem) about the
+    /// traced conversation: the protocol, addresses and ports of the packet the error quotes
+    /// (an ICMP echo's identifier as both ports; 0 otherwise).
+    pub err_proto: u8,
+    pub _pad2: u16,
+    pub err_saddr: u32,
+    pub err_daddr: u32,
+    pub err_sport: u16,
+    pub err_dport: u16,
 }
 
 /// One record in the `EVENTS` ring buffer.
@@ -186,4 +224,5 @@ mod user {
     unsafe impl aya::Pod for super::HopKey {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::NatKey {}
 }

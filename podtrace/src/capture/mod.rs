@@ -114,12 +114,26 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
         .out
         .sink_options()?
         .ok_or_else(|| anyhow!("capture needs -w FILE"))?;
-    let path = front::resolve(&pod_args, &args.remote, args.dst)?;
+    // With --dst, the path through whatever the node rewrites it to (a Service's backends,
+    // a masquerade): the translated packets are captured too.
+    let (path, nat_plan) = match args.dst {
+        Some(dst) => front::resolve_nat(&pod_args, &args.remote, dst, None, None)?,
+        None => (front::resolve(&pod_args, &args.remote, None)?, None),
+    };
     let topo = &path.topo;
     let pod_ip = topo
         .pod_ip
         .ok_or_else(|| anyhow!("pod {} has no IPv4 address", topo.pod.name))?;
-    let plan = topology::plan::build(topo, topology::plan::filter(topo, pod_ip, args.dst));
+    if args.dst == Some(pod_ip) {
+        bail!(
+            "{pod_ip} is {}'s own address: its packets to itself never leave it (the kernel delivers them over lo), so no hop sees them",
+            topo.pod.name
+        );
+    }
+    let plan = match nat_plan {
+        Some(p) => p,
+        None => topology::plan::build(topo, topology::plan::filter(topo, pod_ip, args.dst)),
+    };
     let sink = CaptureSink::create(&out, &plan, filter, args.stop_on, args.tail)?;
     let started = path.start(
         &plan,
@@ -144,6 +158,19 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
         },
         started.hooks_line()
     );
+    if let Some(n) = &plan.nat {
+        let to: Vec<String> = n.targets.iter().map(|t| t.label()).collect();
+        eprintln!(
+            "{} is rewritten on {}: its translated packets are captured too ({})",
+            args.dst.map(|d| d.to_string()).unwrap_or_default(),
+            n.node,
+            if to.is_empty() {
+                "no backend: only what reaches the node".to_owned()
+            } else {
+                to.join(", ")
+            }
+        );
+    }
     for u in &path.unobserved {
         eprintln!("not observed: {u}");
     }

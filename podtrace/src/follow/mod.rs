@@ -3,9 +3,14 @@
 //! engine ([`crate::trace`]): it correlates the events into packets and judges them.
 //!
 //! - [`correlate`]: one record per packet across hops, in the kernel's order, and the verdict.
+//! - [`nat`]: conversations across NAT (a Service's DNAT, a masquerade): conntrack, the
+//!   Service model, what NAT leaves unchanged.
+//! - [`facts`]: the nodes' state a drop hint names (neighbours, rp_filter, rules, conntrack).
 //! - [`output`]: text and JSON.
 pub mod clock;
 pub mod correlate;
+pub mod facts;
+pub mod nat;
 pub mod output;
 
 use std::{
@@ -32,6 +37,79 @@ use crate::{
 };
 use clock::Clocks;
 use correlate::{Correlator, PacketRecord};
+use facts::LiveFacts;
+use nat::{ConntrackSource, CtAnswer, NoConntrack, Tuple};
+
+use crate::{
+    conntrack::{msg::tcp_state_name, Conntrack},
+    probes::nat::NatFlows,
+};
+
+/// The translating node's conntrack table, over ctnetlink.
+pub struct LiveConntrack {
+    ns: usize,
+    node: String,
+    path: std::path::PathBuf,
+    socket: Option<Conntrack>,
+}
+
+impl LiveConntrack {
+    pub fn new(plan: &Plan, ns: usize) -> Self {
+        let n = &plan.namespaces[ns.min(plan.namespaces.len().saturating_sub(1))];
+        Self {
+            ns,
+            node: n.owner.clone(),
+            path: n.path.clone(),
+            socket: None,
+        }
+    }
+}
+
+fn ct_tuple(t: &Tuple) -> crate::conntrack::Tuple {
+    match t.proto {
+        1 => crate::conntrack::Tuple::icmp_echo(t.src, t.dst, t.sport),
+        p => crate::conntrack::Tuple::ports(p, t.src, t.sport, t.dst, t.dport),
+    }
+}
+
+fn our_tuple(t: &crate::conntrack::Tuple) -> Option<Tuple> {
+    let v4 = |a: std::net::IpAddr| match a {
+        std::net::IpAddr::V4(v) => Some(v),
+        _ => None,
+    };
+    let (sport, dport) = match t.proto {
+        1 => (t.icmp_id?, t.icmp_id?),
+        _ => (t.sport?, t.dport?),
+    };
+    Some(Tuple {
+        src: v4(t.src)?,
+        sport,
+        dst: v4(t.dst)?,
+        dport,
+        proto: t.proto,
+    })
+}
+
+impl ConntrackSource for LiveConntrack {
+    fn get(&mut self, ns: usize, orig: &Tuple) -> Option<CtAnswer> {
+        if ns != self.ns {
+            return None;
+        }
+        if self.socket.is_none() {
+            self.socket = Conntrack::open(Some(&self.path))
+                .map_err(|e| log::debug!("conntrack on {}: {e:#}", self.node))
+                .ok();
+        }
+        let e = self.socket.as_mut()?.get(&ct_tuple(orig)).ok()??;
+        Some(CtAnswer {
+            node: self.node.clone(),
+            orig: e.orig.as_ref().and_then(our_tuple).unwrap_or(*orig),
+            reply: our_tuple(e.reply.as_ref()?)?,
+            status: e.status.names().into_iter().map(str::to_owned).collect(),
+            tcp_state: e.tcp_state.map(|s| tcp_state_name(s).to_owned()),
+        })
+    }
+}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct FollowArgs {
@@ -102,22 +180,38 @@ pub struct NodeStart {
 
 pub fn run(args: FollowArgs) -> Result<ExitCode> {
     let entered = Instant::now();
-    let path = front::resolve(&args.pod, &args.remote, Some(args.dst))?;
+    let (path, nat_plan) =
+        front::resolve_nat(&args.pod, &args.remote, args.dst, args.port, args.proto)?;
     let topo = &path.topo;
     let pod_ip = topo
         .pod_ip
         .ok_or_else(|| anyhow::anyhow!("pod {} has no IPv4 address", topo.pod.name))?;
-    let mut filter = topology::plan::filter(topo, pod_ip, Some(args.dst));
-    filter.proto = args.proto;
-    filter.port = args.port;
-    let plan = topology::plan::build(topo, filter);
+    if pod_ip == args.dst {
+        bail!(
+            "{} is {}'s own address: its packets to itself never leave it (the kernel delivers them over lo), so there is no path to follow; follow a Service it backs, or another pod",
+            args.dst,
+            topo.pod.name
+        );
+    }
+    let plan = match nat_plan {
+        Some(p) => p,
+        None => {
+            let mut filter = topology::plan::filter(topo, pod_ip, Some(args.dst));
+            filter.proto = args.proto;
+            filter.port = args.port;
+            topology::plan::build(topo, filter)
+        }
+    };
     let resolve_ms = entered.elapsed().as_secs_f64() * 1e3;
     // Capture files are checked (and created) before anything is attached.
     let sink = match args.out.sink_options()? {
         Some(o) => Some(CaptureSink::create(&o, &plan, None, None, Duration::ZERO)?),
         None => None,
     };
-    let started = path.start(
+    // The nodes' conntrack counters before anything is traced: a drop's hint says what
+    // moved during the run.
+    let facts = LiveFacts::start(&plan);
+    let mut started = path.start(
         &plan,
         &TraceOptions {
             snaplen: args.out.write.is_some().then(|| args.out.kernel_snaplen()),
@@ -176,16 +270,21 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
             }
         );
         println!("kernel evidence: {}", started.hooks_line());
-        println!(
-            "expected →  {}",
-            plan.forward
-                .iter()
-                .filter_map(|s| plan
-                    .hop(s.hop)
-                    .map(|h| format!("{} {}", h.name, s.hook.as_str())))
-                .collect::<Vec<_>>()
-                .join(" > ")
-        );
+        match &plan.nat {
+            Some(nat) => print!("{}", output::nat_plan_text(&plan, nat)),
+            None => println!(
+                "expected →  {}",
+                plan.forward
+                    .iter()
+                    .filter_map(|s| plan.hop(s.hop).map(|h| format!(
+                        "{} {}",
+                        h.name,
+                        s.hook.as_str()
+                    )))
+                    .collect::<Vec<_>>()
+                    .join(" > ")
+            ),
+        }
         for u in &path.unobserved {
             println!("not observed: {u}");
         }
@@ -199,7 +298,15 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
         } else {
             Clocks::same(&topo.pod.node)
         },
-        correlator: Correlator::new(plan.clone()),
+        correlator: match &plan.nat {
+            Some(nat) => Correlator::with_sources(
+                plan.clone(),
+                Box::new(LiveConntrack::new(&plan, nat.ns)),
+                Box::new(facts),
+            ),
+            None => Correlator::with_sources(plan.clone(), Box::new(NoConntrack), Box::new(facts)),
+        },
+        nat_flows: started.nat_flows.take(),
         records: Vec::new(),
         json,
         count: args.count,
@@ -244,9 +351,8 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
         .cloned()
         .collect();
     let summary = output::summary(
-        &plan,
+        &follower.correlator,
         &follower.records,
-        &follower.correlator.counts,
         lost,
         &hooks,
         &follower.clocks,
@@ -288,6 +394,8 @@ fn exit_code(summary: &output::Summary, records: &[PacketRecord]) -> Result<Exit
 /// `follow`'s consumer of the event stream.
 struct Follower {
     correlator: Correlator,
+    /// Widens the kernel filter to translations conntrack reveals.
+    nat_flows: Option<NatFlows>,
     clocks: Clocks,
     records: Vec<PacketRecord>,
     json: bool,
@@ -339,6 +447,18 @@ impl Follower {
         Ok(())
     }
 
+    /// Gives the kernel filter the translated forms conntrack revealed.
+    fn widen(&mut self) {
+        let flows = self.correlator.convs.take_new_flows();
+        if let Some(n) = self.nat_flows.as_mut() {
+            for f in flows {
+                if let Err(e) = n.insert(&f) {
+                    log::warn!("{e:#}");
+                }
+            }
+        }
+    }
+
     fn reached(&self) -> bool {
         self.count.is_some_and(|c| self.records.len() as u64 >= c)
     }
@@ -364,6 +484,7 @@ impl Consumer for Follower {
             }
             closed.extend(self.correlator.feed(ev));
         }
+        self.widen();
         self.emit(closed)?;
         Ok(self.reached().then_some(Stop::Count))
     }
@@ -373,6 +494,7 @@ impl Consumer for Follower {
             sink.tick()?;
         }
         let done = self.correlator.flush(monotonic_ns(), 300_000_000);
+        self.widen();
         self.emit(done)?;
         if self.live {
             eprint!(

@@ -8,13 +8,16 @@ use serde::Serialize;
 use super::{
     clock::{Clocks, NodeClock, Offset},
     correlate::{
-        drops, verdict, Direction, DropSeen, DropSummary, Fate, FibSeen, PacketRecord, Verdict,
+        drops, verdict, Correlator, Direction, DropSeen, DropSummary, Fate, FibSeen, PacketRecord,
+        Translation, Verdict,
     },
+    nat::Conversation,
 };
 use crate::{
     probes::hooks::HookReport,
     trace::{
         event::Flow,
+        nat::{NatKind, NatPlan, ServiceInfo},
         plan::{Hook, Plan, Role, Step},
     },
 };
@@ -30,13 +33,30 @@ pub fn describe(f: &Flow) -> String {
                 11 => "time-exceeded".to_owned(),
                 t => format!("type {t}"),
             };
-            format!(
-                "icmp {kind} {} > {} id {} seq {}",
-                f.src,
-                f.dst,
-                f.seq >> 16,
-                f.seq & 0xffff
-            )
+            match f.about {
+                Some(q) if f.is_icmp_error() => format!(
+                    "icmp {} {} > {} about {} {}",
+                    icmp_error_name(f.flags, f.icmp_code),
+                    f.src,
+                    f.dst,
+                    match q.proto {
+                        6 => "tcp".to_owned(),
+                        17 => "udp".to_owned(),
+                        1 => "icmp".to_owned(),
+                        p => format!("proto {p}"),
+                    },
+                    super::nat::Tuple::quoted(f)
+                        .map(|t| t.to_string())
+                        .unwrap_or_default()
+                ),
+                _ => format!(
+                    "icmp {kind} {} > {} id {} seq {}",
+                    f.src,
+                    f.dst,
+                    f.seq >> 16,
+                    f.seq & 0xffff
+                ),
+            }
         }
         6 => {
             let mut flags = String::new();
@@ -86,6 +106,11 @@ pub struct FlowJson {
     pub tcp_seq: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp_flags: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp_code: Option<u8>,
+    /// An ICMP error: the packet it is about, as it quotes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub about: Option<String>,
 }
 
 impl From<&Flow> for FlowJson {
@@ -109,6 +134,12 @@ impl From<&Flow> for FlowJson {
             dport: ports.then_some(f.dport),
             tcp_seq: tcp.then_some(f.seq),
             tcp_flags: tcp.then_some(f.flags),
+            icmp_code: f.is_icmp_error().then_some(f.icmp_code),
+            about: f
+                .about
+                .filter(|_| f.is_icmp_error())
+                .and_then(|_| super::nat::Tuple::quoted(f))
+                .map(|t| t.to_string()),
         }
     }
 }
@@ -162,6 +193,8 @@ pub struct HopJson {
     pub encap: &'static str,
     pub len: u32,
     pub expected: bool,
+    /// The packet's addresses and ports at this hop (they change where NAT rewrote them).
+    pub tuple: String,
 }
 
 /// A step seen before one the path puts ahead of it.
@@ -188,6 +221,15 @@ pub struct PacketJson<'a> {
     pub missing: Vec<StepJson>,
     pub out_of_order: Vec<OutOfOrderJson>,
     pub notes: &'a [String],
+    /// Rewrites of its headers along the way (which node, which hook, from what to what).
+    #[serde(skip_serializing_if = "<[Translation]>::is_empty")]
+    pub nat: &'a [Translation],
+    /// The Service backend (or masquerade target) its connection was translated to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// A reply that reached the pod still carrying the backend's addresses.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub untranslated: bool,
 }
 
 fn arrow(d: Direction) -> &'static str {
@@ -236,6 +278,7 @@ pub fn packet_json<'a>(plan: &Plan, r: &'a PacketRecord, clocks: &Clocks) -> Pac
                 encap: if h.encap { "vxlan" } else { "none" },
                 len: h.len,
                 expected: !r.unexpected.contains(&h.hop),
+                tuple: h.tuple.to_string(),
             };
             prev = *t;
             v
@@ -262,7 +305,15 @@ pub fn packet_json<'a>(plan: &Plan, r: &'a PacketRecord, clocks: &Clocks) -> Pac
             })
             .collect(),
         notes: &r.notes,
+        nat: &r.nat,
+        backend: target_label(plan, r.target),
+        untranslated: r.untranslated,
     }
+}
+
+fn target_label(plan: &Plan, target: Option<usize>) -> Option<String> {
+    let t = plan.nat.as_ref()?.targets.get(target?)?;
+    Some(t.label())
 }
 
 fn step_name(plan: &Plan, s: &Step) -> String {
@@ -283,6 +334,7 @@ pub fn packet_text(plan: &Plan, r: &PacketRecord, clocks: &Clocks) -> String {
     let times = timeline(plan, r, clocks);
     let t0 = times.first().and_then(|t| t.0);
     let mut prev = t0;
+    let mut prev_tuple = r.hops.first().map(|h| h.tuple);
     let mut incomparable = false;
     let mut prev_node = "";
     for (h, (t, u)) in r.hops.iter().zip(&times) {
@@ -298,9 +350,20 @@ pub fn packet_text(plan: &Plan, r: &PacketRecord, clocks: &Clocks) -> String {
         prev_node = node;
         let mark = if r.unexpected.contains(&h.hop) {
             "  ← not on the expected path"
+        } else if r.flooded.contains(&Step {
+            hop: h.hop,
+            hook: h.hook,
+        }) {
+            "  (a flooded copy)"
         } else {
             ""
         };
+        let rewritten = if prev_tuple != Some(h.tuple) {
+            format!("  now {}", h.tuple)
+        } else {
+            String::new()
+        };
+        prev_tuple = Some(h.tuple);
         let ms = |ns: i64| format!("{:.3}", ns as f64 / 1e6);
         let (since, delta) = match (t, t0, prev) {
             (Some(t), Some(t0), Some(p)) => (ms(t - t0), format!("+{}", ms(t - p))),
@@ -312,10 +375,11 @@ pub fn packet_text(plan: &Plan, r: &PacketRecord, clocks: &Clocks) -> String {
         let plus_minus = u.map(|u| format!(" ±{}", ms(u))).unwrap_or_default();
         let _ = writeln!(
             out,
-            "    {since:>9} ms  ({delta:>8}{plus_minus})  {:<28} {:<7}{}{}",
+            "    {since:>9} ms  ({delta:>8}{plus_minus})  {:<28} {:<7}{}{}{}",
             name,
             h.hook.as_str(),
             if h.encap { "  [in vxlan]" } else { "" },
+            rewritten,
             mark
         );
         prev = *t;
@@ -327,23 +391,24 @@ pub fn packet_text(plan: &Plan, r: &PacketRecord, clocks: &Clocks) -> String {
             clocks.reference()
         );
     }
-    for f in &r.fib {
+    for t in &r.nat {
         let _ = writeln!(
             out,
-            "    fib   {}: table {} → {}{}{}",
-            f.location,
-            crate::netlink::snapshot::table_name(f.table),
-            f.oif,
-            f.gateway
-                .as_ref()
-                .map(|g| format!(" via {g}"))
-                .unwrap_or_default(),
-            if f.err != 0 {
-                format!(" (error {})", f.err)
-            } else {
-                String::new()
-            }
+            "    nat   {} {}: {} → {} (between {} and {}){}",
+            t.node,
+            t.hook,
+            t.from,
+            t.to,
+            t.after,
+            t.before,
+            t.rule
+                .as_deref()
+                .map(|x| format!(" — {x}"))
+                .unwrap_or_default()
         );
+    }
+    for f in &r.fib {
+        let _ = writeln!(out, "    {}", f.text());
     }
     if let Some(d) = &r.drop {
         let _ = writeln!(
@@ -381,6 +446,7 @@ pub struct Summary {
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub verdict: Verdict,
+    /// Through a Service: the path to the backend most connections were translated to.
     pub expected_path: Vec<StepJson>,
     pub expected_reverse_path: Vec<StepJson>,
     /// The steps the packet that went furthest was seen at, in the order it was seen
@@ -402,24 +468,96 @@ pub struct Summary {
     pub packets_forward: usize,
     pub packets_reverse: usize,
     pub kernel_hooks: Vec<HookReport>,
+    /// Route lookups that found no route, with no packet of the run to give them to.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub no_route: Vec<String>,
+    /// How the path rewrote the conversation (a Service, a masquerade), when it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatSummary>,
 }
 
-/// The observed path of the packet that went furthest in direction `d`.
-fn observed(plan: &Plan, records: &[PacketRecord], d: Direction) -> Vec<StepJson> {
-    let expected = plan.path(d == Direction::Forward);
+/// A Service backend (or the masquerade's destination) and how the run used it.
+#[derive(Debug, Serialize)]
+pub struct TargetJson {
+    pub ip: String,
+    pub port: Option<u16>,
+    pub pod: Option<String>,
+    pub node: Option<String>,
+    pub chain: Option<String>,
+    /// Its share of new connections (0..1).
+    pub share: Option<f64>,
+    /// The address the node masquerades connections to it to, and why.
+    pub snat: Option<String>,
+    pub snat_rule: Option<String>,
+    pub hairpin: bool,
+    /// Connections of the run translated to it, and their packets.
+    pub connections: usize,
+    pub packets: usize,
+    pub expected_path: Vec<StepJson>,
+    pub expected_reverse_path: Vec<StepJson>,
+}
+
+/// A fault the run shows (`no_endpoints`, `nat_not_undone`, `backend_refused`, `no_reply`,
+/// `not_translated`, `hairpin`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Fault {
+    pub kind: &'static str,
+    pub text: String,
+}
+
+/// `"nat"` of the summary.
+#[derive(Debug, Serialize)]
+pub struct NatSummary {
+    pub kind: NatKind,
+    /// The node whose rules rewrite it.
+    pub node: String,
+    pub read_with: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceInfo>,
+    pub targets: Vec<TargetJson>,
+    /// The pod's connections (the latest 256): as sent, as translated, the backend,
+    /// conntrack's word.
+    pub connections: Vec<ConnectionJson>,
+    /// Connections of the run in all.
+    pub connections_total: u64,
+    pub faults: Vec<Fault>,
+    pub notes: Vec<String>,
+    /// Packets of translated-looking addresses no connection of the pod could be tied to,
+    /// and packets that matched several.
+    pub unattributed: u64,
+    pub ambiguous: u64,
+}
+
+/// Connections the summary lists at most.
+const MAX_CONNECTIONS: usize = 256;
+
+/// One connection of the pod through the rewrite.
+#[derive(Debug, Serialize)]
+pub struct ConnectionJson {
+    #[serde(flatten)]
+    pub conv: Conversation,
+    pub backend: Option<String>,
+}
+
+/// The observed path of the packet that went furthest in direction `d` (among `records`).
+fn observed(plan: &Plan, records: &[&PacketRecord], d: Direction) -> Vec<StepJson> {
     let Some(best) = records
         .iter()
-        .filter(|r| r.direction == d)
+        .filter(|r| r.direction == d && !r.flow.is_icmp_error())
         .max_by_key(|r| (r.hops.len(), std::cmp::Reverse(r.id)))
     else {
         return Vec::new();
     };
+    let expected = &best.expected;
     let mut steps: Vec<Step> = Vec::new();
     for h in &best.hops {
         let s = Step {
             hop: h.hop,
             hook: h.hook,
         };
+        if best.flooded.contains(&s) {
+            continue;
+        }
         // A bridge crossed between two ports seen in a row.
         if let (Some(prev), Some(i)) = (steps.last(), expected.iter().position(|e| *e == s)) {
             if i >= 2 && expected[i - 1].hook == Hook::Bridged && expected[i - 2] == *prev {
@@ -433,26 +571,50 @@ fn observed(plan: &Plan, records: &[PacketRecord], d: Direction) -> Vec<StepJson
     steps.iter().map(|s| step_json(plan, s)).collect()
 }
 
+/// The target most records went to.
+fn chosen(records: &[PacketRecord]) -> Option<usize> {
+    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+    for r in records {
+        if let Some(t) = r.target {
+            *counts.entry(t).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(t, n)| (*n, std::cmp::Reverse(*t)))
+        .map(|(t, _)| t)
+}
+
 pub fn summary(
-    plan: &Plan,
+    c: &Correlator,
     records: &[PacketRecord],
-    counts: &BTreeMap<u32, u64>,
     lost: u64,
     hooks: &[HookReport],
     clocks: &Clocks,
     unobserved: Vec<String>,
 ) -> Summary {
+    let plan = c.plan();
+    let pick = chosen(records);
+    let (fwd, rev): (&[Step], &[Step]) = match pick.and_then(|t| plan.nat.as_ref()?.targets.get(t))
+    {
+        Some(t) => (&t.forward, &t.reverse),
+        None => (&plan.forward, &plan.reverse),
+    };
+    let judged: Vec<&PacketRecord> = records
+        .iter()
+        .filter(|r| pick.is_none() || r.target == pick)
+        .collect();
     Summary {
         kind: "summary",
         verdict: verdict(records),
-        expected_path: plan.forward.iter().map(|s| step_json(plan, s)).collect(),
-        expected_reverse_path: plan.reverse.iter().map(|s| step_json(plan, s)).collect(),
-        observed_path: observed(plan, records, Direction::Forward),
-        observed_reverse_path: observed(plan, records, Direction::Reverse),
+        expected_path: fwd.iter().map(|s| step_json(plan, s)).collect(),
+        expected_reverse_path: rev.iter().map(|s| step_json(plan, s)).collect(),
+        observed_path: observed(plan, &judged, Direction::Forward),
+        observed_reverse_path: observed(plan, &judged, Direction::Reverse),
         interfaces: plan
             .hops
             .iter()
-            .map(|h| (h.name.clone(), counts.get(&h.id).copied().unwrap_or(0)))
+            .map(|h| (h.name.clone(), c.counts.get(&h.id).copied().unwrap_or(0)))
             .collect(),
         drops: drops(records),
         out_of_order: records
@@ -472,7 +634,340 @@ pub fn summary(
             .filter(|r| r.direction == Direction::Reverse)
             .count(),
         kernel_hooks: hooks.to_vec(),
+        no_route: c
+            .loose_fib
+            .iter()
+            .filter(|f| f.err != 0)
+            .map(FibSeen::text)
+            .collect(),
+        nat: plan.nat.as_ref().map(|n| nat_summary(c, n, records)),
     }
+}
+
+fn nat_summary(c: &Correlator, n: &NatPlan, records: &[PacketRecord]) -> NatSummary {
+    let plan = c.plan();
+    let targets = n
+        .targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| TargetJson {
+            ip: t.ip.to_string(),
+            port: t.port,
+            pod: t.pod.clone(),
+            node: t.node.clone(),
+            chain: t.chain.clone(),
+            share: t.share_ppm.map(|p| f64::from(p) / 1e6),
+            snat: t.snat.map(|a| a.to_string()),
+            snat_rule: t.snat_rule.clone(),
+            hairpin: t.hairpin,
+            connections: c
+                .convs
+                .list
+                .values()
+                .filter(|v| v.target == Some(i))
+                .count(),
+            packets: records.iter().filter(|r| r.target == Some(i)).count(),
+            expected_path: t.forward.iter().map(|s| step_json(plan, s)).collect(),
+            expected_reverse_path: t.reverse.iter().map(|s| step_json(plan, s)).collect(),
+        })
+        .collect();
+    NatSummary {
+        kind: n.kind,
+        node: n.node.clone(),
+        read_with: n.read_with.clone(),
+        service: n.service.clone(),
+        targets,
+        // The latest connections (a long run's many are counted, not listed).
+        connections: c
+            .convs
+            .list
+            .values()
+            .rev()
+            .take(MAX_CONNECTIONS)
+            .rev()
+            .map(|v| ConnectionJson {
+                conv: v.clone(),
+                backend: target_label(plan, v.target),
+            })
+            .collect(),
+        connections_total: c.convs.list.len() as u64 + c.convs.forgotten,
+        faults: faults(c, n, records),
+        notes: n.notes.clone(),
+        unattributed: c.convs.unattributed,
+        ambiguous: c.convs.ambiguous,
+    }
+}
+
+/// The faults the run's records and conntrack's answers show.
+pub fn faults(c: &Correlator, n: &NatPlan, records: &[PacketRecord]) -> Vec<Fault> {
+    let plan = c.plan();
+    let pod = plan
+        .hops
+        .first()
+        .map(|h| h.owner.clone())
+        .unwrap_or_default();
+    let mut out: Vec<Fault> = Vec::new();
+    let mut push = |f: Fault| {
+        if !out.contains(&f) {
+            out.push(f)
+        }
+    };
+    if let Some(svc) = &n.service {
+        if n.targets.is_empty() && !records.is_empty() {
+            let rule = svc
+                .rejects
+                .first()
+                .map(|r| {
+                    format!(
+                        "{} {}: {}{}",
+                        r.table,
+                        r.chain,
+                        r.target,
+                        r.reject_with
+                            .as_deref()
+                            .map(|w| format!(" {w}"))
+                            .unwrap_or_default()
+                    )
+                })
+                .unwrap_or_else(|| "no backend chain".into());
+            let answer = records
+                .iter()
+                .find(|r| r.flow.is_icmp_error() && r.direction == Direction::Reverse)
+                .map(|r| {
+                    format!(
+                        "; {} answered with ICMP {} from {}",
+                        n.node,
+                        icmp_error_name(r.flow.flags, r.flow.icmp_code),
+                        r.flow.src
+                    )
+                })
+                .unwrap_or_default();
+            push(Fault {
+                kind: "no_endpoints",
+                text: format!(
+                    "{} ({}{}/{}) has no endpoints: kube-proxy on {} rejects new connections ({rule}){answer}",
+                    svc.name,
+                    svc.ip,
+                    svc.port.map(|p| format!(":{p}")).unwrap_or_default(),
+                    svc.protocol,
+                    n.node
+                ),
+            });
+        }
+    }
+    for r in records {
+        let t = r.target.and_then(|t| n.targets.get(t));
+        if r.untranslated {
+            if let Some(d) = &r.drop {
+                push(Fault {
+                    kind: "nat_not_undone",
+                    text: d.hint.clone(),
+                });
+            }
+        }
+        // A backend that answers with a reset or a port unreachable.
+        if let Some(t) = t {
+            let from_backend = r.hops.first().is_some_and(|h| h.tuple.src == t.ip);
+            let rst = r.flow.proto == 6 && r.flow.flags & 0x04 != 0;
+            let unreach = r.flow.is_icmp_error() && r.flow.flags == 3 && r.flow.src == t.ip;
+            if r.direction == Direction::Reverse && ((from_backend && rst) || unreach) {
+                push(Fault {
+                    kind: "backend_refused",
+                    text: format!(
+                        "backend {} refused the connection ({}): nothing listens on port {} there",
+                        t.label(),
+                        if rst {
+                            "TCP reset"
+                        } else {
+                            "ICMP port unreachable"
+                        },
+                        t.port.map(|p| p.to_string()).unwrap_or_else(|| "?".into())
+                    ),
+                });
+            }
+            if t.hairpin && r.fate == Fate::Complete && r.direction == Direction::Forward {
+                push(Fault {
+                    kind: "hairpin",
+                    text: format!(
+                        "{pod} reached itself through the Service — out of its veth and back in (the bridge port's hairpin mode), its source masqueraded to {} so that the reply returns through {}",
+                        t.snat.map(|a| a.to_string()).unwrap_or_else(|| "the bridge's address".into()),
+                        n.node
+                    ),
+                });
+            }
+        }
+    }
+    for v in c.convs.list.values() {
+        let recs: Vec<&PacketRecord> = records.iter().filter(|r| r.conv == v.id).collect();
+        if recs.is_empty() {
+            continue;
+        }
+        let replies = recs
+            .iter()
+            .any(|r| r.direction == Direction::Reverse && !r.flow.is_icmp_error());
+        let errors: Vec<String> = recs
+            .iter()
+            .filter(|r| r.direction == Direction::Reverse && r.flow.is_icmp_error())
+            .map(|r| {
+                format!(
+                    "; ICMP {} from {}",
+                    icmp_error_name(r.flow.flags, r.flow.icmp_code),
+                    r.hops.first().map(|h| h.tuple.src).unwrap_or(r.flow.src)
+                )
+            })
+            .take(1)
+            .collect();
+        let translated = v.translated.is_some_and(|t| t != v.orig);
+        match v.target.and_then(|t| n.targets.get(t)) {
+            Some(t) if !replies => {
+                let ct = v
+                    .conntrack
+                    .as_ref()
+                    .map(|a| {
+                        format!(
+                            "; conntrack on {}: {}{}",
+                            a.node,
+                            a.tcp_state.clone().unwrap_or_default(),
+                            if a.has("SEEN_REPLY") {
+                                " (a reply was seen)"
+                            } else {
+                                ", no SEEN_REPLY: the backend never answered"
+                            }
+                        )
+                    })
+                    .unwrap_or_default();
+                let died = recs
+                    .iter()
+                    .find_map(|r| r.drop.as_ref())
+                    .map(|d| format!("; dropped at {}: {}", d.location, d.reason))
+                    .unwrap_or_default();
+                push(Fault {
+                    kind: "no_reply",
+                    text: format!(
+                        "no reply from backend {} for {}{died}{}{ct}",
+                        t.label(),
+                        v.orig,
+                        errors.concat()
+                    ),
+                });
+            }
+            None if n.kind == NatKind::Service && !translated && !n.targets.is_empty() => {
+                let died = recs
+                    .iter()
+                    .find_map(|r| r.drop.as_ref())
+                    .map(|d| format!(": dropped at {} ({})", d.location, d.reason))
+                    .unwrap_or_default();
+                push(Fault {
+                    kind: "not_translated",
+                    text: format!(
+                        "{} was never translated to a backend (no conntrack entry on {}, no translated packet seen){died}",
+                        v.orig, n.node
+                    ),
+                });
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn icmp_error_name(t: u8, code: u8) -> String {
+    match (t, code) {
+        (3, 0) => "net unreachable".into(),
+        (3, 1) => "host unreachable".into(),
+        (3, 3) => "port unreachable".into(),
+        (3, 9) | (3, 10) | (3, 13) => "administratively prohibited".into(),
+        (3, c) => format!("destination unreachable (code {c})"),
+        (11, _) => "time exceeded".into(),
+        (t, c) => format!("type {t} code {c}"),
+    }
+}
+
+/// What `follow` prints at start about a rewrite: the Service and its backends, the expected
+/// path to each.
+pub fn nat_plan_text(plan: &Plan, n: &NatPlan) -> String {
+    let mut out = String::new();
+    match &n.service {
+        Some(s) => {
+            let _ = writeln!(
+                out,
+                "service {}: {}{}/{} is its {} (kube-proxy rules on {}, read with {})",
+                s.name,
+                s.ip,
+                s.port.map(|p| format!(":{p}")).unwrap_or_default(),
+                s.protocol,
+                s.frontend,
+                n.node,
+                n.read_with
+            );
+            if n.targets.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  no endpoints: {} rejects new connections{}",
+                    n.node,
+                    s.rejects
+                        .first()
+                        .map(|r| format!(" ({} {}: {})", r.table, r.chain, r.target))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        None => {
+            for note in &n.notes {
+                let _ = writeln!(out, "{note}");
+            }
+        }
+    }
+    for t in &n.targets {
+        let share = t
+            .share_ppm
+            .map(|p| format!(" {:>5.1}%", f64::from(p) / 1e4))
+            .unwrap_or_default();
+        let snat = t
+            .snat
+            .map(|a| format!(", masqueraded to {a}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  → {}{share}{}{snat}{}",
+            t.label(),
+            t.chain
+                .as_deref()
+                .map(|c| format!(" {c}"))
+                .unwrap_or_default(),
+            if t.hairpin { " (hairpin)" } else { "" }
+        );
+        let _ = writeln!(
+            out,
+            "      expected →  {}",
+            t.forward
+                .iter()
+                .filter_map(|s| plan
+                    .hop(s.hop)
+                    .map(|h| format!("{} {}", h.name, s.hook.as_str())))
+                .collect::<Vec<_>>()
+                .join(" > ")
+        );
+    }
+    if n.targets.is_empty() {
+        let _ = writeln!(
+            out,
+            "expected →  {}",
+            plan.forward
+                .iter()
+                .filter_map(|s| plan
+                    .hop(s.hop)
+                    .map(|h| format!("{} {}", h.name, s.hook.as_str())))
+                .collect::<Vec<_>>()
+                .join(" > ")
+        );
+    }
+    if n.service.is_some() {
+        for note in &n.notes {
+            let _ = writeln!(out, "  note: {note}");
+        }
+    }
+    out
 }
 
 fn path_text(steps: &[StepJson]) -> String {
@@ -527,6 +1022,43 @@ pub fn summary_text(plan: &Plan, s: &Summary) -> String {
             "out of order: {} packet(s) were seen at a hop before the one the path puts ahead of it",
             s.out_of_order
         );
+    }
+    for f in &s.no_route {
+        let _ = writeln!(out, "{f}");
+    }
+    if let Some(n) = &s.nat {
+        let to = match n.kind {
+            NatKind::Service => "backend",
+            NatKind::Masquerade => "to",
+        };
+        for c in &n.connections {
+            let _ = writeln!(
+                out,
+                "connection {}{}{}",
+                c.conv.orig,
+                match (&c.conv.translated, &c.backend) {
+                    (Some(t), Some(b)) if *t != c.conv.orig => format!(" → {t} ({to} {b})"),
+                    (Some(t), None) if *t != c.conv.orig => format!(" → {t}"),
+                    _ => String::new(),
+                },
+                c.conv
+                    .conntrack
+                    .as_ref()
+                    .map(|a| format!(
+                        "  [conntrack {}: {}{}]",
+                        a.node,
+                        a.status.join(","),
+                        a.tcp_state
+                            .as_deref()
+                            .map(|t| format!(" {t}"))
+                            .unwrap_or_default()
+                    ))
+                    .unwrap_or_default()
+            );
+        }
+        for f in &n.faults {
+            let _ = writeln!(out, "{}: {}", f.kind.replace('_', " "), f.text);
+        }
     }
     let _ = writeln!(out, "lost events: {}", s.lost_events);
     for c in &s.clocks {
@@ -594,7 +1126,7 @@ mod tests {
         }
         let recs = c.finish();
         let clocks = Clocks::same("node-a");
-        let s = summary(&plan, &recs, &c.counts, 3, &[], &clocks, Vec::new());
+        let s = summary(&c, &recs, 3, &[], &clocks, Vec::new());
         let v = serde_json::to_value(&s).unwrap();
         for field in [
             "type",

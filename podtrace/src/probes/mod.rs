@@ -14,6 +14,7 @@
 pub mod btf;
 pub mod clsact;
 pub mod hooks;
+pub mod nat;
 
 use std::{
     collections::HashMap,
@@ -122,6 +123,10 @@ pub struct FilterSpec {
     /// Emit an event per matched packet (otherwise only count).
     pub emit: bool,
     pub vxlan_port: u16,
+    /// More VXLAN ports (0: unused).
+    pub vxlan_more: [u16; podtrace_abi::MAX_VXLAN_PORTS - 1],
+    /// Also trace the translated forms of the conversation in `NAT_FLOWS` ([`nat`]).
+    pub nat: bool,
     /// Capture mode: tc events carry up to this many packet bytes.
     pub snaplen: Option<u32>,
 }
@@ -135,6 +140,8 @@ impl Default for FilterSpec {
             port: None,
             emit: true,
             vxlan_port: DEFAULT_VXLAN_PORT,
+            vxlan_more: [0; podtrace_abi::MAX_VXLAN_PORTS - 1],
+            nat: false,
             snaplen: None,
         }
     }
@@ -154,10 +161,17 @@ impl FilterSpec {
                     FILTER_CAPTURE
                 } else {
                     0
+                }
+                | if self.nat {
+                    podtrace_abi::FILTER_NAT
+                } else {
+                    0
                 },
             vxlan_port: self.vxlan_port,
             _pad: 0,
             snaplen: self.snaplen.unwrap_or(0).min(MAX_SNAPLEN),
+            vxlan_more: self.vxlan_more,
+            _pad2: 0,
         }
     }
 }
@@ -210,7 +224,7 @@ const PROG_INGRESS: &str = "hop_ingress";
 const PROG_EGRESS: &str = "hop_egress";
 
 /// The maps every copy of the object shares with the primary one.
-const SHARED_MAPS: [&str; 9] = [
+const SHARED_MAPS: [&str; 10] = [
     "FILTER",
     "HOPS",
     "HOP_STATS",
@@ -220,6 +234,7 @@ const SHARED_MAPS: [&str; 9] = [
     "CAPTURE_SCRATCH",
     "FIB_STASH",
     "FIB_DEPTH",
+    "NAT_FLOWS",
 ];
 
 /// Where bpffs is (or gets) mounted; pins live there only while a copy loads.

@@ -509,7 +509,9 @@ pub fn sub_plan(plan: &Plan, node: &str) -> (Plan, Vec<usize>) {
         reverse: keep(&plan.reverse),
         namespaces,
         hops,
+        // The translated forms stay in the filter; judging them is the front end's.
         filter: plan.filter.clone(),
+        nat: None,
     };
     (sub, ns_map)
 }

@@ -8,12 +8,15 @@
 //! - [`read`]: `iptables-save` inside a node's namespace.
 //! - [`kubeproxy`]: writing rules as kube-proxy does (the lab programs its nodes with it).
 //! - [`topo`]: what `podtrace topo --dst` says when the destination is a Service.
+//! - [`path`]: the plan `follow` and `capture` trace through a Service (to each backend) or a
+//!   masquerade.
 //!
 //! IPVS mode and eBPF service load balancers (Cilium, Calico eBPF) program no such rules and
 //! are not read.
 pub mod iptables;
 pub mod kubeproxy;
 pub mod model;
+pub mod path;
 pub mod read;
 pub mod topo;
 

@@ -189,6 +189,47 @@ impl NodeServices {
     }
 }
 
+/// The rules of the non-NAT tables that drop or reject a packet like `src → dst` (`proto`,
+/// destination port `dport`), as far as their addresses, protocol and port say: the
+/// candidates for a netfilter drop of it (their text, at most four).
+pub fn dropping_rules(
+    rules: &Ruleset,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    dport: u16,
+) -> Vec<String> {
+    let name = match proto {
+        1 => "icmp",
+        6 => "tcp",
+        17 => "udp",
+        132 => "sctp",
+        _ => "",
+    };
+    let net_ok = |m: &Option<super::iptables::Neg<super::iptables::Net>>, ip: Ipv4Addr| {
+        m.as_ref().is_none_or(|n| n.value.contains(ip) != n.negated)
+    };
+    rules
+        .rules
+        .iter()
+        .filter(|r| r.table != "nat")
+        .filter(|r| matches!(r.target.as_deref(), Some("DROP" | "REJECT")))
+        .filter(|r| net_ok(&r.src, src) && net_ok(&r.dst, dst))
+        .filter(|r| {
+            r.proto
+                .as_ref()
+                .is_none_or(|p| p.value == "all" || (p.value == name) != p.negated)
+        })
+        .filter(|r| {
+            r.dport
+                .as_ref()
+                .is_none_or(|p| proto == 1 || (p.value == dport) != p.negated)
+        })
+        .take(4)
+        .map(|r| format!("{} {}", r.table, r.text))
+        .collect()
+}
+
 enum Walk<'a> {
     Nat(&'a Rule),
     Undecided(&'a Rule),

@@ -402,3 +402,137 @@ fn malformed_rules_never_panic() {
         }
     }
 }
+
+#[test]
+fn what_a_destination_is_to_the_lab_node_rules() {
+    use super::path::{nat_flows, rewrite, Rewrite};
+    use crate::trace::nat::NatTarget;
+    let set = iptables::parse(LAB);
+    let m = model::from_rules(&set);
+    let node = [ip("10.30.180.56"), ip("10.244.0.1")];
+    let pod = ip("10.244.0.9");
+    // A cluster IP from a pod of the cluster CIDR: both backends, no masquerade.
+    let Rewrite::Service {
+        frontend, targets, ..
+    } = rewrite(&m, &set, pod, ip("10.96.0.10"), Some(80), Some(6), &node)
+    else {
+        panic!("10.96.0.10 is a Service");
+    };
+    assert_eq!(frontend, "cluster IP");
+    let t: Vec<(Ipv4Addr, Option<u16>, bool, bool)> = targets
+        .iter()
+        .map(|t| (t.ip, t.port, t.masquerade.is_some(), t.hairpin))
+        .collect();
+    assert_eq!(
+        t,
+        [
+            (ip("10.244.0.7"), Some(8080), false, false),
+            (ip("10.244.1.5"), Some(8080), false, false)
+        ]
+    );
+    // The same from pod-a2: it is a backend itself (hairpin, masqueraded).
+    let Rewrite::Service { targets, .. } = rewrite(
+        &m,
+        &set,
+        ip("10.244.0.7"),
+        ip("10.96.0.10"),
+        None,
+        None,
+        &node,
+    ) else {
+        panic!("a Service");
+    };
+    assert!(targets[0].hairpin && targets[0].masquerade.is_some());
+    assert!(!targets[1].hairpin && targets[1].masquerade.is_none());
+    // A NodePort on the node's own address: masqueraded.
+    let Rewrite::Service {
+        frontend, targets, ..
+    } = rewrite(
+        &m,
+        &set,
+        pod,
+        ip("10.30.180.56"),
+        Some(30080),
+        Some(6),
+        &node,
+    )
+    else {
+        panic!("a NodePort");
+    };
+    assert_eq!(frontend, "nodeport");
+    assert!(targets.iter().all(|t| t.masquerade.is_some()));
+    // No endpoints: the Service, no target.
+    let Rewrite::Service { ports, targets, .. } =
+        rewrite(&m, &set, pod, ip("10.96.0.12"), None, None, &node)
+    else {
+        panic!("a Service");
+    };
+    assert!(targets.is_empty() && ports[0].no_endpoints());
+    // UDP to a TCP Service's address is no Service: routed out like any address outside
+    // the pod network, masqueraded. A pod is neither; ext is masqueraded.
+    assert!(matches!(
+        rewrite(&m, &set, pod, ip("10.96.0.10"), Some(80), Some(17), &node),
+        Rewrite::Masquerade { .. }
+    ));
+    assert_eq!(
+        rewrite(&m, &set, pod, ip("10.244.1.5"), None, None, &node),
+        Rewrite::None
+    );
+    assert!(matches!(
+        rewrite(&m, &set, pod, ip("10.30.180.1"), None, None, &node),
+        Rewrite::Masquerade {
+            to_source: None,
+            ..
+        }
+    ));
+
+    // The kernel filter's forms: the pod and the masquerade address with each backend.
+    let target = |b: &str, snat: Option<&str>| NatTarget {
+        ip: ip(b),
+        port: Some(8080),
+        chain: None,
+        share_ppm: None,
+        pod: None,
+        node: None,
+        snat: snat.map(ip),
+        snat_rule: None,
+        hairpin: false,
+        forward: vec![],
+        reverse: vec![],
+    };
+    let flows = nat_flows(
+        pod,
+        Some(6),
+        &[
+            target("10.244.0.7", Some("10.244.0.1")),
+            target("10.244.1.5", None),
+        ],
+    );
+    let shown: Vec<String> = flows.iter().map(|f| f.to_string()).collect();
+    assert_eq!(
+        shown,
+        [
+            "10.244.0.9 ↔ 10.244.0.7:8080/6",
+            "10.244.0.1 ↔ 10.244.0.7:8080/6",
+            "10.244.0.9 ↔ 10.244.1.5:8080/6"
+        ]
+    );
+    // Any protocol: ICMP without ports.
+    let all = nat_flows(pod, None, &[target("10.244.1.5", None)]);
+    assert_eq!(all.len(), 3);
+    assert!(all.iter().any(|f| f.proto == 1 && f.port.is_none()));
+}
+
+#[test]
+fn rules_that_can_drop_a_packet() {
+    let set = iptables::parse(LAB);
+    let r = model::dropping_rules(&set, ip("10.244.0.9"), ip("10.96.0.12"), 6, 80);
+    assert!(
+        r.iter()
+            .any(|r| r.contains("REJECT") && r.contains("10.96.0.12")),
+        "{r:?}"
+    );
+    let r = model::dropping_rules(&set, ip("10.244.0.9"), ip("10.244.1.5"), 6, 8080);
+    assert!(r.iter().all(|r| !r.contains("10.96.0.12")), "{r:?}");
+    assert!(r.iter().any(|r| r.contains("INVALID")), "{r:?}");
+}

@@ -65,16 +65,31 @@ pub fn filter(topo: &Topology, pod_ip: Ipv4Addr, peer: Option<Ipv4Addr>) -> Flow
         proto: None,
         port: None,
         vxlan_ports,
+        nat: Vec::new(),
     }
 }
 
 /// Builds the plan: the topology's hops on the path, then its other uplinks (watched, off the
 /// path).
 pub fn build(topo: &Topology, filter: FlowFilter) -> Plan {
-    let mut namespaces: Vec<PlanNamespace> = Vec::new();
-    let mut ns_index = |h: &Hop| -> usize {
-        if let Some(i) = namespaces.iter().position(|n| n.path == h.netns_path) {
-            namespaces[i]
+    let mut b = Builder::default();
+    let (forward, reverse) = b.path(topo);
+    b.watch(topo);
+    b.finish(forward, reverse, filter)
+}
+
+/// Assembles a plan from one or more topologies (a Service's paths to each backend): each
+/// interface once, by namespace and ifindex, however many paths pass it.
+#[derive(Default)]
+pub struct Builder {
+    namespaces: Vec<PlanNamespace>,
+    hops: Vec<PlannedHop>,
+}
+
+impl Builder {
+    fn ns_index(&mut self, topo: &Topology, h: &Hop) -> usize {
+        if let Some(i) = self.namespaces.iter().position(|n| n.path == h.netns_path) {
+            self.namespaces[i]
                 .interfaces
                 .entry(h.ifindex)
                 .or_insert_with(|| h.ifname.clone());
@@ -88,49 +103,82 @@ pub fn build(topo: &Topology, filter: FlowFilter) -> Plan {
         interfaces
             .entry(h.ifindex)
             .or_insert_with(|| h.ifname.clone());
-        namespaces.push(PlanNamespace {
+        self.namespaces.push(PlanNamespace {
             path: h.netns_path.clone(),
             owner: h.owner.clone(),
             node: h.node.clone(),
             interfaces,
         });
-        namespaces.len() - 1
-    };
-    let mut hops: Vec<PlannedHop> = Vec::new();
-    let mut forward = Vec::new();
-    for (i, h) in topo.hops.iter().enumerate() {
-        let id = hops.len() as u32;
-        hops.push(planned(h, id, ns_index(h), true));
-        forward.push(Step {
-            hop: id,
-            hook: forward_hook(&topo.hops, i),
-        });
+        self.namespaces.len() - 1
     }
-    for h in &topo.other_uplinks {
-        if hops
-            .iter()
-            .any(|p| p.name == h.name && Path::new(&p.netns) == Path::new(&h.netns))
+
+    /// The hop id of `h`, adding it unless its interface is planned already (then it is on
+    /// the path if either says so).
+    pub fn hop(&mut self, topo: &Topology, h: &Hop, on_path: bool) -> u32 {
+        let ns = self.ns_index(topo, h);
+        if let Some(p) = self
+            .hops
+            .iter_mut()
+            .find(|p| p.ns == ns && p.ifindex == h.ifindex)
         {
-            continue;
+            p.on_path |= on_path;
+            return p.id;
         }
-        let id = hops.len() as u32;
-        hops.push(planned(h, id, ns_index(h), false));
+        let id = self.hops.len() as u32;
+        self.hops.push(planned(h, id, ns, on_path));
+        id
     }
-    let reverse = forward
+
+    /// The path of `topo`'s hops, forward and back.
+    pub fn path(&mut self, topo: &Topology) -> (Vec<Step>, Vec<Step>) {
+        let mut forward = Vec::new();
+        for (i, h) in topo.hops.iter().enumerate() {
+            let hop = self.hop(topo, h, true);
+            forward.push(Step {
+                hop,
+                hook: forward_hook(&topo.hops, i),
+            });
+        }
+        // A hop twice in a row with the same hook is one step (a pod following itself).
+        forward.dedup();
+        let reverse = reverse_of(&forward);
+        (forward, reverse)
+    }
+
+    /// Watches `topo`'s other uplinks (off the path).
+    pub fn watch(&mut self, topo: &Topology) {
+        for h in &topo.other_uplinks {
+            self.hop(topo, h, false);
+        }
+    }
+
+    pub fn finish(self, forward: Vec<Step>, reverse: Vec<Step>, filter: FlowFilter) -> Plan {
+        Plan {
+            namespaces: self.namespaces,
+            hops: self.hops,
+            forward,
+            reverse,
+            filter,
+            nat: None,
+        }
+    }
+
+    /// The namespace index of a path the builder has planned hops in.
+    pub fn namespace_of(&self, path: &Path) -> Option<usize> {
+        self.namespaces.iter().position(|n| n.path == path)
+    }
+}
+
+/// The way back: the same steps in reverse, each hook flipped.
+pub fn reverse_of(forward: &[Step]) -> Vec<Step> {
+    forward
         .iter()
         .rev()
         .map(|s| Step {
             hop: s.hop,
             hook: s.hook.flip(),
         })
-        .collect();
-    Plan {
-        namespaces,
-        hops,
-        forward,
-        reverse,
-        filter,
-    }
+        .collect()
 }
 
 fn planned(h: &Hop, id: u32, ns: usize, on_path: bool) -> PlannedHop {
@@ -319,6 +367,47 @@ pub(crate) mod tests {
                 "pod-c2/eth0 ingress"
             ]
         );
+    }
+
+    #[test]
+    fn an_interface_is_planned_once_however_often_paths_pass_it() {
+        // A pod following its own address: the route leads back to its own veth and eth0.
+        let t = topo(
+            vec![
+                hop(Role::PodEth0, "pod-a2", "node-a", "eth0"),
+                hop(Role::HostVeth, "node-a", "node-a", "veth2"),
+                hop(Role::Bridge, "node-a", "node-a", "cni0"),
+                hop(Role::HostVeth, "node-a", "node-a", "veth2"),
+                hop(Role::PodEth0, "pod-a2", "node-a", "eth0"),
+            ],
+            vec![hop(Role::Uplink, "node-a", "node-a", "eth0")],
+        );
+        let plan = plan_of(&t);
+        let names: Vec<&str> = plan.hops.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["pod-a2/eth0", "node-a/veth2", "node-a/cni0", "node-a/eth0"]
+        );
+        assert_eq!(
+            hooks(&plan, &plan.forward),
+            [
+                "pod-a2/eth0 egress",
+                "node-a/veth2 ingress",
+                "node-a/cni0 bridged",
+                "node-a/veth2 egress",
+                "pod-a2/eth0 ingress",
+            ]
+        );
+        plan.validate().unwrap();
+        // Two topologies sharing their first hops.
+        let mut b = Builder::default();
+        let a = cross_node();
+        let (fa, _) = b.path(&a);
+        let (fb, _) = b.path(&t);
+        assert_eq!(fa[0].hop, 0);
+        assert_ne!(fb[0].hop, fa[0].hop, "another pod's eth0");
+        let again = b.path(&a).0;
+        assert_eq!(again, fa, "the same path planned twice adds nothing");
     }
 
     #[test]

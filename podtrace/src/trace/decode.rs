@@ -106,7 +106,13 @@ impl Decoder {
             })),
             KIND_FIB => Some(TraceEvent::Fib(FibEvent {
                 ts_ns: ev.ts_ns,
-                ns: Some(ns?),
+                // A lookup without an answer names no device, hence no namespace (cookie 0):
+                // kept, for the consumer to place; one in a namespace not the session's is
+                // not ours.
+                ns: match ev.netns_ino {
+                    0 => None,
+                    _ => Some(ns?),
+                },
                 table: ev.aux,
                 oif: (ev.aux2 != 0).then_some(ev.aux2),
                 gateway: (ev.aux3 != 0).then(|| std::net::Ipv4Addr::from(ev.aux3.to_ne_bytes())),
@@ -218,5 +224,39 @@ mod tests {
             panic!("not a drop");
         };
         assert_eq!(&*d.reason, "reason 3");
+    }
+
+    #[test]
+    fn a_lookup_without_a_route_is_kept_without_a_namespace() {
+        let d = decoder();
+        // No route: no output device, so no namespace (cookie 0) and -ENETUNREACH.
+        let none = Event {
+            kind: KIND_FIB,
+            netns_ino: 0,
+            reason: (-101i32) as u32,
+            aux: 254,
+            ..Event::default()
+        };
+        let Some(TraceEvent::Fib(f)) = d.decode(&record(none, &[])) else {
+            panic!("a failed lookup was discarded");
+        };
+        assert_eq!((f.ns, f.err, f.table, f.oif), (None, -101, 254, None));
+        // An answer in the session's namespace is placed; one in another namespace is not
+        // the session's.
+        let here = Event {
+            netns_ino: 222,
+            aux2: 3,
+            reason: 0,
+            ..none
+        };
+        let Some(TraceEvent::Fib(f)) = d.decode(&record(here, &[])) else {
+            panic!("not a fib event");
+        };
+        assert_eq!((f.ns, f.oif), (Some(1), Some(3)));
+        let elsewhere = Event {
+            netns_ino: 999,
+            ..here
+        };
+        assert!(d.decode(&record(elsewhere, &[])).is_none());
     }
 }

@@ -29,6 +29,30 @@ pub struct Flow {
     pub seq: u32,
     /// The VXLAN tunnel it was carried in: (outer source, outer destination).
     pub outer: Option<(Ipv4Addr, Ipv4Addr)>,
+    /// ICMP: the code.
+    #[serde(default)]
+    pub icmp_code: u8,
+    /// An ICMP error: the packet it is about, as the error quotes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub about: Option<Quoted>,
+}
+
+/// The header an ICMP error quotes: the packet the error is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Quoted {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl Flow {
+    /// Whether this is an ICMP error (destination unreachable, time exceeded, parameter
+    /// problem).
+    pub fn is_icmp_error(&self) -> bool {
+        self.proto == 1 && matches!(self.flags, 3 | 11 | 12)
+    }
 }
 
 impl Default for Flow {
@@ -44,6 +68,8 @@ impl Default for Flow {
             flags: 0,
             seq: 0,
             outer: None,
+            icmp_code: 0,
+            about: None,
         }
     }
 }
@@ -65,6 +91,16 @@ impl From<&podtrace_abi::FlowInfo> for Flow {
             flags: f.flags,
             seq: f.seq,
             outer: (f.encap != 0).then(|| (ip(f.outer_saddr), ip(f.outer_daddr))),
+            icmp_code: f.icmp_code,
+            about: (f.proto == 1 && matches!(f.flags, 3 | 11 | 12) && f.err_proto != 0).then(
+                || Quoted {
+                    src: ip(f.err_saddr),
+                    dst: ip(f.err_daddr),
+                    proto: f.err_proto,
+                    sport: f.err_sport,
+                    dport: f.err_dport,
+                },
+            ),
         }
     }
 }
@@ -110,7 +146,9 @@ pub struct DropEvent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FibEvent {
     pub ts_ns: u64,
-    /// The namespace whose FIB answered, when the answer names a device.
+    /// The namespace whose FIB answered, when the answer names a device. A lookup that found
+    /// no route names none (the kernel does not say where it looked): the consumer places it
+    /// where the packet was last seen.
     pub ns: Option<usize>,
     /// The table looked up.
     pub table: u32,

@@ -15,6 +15,7 @@
 //! - [`run`]: the loop most consumers want (signals, duration, the pod's namespace going away).
 pub mod decode;
 pub mod event;
+pub mod nat;
 pub mod plan;
 pub mod run;
 
@@ -32,7 +33,9 @@ use anyhow::{anyhow, Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use serde::{Deserialize, Serialize};
 
-use crate::probes::{hooks::HookReport, CounterReader, FilterSpec, HopTarget, Probes};
+use crate::probes::{
+    hooks::HookReport, nat::NatFlows, CounterReader, FilterSpec, HopTarget, Probes,
+};
 pub use event::{Counters, TraceEvent};
 pub use plan::{Plan, TraceOptions};
 
@@ -83,6 +86,8 @@ impl StartInfo {
 /// A running session. Dropping it without [`Engine::finish`] detaches everything too.
 pub struct Engine {
     probes: Option<Probes>,
+    /// `NAT_FLOWS`, for [`Engine::nat_flows`].
+    nat_flows: Option<NatFlows>,
     stop: Arc<AtomicBool>,
     reader: Option<JoinHandle<Result<Counters>>>,
     pub info: StartInfo,
@@ -101,19 +106,22 @@ impl Engine {
         let load_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
         let f = &plan.filter;
+        let (vxlan_port, vxlan_more) = vxlan_ports(&f.vxlan_ports)?;
         probes.set_filter(FilterSpec {
             a: Some(f.pod),
             b: f.peer,
             proto: f.proto,
             port: f.port,
             emit: true,
-            vxlan_port: f
-                .vxlan_ports
-                .first()
-                .copied()
-                .unwrap_or(podtrace_abi::DEFAULT_VXLAN_PORT),
+            vxlan_port,
+            vxlan_more,
+            nat: !f.nat.is_empty(),
             snaplen: opts.snaplen,
         })?;
+        let mut nat = probes.nat_flows()?;
+        for flow in &f.nat {
+            nat.insert(flow)?;
+        }
         // Namespaces by inode number (`net->ns.inum`): what the probes report on every kernel.
         let mut cookies = Vec::with_capacity(plan.namespaces.len());
         for ns in &plan.namespaces {
@@ -139,6 +147,7 @@ impl Engine {
             probes.drop_reasons().all().map(|(v, n)| (v, n.to_owned())),
         );
         let ring = probes.take_events()?;
+        let nat_flows = probes.nat_flows()?;
         let counters = probes.counter_reader()?;
         let attach_ms = t1.elapsed().as_secs_f64() * 1e3;
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE_BATCHES);
@@ -153,6 +162,7 @@ impl Engine {
         Ok((
             Engine {
                 probes: Some(probes),
+                nat_flows: Some(nat_flows),
                 stop,
                 reader: Some(reader),
                 info: StartInfo {
@@ -164,6 +174,13 @@ impl Engine {
             },
             rx,
         ))
+    }
+
+    /// The handle that widens the kernel filter to more translated forms of the conversation
+    /// while the engine runs (conntrack answers: a backend or masquerade address the plan did
+    /// not know). Once.
+    pub fn nat_flows(&mut self) -> Option<NatFlows> {
+        self.nat_flows.take()
     }
 
     /// Asks the reader to hand over what the kernel still holds and end the stream. Keep
@@ -192,6 +209,31 @@ impl Drop for Engine {
         self.stop();
         // The probes detach as they drop; the reader ends at its next wake-up.
     }
+}
+
+/// The filter's VXLAN ports: the first and the others (every VXLAN device's own port on the
+/// path: flannel's 8472, Linux's 4789…).
+fn vxlan_ports(ports: &[u16]) -> Result<(u16, [u16; podtrace_abi::MAX_VXLAN_PORTS - 1])> {
+    let mut all: Vec<u16> = ports.iter().copied().filter(|p| *p != 0).collect();
+    all.sort_unstable();
+    all.dedup();
+    if all.len() > podtrace_abi::MAX_VXLAN_PORTS {
+        anyhow::bail!(
+            "plan: {} VXLAN ports ({:?}); the kernel filter looks inside at most {}",
+            all.len(),
+            all,
+            podtrace_abi::MAX_VXLAN_PORTS
+        );
+    }
+    let first = all
+        .first()
+        .copied()
+        .unwrap_or(podtrace_abi::DEFAULT_VXLAN_PORT);
+    let mut more = [0u16; podtrace_abi::MAX_VXLAN_PORTS - 1];
+    for (slot, p) in more.iter_mut().zip(all.iter().skip(1)) {
+        *slot = *p;
+    }
+    Ok((first, more))
 }
 
 /// The reader thread: poll the ring buffer, decode, send batches; report losses and
@@ -252,5 +294,20 @@ fn read_loop(
         if !send(&mut batch) || stopping {
             return counters.read();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_vxlan_port_reaches_the_filter() {
+        let (first, more) = super::vxlan_ports(&[8472, 4789, 8472, 0]).unwrap();
+        assert_eq!(first, 4789);
+        assert_eq!(more[0], 8472);
+        assert!(more[1..].iter().all(|p| *p == 0));
+        let (first, _) = super::vxlan_ports(&[]).unwrap();
+        assert_eq!(first, podtrace_abi::DEFAULT_VXLAN_PORT);
+        let many: Vec<u16> = (1..=9).collect();
+        assert!(super::vxlan_ports(&many).is_err());
     }
 }

@@ -6,7 +6,9 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use super::nat::{NatPlan, NatTarget};
 use crate::probes::hooks::{Evidence, Mechanism};
+pub use crate::probes::nat::NatFlow;
 
 /// What an interface is on a pod's path (`topo`'s `role`, design.md §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -128,6 +130,10 @@ pub struct FlowFilter {
     /// UDP ports the path's VXLAN devices use (their own, from the topology), where the
     /// pod's packets travel encapsulated.
     pub vxlan_ports: Vec<u16>,
+    /// The conversation's translated forms (a Service's backends, masquerade addresses):
+    /// traced too, whatever their ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nat: Vec<NatFlow>,
 }
 
 /// The engine's input.
@@ -140,6 +146,11 @@ pub struct Plan {
     /// Destination → pod (replies).
     pub reverse: Vec<Step>,
     pub filter: FlowFilter,
+    /// When the path rewrites the destination or the source (a Service, a masquerade): what
+    /// is rewritten where, and the path to each place the conversation may be translated
+    /// to. `forward`/`reverse` are then the path to the first of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatPlan>,
 }
 
 impl Plan {
@@ -215,7 +226,13 @@ impl Plan {
                 );
             }
         }
-        for s in self.forward.iter().chain(&self.reverse) {
+        let targets = self.nat.iter().flat_map(|n| &n.targets);
+        for s in self
+            .forward
+            .iter()
+            .chain(&self.reverse)
+            .chain(targets.flat_map(|t| t.forward.iter().chain(&t.reverse)))
+        {
             if self.hop(s.hop).is_none() {
                 anyhow::bail!(
                     "plan: a path step names hop {}, which the plan does not have",
