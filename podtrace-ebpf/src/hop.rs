@@ -13,12 +13,13 @@ use crate::{
     packet::{parse_eth, Reader},
 };
 
-/// The cookie of the network namespace this copy of the program serves, set by userspace at
-/// load time. tc programs cannot learn their device's namespace themselves
-/// (`bpf_get_netns_cookie` answers for the skb's *socket*, which veth keeps across namespaces),
-/// so userspace loads one copy per namespace and the copies share every map.
+/// The inode number of the network namespace this copy of the program serves, set by
+/// userspace at load time. tc programs cannot learn their device's namespace themselves
+/// (`bpf_get_netns_cookie` answers for the skb's *socket*, which veth keeps across namespaces,
+/// and tc programs may not read kernel memory), so userspace loads one copy per namespace and
+/// the copies share every map.
 #[unsafe(no_mangle)]
-static NETNS_COOKIE: u64 = 0;
+static NETNS_INO: u64 = 0;
 
 struct SkbReader<'a>(&'a TcContext);
 
@@ -53,17 +54,17 @@ fn track(ctx: &TcContext, dir: u8) {
     };
     bump(CNT_TC_MATCHED);
     // SAFETY: a plain read of a global; volatile so the load-time value is used.
-    let netns_cookie = unsafe { core::ptr::read_volatile(&NETNS_COOKIE) };
+    let netns_ino = unsafe { core::ptr::read_volatile(&NETNS_INO) };
     // SAFETY: `ctx.skb.skb` is the kernel's `__sk_buff`, readable for the program's lifetime.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let hop = hop_id(netns_cookie, ifindex);
+    let hop = hop_id(netns_ino, ifindex);
     bump_hop(hop, dir);
     if f.flags & FILTER_EMIT == 0 {
         return;
     }
     let mut ev = Event {
         ts_ns: unsafe { bpf_ktime_get_ns() },
-        netns_cookie,
+        netns_ino,
         kind: KIND_TC,
         dir,
         hop_id: hop,

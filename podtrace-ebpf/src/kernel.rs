@@ -1,9 +1,15 @@
 //! Kernel-side evidence: where and why a traced packet was dropped (`kfree_skb`), which FIB
 //! lookup routed it (`fib_table_lookup`) and which device transmitted it (`net_dev_start_xmit`).
 //!
-//! Each comes in two flavours, chosen by userspace at run time: BTF tracepoints (tp_btf), and
-//! kprobes on the functions behind them (`kfree_skb_reason`, `fib_table_lookup` with its
-//! kretprobe, `dev_hard_start_xmit`) for kernels that have kprobes. Both share the code below.
+//! Each comes in two flavours, chosen by userspace at run time from the kernel's BTF: BTF
+//! tracepoints (tp_btf), and kprobes on the functions behind them for kernels where a
+//! tracepoint is missing or when asked for (`--hooks kprobe`). Both share the code below, so
+//! they report the same evidence.
+//!
+//! Drops: `skb:kfree_skb` has carried the drop reason since 5.17 (`drop_kfree_skb`); before,
+//! it has two arguments and no reason (`drop_kfree_skb_noreason`, reason `REASON_UNREPORTED`).
+//! The kprobe flavour goes on `sk_skb_reason_drop` (6.10+), `kfree_skb_reason` (5.17+) or
+//! `kfree_skb` (older, no reason), whichever the kernel has.
 use core::ffi::c_void;
 
 use aya_ebpf::{
@@ -13,11 +19,11 @@ use aya_ebpf::{
 };
 use podtrace_abi::{
     Event, FlowInfo, KernelOffsets, CNT_DROP_MATCHED, CNT_FIB_MATCHED, CNT_XMIT_MATCHED,
-    DIR_EGRESS, DIR_INGRESS, FILTER_EMIT, KIND_DROP, KIND_FIB, KIND_XMIT,
+    DIR_EGRESS, DIR_INGRESS, FILTER_EMIT, KIND_DROP, KIND_FIB, KIND_XMIT, REASON_UNREPORTED,
 };
 
 use crate::{
-    maps::{bump, emit, filter, hop_id, FIB_STASH, OFFSETS},
+    maps::{bump, emit, filter, hop_id, FIB_DEPTH, FIB_STASH, OFFSETS},
     packet::{parse_ipv4, Reader},
 };
 
@@ -62,7 +68,7 @@ unsafe fn skb_flow(
     }
 }
 
-/// `(dev->ifindex, dev_net(dev)->net_cookie)`.
+/// `(dev->ifindex, dev_net(dev)->ns.inum)`.
 #[inline(always)]
 unsafe fn device(dev: *const u8, off: &KernelOffsets) -> Option<(u32, u64)> {
     if dev.is_null() {
@@ -72,18 +78,18 @@ unsafe fn device(dev: *const u8, off: &KernelOffsets) -> Option<(u32, u64)> {
     unsafe {
         let ifindex: u32 = read_at(dev, off.dev_ifindex)?;
         let net: *const u8 = read_at(dev, off.dev_nd_net)?;
-        let cookie: u64 = if net.is_null() {
+        let ino: u32 = if net.is_null() {
             0
         } else {
-            read_at(net, off.net_cookie)?
+            read_at(net, off.net_ns_inum)?
         };
-        Some((ifindex, cookie))
+        Some((ifindex, ino as u64))
     }
 }
 
 // ---- drops ----
 
-/// tp_btf `skb:kfree_skb(skb, location, reason, rx_sk)`.
+/// tp_btf `skb:kfree_skb(skb, location, reason[, rx_sk])` (5.17+).
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn drop_kfree_skb(ctx: BtfTracePointContext) -> i32 {
     let skb: *const c_void = ctx.arg(0);
@@ -93,7 +99,29 @@ pub fn drop_kfree_skb(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// kprobe `kfree_skb_reason(skb, reason)` (kernels with kprobes).
+/// tp_btf `skb:kfree_skb(skb, location)` (before 5.17: no reason; reading a third argument
+/// would not pass the verifier there).
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn drop_kfree_skb_noreason(ctx: BtfTracePointContext) -> i32 {
+    let skb: *const c_void = ctx.arg(0);
+    // SAFETY: every read is a probe read.
+    unsafe { on_drop(skb as *const u8, REASON_UNREPORTED) };
+    0
+}
+
+/// kprobe `sk_skb_reason_drop(sk, skb, reason)` (6.10+: `kfree_skb_reason` became a wrapper).
+#[kprobe]
+pub fn kp_sk_skb_reason_drop(ctx: ProbeContext) -> u32 {
+    let skb: Option<*const c_void> = ctx.arg(1);
+    let reason: Option<u64> = ctx.arg(2);
+    if let (Some(skb), Some(reason)) = (skb, reason) {
+        // SAFETY: probe reads.
+        unsafe { on_drop(skb as *const u8, reason as u32) };
+    }
+    0
+}
+
+/// kprobe `kfree_skb_reason(skb, reason)` (5.17 to 6.9).
 #[kprobe]
 pub fn kp_kfree_skb_reason(ctx: ProbeContext) -> u32 {
     let skb: Option<*const c_void> = ctx.arg(0);
@@ -105,14 +133,27 @@ pub fn kp_kfree_skb_reason(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// kprobe `kfree_skb(skb)` (before 5.17: no reason).
+#[kprobe]
+pub fn kp_kfree_skb(ctx: ProbeContext) -> u32 {
+    if let Some(skb) = ctx.arg::<*const c_void>(0) {
+        // SAFETY: probe reads.
+        unsafe { on_drop(skb as *const u8, REASON_UNREPORTED) };
+    }
+    0
+}
+
 #[inline(always)]
 unsafe fn on_drop(skb: *const u8, reason: u32) -> Option<()> {
-    // SKB_NOT_DROPPED_YET (0) and SKB_CONSUMED (1) are not drops.
-    if reason < 2 {
+    let off = offsets()?;
+    // SKB_NOT_DROPPED_YET and SKB_CONSUMED are not drops (their values come from BTF: 6.1
+    // has no SKB_CONSUMED and 1 is NOT_SPECIFIED there).
+    if reason != REASON_UNREPORTED
+        && (reason == off.reason_not_dropped || reason == off.reason_consumed)
+    {
         return None;
     }
     let f = filter()?;
-    let off = offsets()?;
     // SAFETY: probe reads.
     unsafe {
         let flow = skb_flow(skb, off, f)?;
@@ -121,13 +162,13 @@ unsafe fn on_drop(skb: *const u8, reason: u32) -> Option<()> {
             return Some(());
         }
         let dev: *const u8 = read_at(skb, off.skb_dev).unwrap_or(core::ptr::null());
-        let (ifindex, netns_cookie) = device(dev, off).unwrap_or((0, 0));
+        let (ifindex, netns_ino) = device(dev, off).unwrap_or((0, 0));
         emit(&Event {
             ts_ns: bpf_ktime_get_ns(),
-            netns_cookie,
+            netns_ino,
             kind: KIND_DROP,
             dir: DIR_INGRESS,
-            hop_id: hop_id(netns_cookie, ifindex),
+            hop_id: hop_id(netns_ino, ifindex),
             ifindex,
             skb_len: read_at(skb, off.skb_len).unwrap_or(0),
             reason,
@@ -173,13 +214,13 @@ unsafe fn on_xmit(skb: *const u8, dev: *const u8) -> Option<()> {
         if f.flags & FILTER_EMIT == 0 {
             return Some(());
         }
-        let (ifindex, netns_cookie) = device(dev, off)?;
+        let (ifindex, netns_ino) = device(dev, off)?;
         emit(&Event {
             ts_ns: bpf_ktime_get_ns(),
-            netns_cookie,
+            netns_ino,
             kind: KIND_XMIT,
             dir: DIR_EGRESS,
-            hop_id: hop_id(netns_cookie, ifindex),
+            hop_id: hop_id(netns_ino, ifindex),
             ifindex,
             skb_len: read_at(skb, off.skb_len).unwrap_or(0),
             flow,
@@ -203,32 +244,50 @@ pub fn fib_fib_table_lookup(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// kprobe `fib_table_lookup(tb, flp, res, flags)`: stash the arguments for the kretprobe.
+/// kprobe `fib_table_lookup(tb, flp, res, flags)`: push the arguments for the kretprobe.
+/// Lookups nest on one CPU (a softirq's inside a process's), so each call gets its own frame.
 #[kprobe]
 pub fn kp_fib_table_lookup(ctx: ProbeContext) -> u32 {
     let tb: Option<u64> = ctx.arg(0);
     let flp: Option<u64> = ctx.arg(1);
     let res: Option<u64> = ctx.arg(2);
-    if let (Some(tb), Some(flp), Some(res), Some(stash)) = (tb, flp, res, FIB_STASH.get_ptr_mut(0))
-    {
-        // SAFETY: this CPU's slot.
-        unsafe { *stash = [tb, flp, res] };
+    let Some(depth) = FIB_DEPTH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slots; programs do not nest on a CPU.
+    unsafe {
+        let d = *depth;
+        // Out of range (too deep): the lookup finds no slot and the frame is not recorded.
+        if let Some(frame) = FIB_STASH.get_ptr_mut(d) {
+            *frame = [tb.unwrap_or(0), flp.unwrap_or(0), res.unwrap_or(0)];
+        }
+        // Counted even when too deep to record, so the returns pop the right frames.
+        *depth = d.saturating_add(1);
     }
     0
 }
 
-/// kretprobe `fib_table_lookup`: the result is known now.
+/// kretprobe `fib_table_lookup`: the result is known now; pop this call's frame.
 #[kretprobe]
 pub fn kp_fib_table_lookup_ret(ctx: RetProbeContext) -> u32 {
     let err: i64 = ctx.ret();
-    let Some(stash) = FIB_STASH.get_ptr_mut(0) else {
+    let Some(depth) = FIB_DEPTH.get_ptr_mut(0) else {
         return 0;
     };
     let Some(off) = offsets() else { return 0 };
-    // SAFETY: this CPU's slot, then probe reads.
+    // SAFETY: this CPU's slots, then probe reads.
     unsafe {
-        let [tb, flp, res] = *stash;
-        *stash = [0; 3];
+        let d = *depth;
+        if d == 0 {
+            // A return whose entry was not seen (attached in between).
+            return 0;
+        }
+        let d = d - 1;
+        *depth = d;
+        let Some(frame) = FIB_STASH.get_ptr_mut(d) else {
+            return 0;
+        };
+        let [tb, flp, res] = *frame;
         if flp == 0 {
             return 0;
         }
@@ -273,18 +332,18 @@ unsafe fn on_fib(tb_id: u32, flp: *const u8, nhc: *const u8, err: i32) -> Option
         if f.flags & FILTER_EMIT == 0 {
             return Some(());
         }
-        let (mut oif, mut cookie, mut gw) = (0, 0, 0);
+        let (mut oif, mut netns_ino, mut gw) = (0, 0, 0);
         if !nhc.is_null() {
             let dev: *const u8 = read_at(nhc, off.nhc_dev).unwrap_or(core::ptr::null());
-            if let Some((i, c)) = device(dev, off) {
+            if let Some((i, n)) = device(dev, off) {
                 oif = i;
-                cookie = c;
+                netns_ino = n;
             }
             gw = read_at(nhc, off.nhc_gw).unwrap_or(0);
         }
         emit(&Event {
             ts_ns: bpf_ktime_get_ns(),
-            netns_cookie: cookie,
+            netns_ino,
             kind: KIND_FIB,
             dir: DIR_EGRESS,
             hop_id: u32::MAX,

@@ -3,13 +3,15 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use podtrace_abi::{CaptureBuf, Filter, HopKey, KernelOffsets, CNT_SLOTS, MAX_HOPS};
+use podtrace_abi::{
+    CaptureBuf, Filter, HopKey, KernelOffsets, CNT_SLOTS, FIB_STACK_DEPTH, MAX_HOPS,
+};
 
 /// What to trace (index 0).
 #[map]
 pub static FILTER: Array<Filter> = Array::with_max_entries(1, 0);
 
-/// (netns cookie, ifindex) → hop id, written by userspace for every interface it attaches to.
+/// (netns inode, ifindex) → hop id, written by userspace for every interface it attaches to.
 #[map]
 pub static HOPS: HashMap<HopKey, u32> = HashMap::with_max_entries(MAX_HOPS, 0);
 
@@ -34,9 +36,15 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 #[map]
 pub static CAPTURE_SCRATCH: Array<CaptureBuf> = Array::with_max_entries(256, 0);
 
-/// Per-CPU stash between the fib_table_lookup kprobe and its kretprobe.
+/// Per-CPU stack between the fib_table_lookup kprobe and its kretprobe: `(tb, flp, res)` of
+/// each call in flight, the innermost at `FIB_DEPTH - 1` (nested calls keep their own
+/// frames). Indexed through the map lookup, which checks the bound at run time.
 #[map]
-pub static FIB_STASH: PerCpuArray<[u64; 3]> = PerCpuArray::with_max_entries(1, 0);
+pub static FIB_STASH: PerCpuArray<[u64; 3]> = PerCpuArray::with_max_entries(FIB_STACK_DEPTH, 0);
+
+/// Calls of fib_table_lookup in flight on this CPU, those too deep to record included.
+#[map]
+pub static FIB_DEPTH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn bump(index: u32) {
@@ -67,9 +75,9 @@ pub fn filter() -> Option<&'static Filter> {
 }
 
 #[inline(always)]
-pub fn hop_id(netns_cookie: u64, ifindex: u32) -> u32 {
+pub fn hop_id(netns_ino: u64, ifindex: u32) -> u32 {
     let key = HopKey {
-        netns_cookie,
+        netns_ino,
         ifindex,
         _pad: 0,
     };

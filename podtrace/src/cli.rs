@@ -136,6 +136,16 @@ impl OutputArgs {
     }
 }
 
+/// `--hooks kprobe|tracepoint`, for the commands that attach kernel hooks.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct HookArgs {
+    /// Take the kernel-side evidence (drops, FIB lookups, device transmit) only through this
+    /// mechanism: kprobe, or tracepoint (tp_btf). Default: tracepoints, and kprobes where the
+    /// kernel lacks a tracepoint.
+    #[arg(long, value_name = "kprobe|tracepoint", value_parser = crate::probes::hooks::Mechanism::parse)]
+    pub hooks: Option<crate::probes::hooks::Mechanism>,
+}
+
 /// How a command reaches agents (flattened into topo, follow, capture, verify).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct RemoteArgs {

@@ -234,6 +234,9 @@ pub fn hint(reason: &str, ev: &Evidence) -> String {
         "IP_INADDRERRORS" | "IP_INVALID_SOURCE" | "IP_LOCAL_SOURCE" | "IP_INVALID_DEST" => {
             format!("{owner} refused its addresses ({reason}): a martian or spoofed source?")
         }
+        crate::probes::UNREPORTED => format!(
+            "the kernel dropped it on {place}; this kernel does not say why (drop reasons came in 5.17): check netfilter rules, routes and neighbours on {owner}"
+        ),
         other => format!("the kernel dropped it on {place} ({other})"),
     }
 }

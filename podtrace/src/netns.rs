@@ -165,36 +165,6 @@ pub fn run_in<T: Send>(ns: Option<&Path>, f: impl FnOnce() -> Result<T> + Send) 
     })
 }
 
-/// The cookie the kernel gives the current thread's network namespace (what
-/// `bpf_get_netns_cookie` returns for it).
-pub fn current_cookie() -> Result<u64> {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    let sock = std::net::UdpSocket::bind("0.0.0.0:0");
-    // A namespace whose lo is down still lets us bind to 0.0.0.0:0.
-    let sock = sock.context("opening a socket to read the netns cookie")?;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, out-pointer to a u64 with its length.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error()).context("getsockopt(SO_NETNS_COOKIE)");
-    }
-    Ok(cookie)
-}
-
-/// The cookie of the namespace at `ns` (`None`: the caller's).
-pub fn cookie_of(ns: Option<&Path>) -> Result<u64> {
-    run_in(ns, current_cookie)
-}
-
 /// The inode number identifying the namespace at `path` (as `ip netns identify` compares).
 pub fn inode_of(path: &Path) -> Result<u64> {
     use std::os::unix::fs::MetadataExt;

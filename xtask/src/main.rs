@@ -3,11 +3,14 @@
 //! - `setup`: install what a fresh Debian 12 machine lacks to build and test podtrace
 //!   (idempotent; a no-op in seconds when everything is there).
 //! - `test`: setup, then rustfmt, clippy (-D warnings), and every test, the privileged ones
-//!   included (run as root); then each fuzz target for a short fixed time.
+//!   included (run as root); each fuzz target for a short fixed time; the kernel matrix
+//!   (`vmtest`).
 //! - `fuzz [--seconds N] [TARGET]`: the cargo-fuzz targets in `fuzz/` (see `fuzz.rs`).
 //! - `demo`: setup, build, then run the demo.
 //! - `bench`: setup, release build, then the benchmark on its own lab (attach latency,
 //!   data-path overhead, lossless capture rate, memory; against tcpdump). Not part of `test`.
+//! - `vmtest`: the static podtrace on Debian's 5.10, 6.1 and 6.12 kernels under QEMU (see
+//!   `vmtest/mod.rs`); part of `test`.
 //! - `k8s up|down`: a real two-node Kubernetes cluster inside a lab (src/k8s/README.md).
 //! - `image`: podtrace's OCI image (the static binary), for containerd to import.
 use std::{
@@ -24,6 +27,7 @@ mod fuzz;
 mod image;
 mod k8s;
 mod setup;
+mod vmtest;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -36,7 +40,8 @@ struct Cli {
 enum Task {
     /// Install the Debian packages, nightly rust-src and bpf-linker the build and tests need.
     Setup,
-    /// Set up, then check formatting and lints and run every test (needs root).
+    /// Set up, then check formatting and lints, run every test (needs root) and, unless a
+    /// test filter is given, the kernel matrix (vmtest).
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(last = true)]
@@ -50,6 +55,9 @@ enum Task {
     /// Set up, build (release), and benchmark podtrace against tcpdump on a lab (needs root);
     /// writes bench/results/latest.json and latest.md.
     Bench(bench::BenchArgs),
+    /// Build the static podtrace and run it on Debian's 5.10, 6.1 and 6.12 cloud kernels
+    /// under QEMU: lab, topo, follow (both hook mechanisms), capture, verify eni, clsact.
+    Vmtest(vmtest::VmtestArgs),
     /// A real two-node Kubernetes 1.20 cluster inside a lab (needs root and `setup`):
     /// `k8s up` (last line: `export KUBECONFIG=PATH`), `k8s down`.
     K8s(k8s::K8sArgs),
@@ -58,6 +66,8 @@ enum Task {
 }
 
 fn main() -> ExitCode {
+    // In a vmtest guest this binary is /init.
+    vmtest::guest_if_pid1();
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup => setup::run(),
@@ -65,6 +75,7 @@ fn main() -> ExitCode {
         Task::Demo => demo(),
         Task::Fuzz(args) => fuzz::run(args),
         Task::Bench(args) => bench::run(args),
+        Task::Vmtest(args) => setup::run().and_then(|()| vmtest::run(args)),
         Task::K8s(args) => k8s::run(args),
         Task::Image => image::run(),
     };
@@ -123,7 +134,22 @@ fn test(extra: &[String]) -> Result<()> {
     run("cargo", &args)?;
     // Each fuzz target for a short, fixed time from the committed seeds: a regression in a
     // parser shows here even when no seed reproduces it.
-    fuzz::smoke()
+    fuzz::smoke()?;
+    // The kernel matrix (5.10, 6.1, 6.12 under QEMU); a filtered run is a focused one and
+    // leaves it out.
+    if extra.is_empty() {
+        let started = std::time::Instant::now();
+        vmtest::run(vmtest::VmtestArgs {
+            kernel: "all".into(),
+            keep: false,
+            only: None,
+        })?;
+        eprintln!(
+            "xtask: vmtest took {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 fn demo() -> Result<()> {

@@ -28,6 +28,8 @@ const PACKAGES: &[&str] = &[
     "libc6-dev",
     // cargo-fuzz's libfuzzer-sys builds libFuzzer (C++).
     "g++",
+    // The static (musl) release build: ring (rustls) compiles C with musl-gcc.
+    "musl-tools",
     // The Kubernetes test cluster (cargo xtask k8s): Go and the tools that build Kubernetes
     // from Debian's source package, etcd, openssl for its certificates, busybox for its test
     // image. kubectl: see kubectl().
@@ -60,6 +62,7 @@ pub fn run() -> Result<()> {
     kubectl()?;
     crate::k8s::binaries::ensure()?;
     crate::k8s::images::ensure_test_images()?;
+    crate::vmtest::setup()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }

@@ -91,11 +91,17 @@ pub struct NatKey {
     pub _pad: u8,
 }
 
+/// `Event::reason` of a drop on a kernel whose `kfree_skb` reports no reason (before 5.17).
+pub const REASON_UNREPORTED: u32 = u32::MAX;
+
 /// Identity of a hop as the tc programs see it: the interface and its network namespace.
+/// Namespaces are identified by their inode number (`net->ns.inum`, what `stat` of
+/// /proc/PID/ns/net or /run/netns/NAME gives), which every kernel has; the netns cookie needs
+/// 5.14 from userspace and is generated lazily before 5.12.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct HopKey {
-    pub netns_cookie: u64,
+    pub netns_ino: u64,
     pub ifindex: u32,
     pub _pad: u32,
 }
@@ -111,7 +117,8 @@ pub struct KernelOffsets {
     pub skb_dev: u32,
     pub dev_ifindex: u32,
     pub dev_nd_net: u32,
-    pub net_cookie: u32,
+    /// `struct net.ns.inum`: the namespace's inode number.
+    pub net_ns_inum: u32,
     pub flowi4_saddr: u32,
     pub flowi4_daddr: u32,
     pub flowi4_proto: u32,
@@ -122,9 +129,19 @@ pub struct KernelOffsets {
     /// kretprobe on `fib_table_lookup`: `struct fib_table.tb_id`, `struct fib_result.nhc`.
     pub fib_table_id: u32,
     pub fib_result_nhc: u32,
+    /// `SKB_NOT_DROPPED_YET` and `SKB_CONSUMED` on this kernel (not drops), or
+    /// `REASON_UNREPORTED` when it has no such value.
+    pub reason_not_dropped: u32,
+    pub reason_consumed: u32,
     /// Non-zero once userspace filled the offsets in.
     pub valid: u32,
+    pub _pad: u32,
 }
+
+/// Nested `fib_table_lookup` calls one CPU can have in flight (a softirq lookup interrupting
+/// a process-context one): the kprobe pushes its arguments on a per-CPU stack of this depth
+/// (`FIB_STASH`, one frame per entry, `FIB_DEPTH` counting), the kretprobe pops them.
+pub const FIB_STACK_DEPTH: u32 = 8;
 
 /// The packet a probe saw, reduced to what correlation needs.
 #[repr(C)]
@@ -167,7 +184,8 @@ pub struct FlowInfo {
 pub struct Event {
     /// `bpf_ktime_get_ns()`: monotonic, the same clock in every namespace.
     pub ts_ns: u64,
-    pub netns_cookie: u64,
+    /// The namespace's inode number (see [`HopKey`]); 0 when unknown.
+    pub netns_ino: u64,
     pub kind: u8,
     pub dir: u8,
     pub _pad: u16,
@@ -178,7 +196,8 @@ pub struct Event {
     pub skb_len: u32,
     /// Packet bytes that follow this header in the ring buffer record (capture mode).
     pub cap_len: u32,
-    /// Drop reason (`enum skb_drop_reason`) for drops; FIB lookup error for FIB events.
+    /// Drop reason (`enum skb_drop_reason`, or `REASON_UNREPORTED`) for drops; FIB lookup
+    /// error for FIB events.
     pub reason: u32,
     /// FIB: table id; xmit: return code.
     pub aux: u32,

@@ -73,6 +73,8 @@ pub struct CaptureArgs {
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "2s")]
     pub tail: Duration,
     #[command(flatten)]
+    pub hooks: crate::cli::HookArgs,
+    #[command(flatten)]
     pub remote: RemoteArgs,
 }
 
@@ -140,7 +142,7 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
             // The files need the packets; --stop-on needs drops. FIB lookups and transmits
             // would only load the ring buffer at capture rates.
             evidence: vec![Evidence::Drop],
-            mechanism: None,
+            mechanism: args.hooks.hooks,
         },
         args.duration,
     )?;

@@ -923,12 +923,20 @@ impl Correlator {
                 && last
                     .as_ref()
                     .is_some_and(|l| d.location.starts_with(&format!("{}/", l.owner)));
-            if at_destination && after_delivery(&d.reason) && !rec.untranslated {
+            let dest = last
+                .as_ref()
+                .map(|l| l.owner.as_str())
+                .unwrap_or("the destination");
+            if at_destination && &*d.reason == crate::probes::UNREPORTED && !rec.untranslated {
+                // Before 5.17 the kernel gives no reason: a free after delivery is most often
+                // a raw socket's copy (ping's), but a filter in the pod cannot be told apart.
                 rec.notes.push(format!(
-                    "delivered to {}; its socket layer then freed it ({}){}",
-                    last.as_ref()
-                        .map(|l| l.owner.as_str())
-                        .unwrap_or("the destination"),
+                    "delivered to {dest}; the kernel then freed it without saying why (this kernel reports no drop reasons): usually a raw socket's copy, as ping's, else a netfilter rule in {dest}"
+                ));
+                rec.drop = None;
+            } else if at_destination && after_delivery(&d.reason) && !rec.untranslated {
+                rec.notes.push(format!(
+                    "delivered to {dest}; its socket layer then freed it ({}){}",
                     d.reason,
                     if d.reason == "NO_SOCKET" {
                         ": a raw socket took a copy, as ping's does, or nothing listens"
@@ -1248,6 +1256,17 @@ mod tests {
         walk(&mut c, f, &plan.reverse, 200_000);
         drop_at(&mut c, f, 299_000, 0, false, "NETFILTER_DROP");
         assert_eq!(c.finish()[0].fate, Fate::Dropped);
+        // A kernel without drop reasons (< 5.17): after delivery, a note that says so.
+        let f = flow(DST, POD, 7, 3, 0);
+        walk(&mut c, f, &plan.reverse, 400_000);
+        drop_at(&mut c, f, 499_000, 0, false, crate::probes::UNREPORTED);
+        let recs = c.finish();
+        assert_eq!(recs[0].fate, Fate::Complete);
+        assert!(
+            recs[0].notes[0].contains("without saying why"),
+            "{:?}",
+            recs[0].notes
+        );
     }
 
     #[test]

@@ -137,6 +137,8 @@ pub struct FollowArgs {
     #[command(flatten)]
     pub out: OutputArgs,
     #[command(flatten)]
+    pub hooks: crate::cli::HookArgs,
+    #[command(flatten)]
     pub remote: RemoteArgs,
 }
 
@@ -150,6 +152,8 @@ pub struct Ready<'a> {
     pub dst: String,
     pub cni: Cni,
     pub hops: &'a [PlannedHop],
+    /// How the hop probes are attached: `tcx` or `clsact`.
+    pub tc: Option<crate::probes::TcMode>,
     pub kernel_hooks: &'a [HookReport],
     pub load_ms: f64,
     pub attach_ms: f64,
@@ -211,6 +215,7 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
         &plan,
         &TraceOptions {
             snaplen: args.out.write.is_some().then(|| args.out.kernel_snaplen()),
+            mechanism: args.hooks.hooks,
             ..TraceOptions::default()
         },
         args.duration,
@@ -226,6 +231,7 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
             dst: args.dst.to_string(),
             cni: topo.cni,
             hops: &plan.hops,
+            tc: started.info().tc,
             kernel_hooks: &hooks,
             load_ms,
             attach_ms,

@@ -47,7 +47,19 @@ enum Type {
     },
     /// Typedef/const/volatile/restrict/type tag: refers to another type.
     Alias {
+        name: u32,
         target: u32,
+    },
+    Ptr {
+        target: u32,
+    },
+    FuncProto {
+        params: u32,
+    },
+    /// A kernel function (what a kprobe can go on, unless inlined away or blacklisted).
+    Func {
+        name: u32,
+        proto: u32,
     },
     Other,
 }
@@ -110,7 +122,14 @@ impl Btf {
                     off += 4;
                     Type::Other
                 }
-                KIND_PTR | KIND_FWD | KIND_FUNC | KIND_FLOAT => Type::Other,
+                KIND_PTR => Type::Ptr {
+                    target: size_or_type,
+                },
+                KIND_FUNC => Type::Func {
+                    name,
+                    proto: size_or_type,
+                },
+                KIND_FWD | KIND_FLOAT => Type::Other,
                 KIND_ARRAY => {
                     off += 12;
                     Type::Other
@@ -150,12 +169,15 @@ impl Btf {
                 }
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
                     Type::Alias {
+                        name: if kind == KIND_TYPEDEF { name } else { 0 },
                         target: size_or_type,
                     }
                 }
                 KIND_FUNC_PROTO => {
                     off += 8 * vlen;
-                    Type::Other
+                    Type::FuncProto {
+                        params: vlen as u32,
+                    }
                 }
                 KIND_VAR | KIND_DECL_TAG => {
                     off += 4;
@@ -176,7 +198,10 @@ impl Btf {
         };
         for (id, ty) in btf.types.iter().enumerate() {
             let name = match ty {
-                Type::Composite { name, .. } | Type::Enum { name, .. } => *name,
+                Type::Composite { name, .. }
+                | Type::Enum { name, .. }
+                | Type::Alias { name, .. }
+                | Type::Func { name, .. } => *name,
                 _ => continue,
             };
             if name != 0 {
@@ -196,7 +221,7 @@ impl Btf {
     fn resolve_alias(&self, mut id: u32) -> u32 {
         for _ in 0..32 {
             match self.types.get(id as usize) {
-                Some(Type::Alias { target }) => id = *target,
+                Some(Type::Alias { target, .. }) => id = *target,
                 _ => break,
             }
         }
@@ -247,6 +272,37 @@ impl Btf {
         Ok(bits / 8)
     }
 
+    /// How many arguments the tracepoint `name` (as tp_btf sees it: `btf_trace_NAME`, a
+    /// pointer to a function whose first parameter is the probe's data) passes, if the
+    /// kernel has it.
+    pub fn tracepoint_args(&self, name: &str) -> Option<u32> {
+        let typedef = format!("btf_trace_{name}");
+        for id in self.by_name.get(&typedef).into_iter().flatten() {
+            if let Some(Type::Alias { target, .. }) = self.types.get(*id as usize) {
+                let ptr = self.resolve_alias(*target);
+                if let Some(Type::Ptr { target }) = self.types.get(ptr as usize) {
+                    let proto = self.resolve_alias(*target);
+                    if let Some(Type::FuncProto { params }) = self.types.get(proto as usize) {
+                        return Some(params.saturating_sub(1));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// The number of parameters of kernel function `name`, if BTF describes it.
+    pub fn function_params(&self, name: &str) -> Option<u32> {
+        for id in self.by_name.get(name).into_iter().flatten() {
+            if let Some(Type::Func { proto, .. }) = self.types.get(*id as usize) {
+                if let Some(Type::FuncProto { params }) = self.types.get(*proto as usize) {
+                    return Some(*params);
+                }
+            }
+        }
+        None
+    }
+
     /// The values of enum `name` with their names.
     pub fn enum_values(&self, name: &str) -> Result<Vec<(String, i64)>> {
         for id in self.by_name.get(name).into_iter().flatten() {
@@ -268,7 +324,7 @@ mod tests {
     /// Builds a BTF blob by hand: `struct outer { int a; union { int b; struct { int pad; u16 c; }; }; }`
     /// and `enum e { X = 1, Y = 2 }`.
     fn sample() -> Vec<u8> {
-        let strings = b"\0outer\0a\0b\0c\0pad\0int\0e\0X\0Y\0".to_vec();
+        let strings = b"\0outer\0a\0b\0c\0pad\0int\0e\0X\0Y\0btf_trace_tp\0fn\0".to_vec();
         let s = |name: &str| -> u32 {
             let needle = format!("\0{name}\0");
             strings
@@ -322,6 +378,24 @@ mod tests {
         push(1);
         push(s("Y"));
         push(2);
+        // 6: func_proto (void *, int, int) — a tracepoint's probe: data plus 2 arguments
+        push(0);
+        push((KIND_FUNC_PROTO << 24) | 3);
+        push(0);
+        for _ in 0..3 {
+            push(0);
+            push(1);
+        }
+        // 7: pointer to 6; 8: typedef btf_trace_tp → 7; 9: func fn → 6
+        push(0);
+        push(KIND_PTR << 24);
+        push(6);
+        push(s("btf_trace_tp"));
+        push(KIND_TYPEDEF << 24);
+        push(7);
+        push(s("fn"));
+        push(KIND_FUNC << 24);
+        push(6);
         let mut blob = Vec::new();
         blob.extend_from_slice(&BTF_MAGIC.to_le_bytes());
         blob.push(1);
@@ -356,6 +430,15 @@ mod tests {
     }
 
     #[test]
+    fn reads_tracepoint_and_function_signatures() {
+        let btf = Btf::parse(&sample()).unwrap();
+        assert_eq!(btf.tracepoint_args("tp"), Some(2));
+        assert_eq!(btf.tracepoint_args("nope"), None);
+        assert_eq!(btf.function_params("fn"), Some(3));
+        assert_eq!(btf.function_params("outer"), None);
+    }
+
+    #[test]
     fn rejects_garbage() {
         assert!(Btf::parse(b"not btf at all, not btf at all").is_err());
     }
@@ -374,10 +457,16 @@ mod tests {
             ("sk_buff", "dev"),
             ("net_device", "ifindex"),
             ("net_device", "nd_net"),
-            ("net", "net_cookie"),
+            ("net", "ns"),
+            ("ns_common", "inum"),
         ] {
             btf.member_offset(s, f).unwrap();
         }
+        assert!(btf.tracepoint_args("kfree_skb").unwrap() >= 3);
+        assert_eq!(btf.tracepoint_args("fib_table_lookup"), Some(4));
+        assert_eq!(btf.tracepoint_args("net_dev_start_xmit"), Some(2));
+        assert_eq!(btf.tracepoint_args("no_such_tracepoint"), None);
+        assert_eq!(btf.function_params("fib_table_lookup"), Some(4));
         let reasons = btf.enum_values("skb_drop_reason").unwrap();
         assert!(reasons
             .iter()

@@ -3,10 +3,16 @@
 //! read what they counted and emitted.
 //!
 //! Attachment rules: tc programs go through TCX links (kernel ≥ 6.6) placed first in the
-//! chain, so a CNI's own programs keep running after ours; older kernels get a clsact filter.
-//! Both are detached when [`Probes`] is dropped (TCX links die with their fd, even on
-//! SIGKILL; clsact filters are removed explicitly inside their namespace).
+//! chain, so a CNI's own programs keep running after ours; older kernels get a clsact filter
+//! that runs first too ([`clsact`] has the rules). Both are detached when [`Probes`] is
+//! dropped (TCX links die with their fd, even on SIGKILL; clsact filters are removed
+//! explicitly inside their namespace, and a later run removes those of a killed podtrace).
+//!
+//! Kernel floor: 5.8 (the BPF ring buffer), with BTF (`/sys/kernel/btf/vmlinux`,
+//! CONFIG_DEBUG_INFO_BTF: tp_btf programs and the structure offsets the tracing programs
+//! read). [`Probes::load`] checks both first and says in one line what is missing.
 pub mod btf;
+pub mod clsact;
 pub mod hooks;
 pub mod nat;
 
@@ -22,7 +28,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         links::LinkOrder,
-        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcAttachType},
+        tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, TcAttachType},
         BtfTracePoint, KProbe, SchedClassifier,
     },
     util::KernelVersion,
@@ -30,7 +36,7 @@ use aya::{
 };
 use podtrace_abi::{
     Event, Filter, HopKey, KernelOffsets, CNT_SLOTS, DEFAULT_VXLAN_PORT, DIR_EGRESS, DIR_INGRESS,
-    FILTER_CAPTURE, FILTER_EMIT, FILTER_ENABLED, MAX_SNAPLEN,
+    FILTER_CAPTURE, FILTER_EMIT, FILTER_ENABLED, MAX_SNAPLEN, REASON_UNREPORTED,
 };
 
 use crate::netns;
@@ -45,8 +51,12 @@ pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 /// `cargo xtask bench`, and costs its size in resident memory).
 pub const CAPTURE_RING_BYTES: u32 = 16 << 20;
 
+/// The oldest kernel podtrace runs on: the BPF ring buffer came in 5.8.
+pub const MIN_KERNEL: (u32, u32) = (5, 8);
+
 /// How a tc hop probe is attached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TcMode {
     /// A TCX link (kernel ≥ 6.6), first in the interface's chain.
     Tcx,
@@ -166,12 +176,15 @@ impl FilterSpec {
     }
 }
 
+/// What a drop's reason is called when the kernel reports none (before 5.17).
+pub const UNREPORTED: &str = "unreported";
+
 /// Names of the kernel's drop reasons (`enum skb_drop_reason`), read from BTF.
 #[derive(Debug, Default, Clone)]
 pub struct DropReasons(HashMap<u32, String>);
 
 impl DropReasons {
-    fn from_btf(btf: &btf::Btf) -> Self {
+    pub fn from_btf(btf: &btf::Btf) -> Self {
         let mut map = HashMap::new();
         for (name, value) in btf.enum_values("skb_drop_reason").unwrap_or_default() {
             let short = name
@@ -180,11 +193,16 @@ impl DropReasons {
                 .unwrap_or(&name);
             map.insert(value as u32, short.to_owned());
         }
+        map.insert(REASON_UNREPORTED, UNREPORTED.to_owned());
         Self(map)
     }
 
-    /// `NETFILTER_DROP` for the kernel's value of `SKB_DROP_REASON_NETFILTER_DROP`.
+    /// `NETFILTER_DROP` for the kernel's value of `SKB_DROP_REASON_NETFILTER_DROP`;
+    /// [`UNREPORTED`] on a kernel that gives no reason.
     pub fn name(&self, reason: u32) -> String {
+        if reason == REASON_UNREPORTED {
+            return UNREPORTED.to_owned();
+        }
         self.0
             .get(&reason)
             .cloned()
@@ -206,7 +224,7 @@ const PROG_INGRESS: &str = "hop_ingress";
 const PROG_EGRESS: &str = "hop_egress";
 
 /// The maps every copy of the object shares with the primary one.
-const SHARED_MAPS: [&str; 9] = [
+const SHARED_MAPS: [&str; 10] = [
     "FILTER",
     "HOPS",
     "HOP_STATS",
@@ -215,17 +233,18 @@ const SHARED_MAPS: [&str; 9] = [
     "EVENTS",
     "CAPTURE_SCRATCH",
     "FIB_STASH",
+    "FIB_DEPTH",
     "NAT_FLOWS",
 ];
 
 /// Where bpffs is (or gets) mounted; pins live there only while a copy loads.
 const BPFFS: &str = "/sys/fs/bpf";
 
-/// The tc programs for one network namespace: a copy of the object whose `NETNS_COOKIE`
+/// The tc programs for one network namespace: a copy of the object whose `NETNS_INO`
 /// is that namespace's, sharing the primary object's maps.
 struct NsPrograms {
     netns: Option<PathBuf>,
-    cookie: u64,
+    ino: u64,
     bpf: Ebpf,
 }
 
@@ -233,6 +252,13 @@ struct NlAttachment {
     ns_index: usize,
     program: &'static str,
     link: SchedClassifierLinkId,
+    owned: clsact::OwnedFilter,
+}
+
+/// The identity podtrace gives a network namespace: its inode number, the `net->ns.inum` the
+/// tracing programs read (`None`: podtrace's own namespace).
+pub fn netns_id(ns: Option<&Path>) -> Result<u64> {
+    netns::inode_of(ns.unwrap_or(Path::new("/proc/self/ns/net")))
 }
 
 /// The loaded programs and maps. Dropping it detaches everything.
@@ -243,11 +269,38 @@ pub struct Probes {
     per_ns: Vec<NsPrograms>,
     reasons: DropReasons,
     nl_links: Vec<NlAttachment>,
+    /// The clsact filters this process owns, as recorded under /run/podtrace/tc.
+    clsact_state: clsact::State,
+    /// How the hop probes were attached (once one was).
+    tc_mode: Option<TcMode>,
     hops: Vec<HopTarget>,
 }
 
-/// Reads the offsets the tracing programs need from the kernel's BTF.
+/// Reads the offsets the tracing programs need from the kernel's BTF. A member this kernel
+/// names differently fails in one line naming it.
 fn kernel_offsets(btf: &btf::Btf) -> Result<KernelOffsets> {
+    let reason = |name: &str| {
+        btf.enum_values("skb_drop_reason")
+            .ok()
+            .and_then(|v| v.into_iter().find(|(n, _)| n == name))
+            .map(|(_, v)| v as u32)
+            .unwrap_or(REASON_UNREPORTED)
+    };
+    kernel_offsets_inner(btf)
+        .map(|mut o| {
+            o.reason_not_dropped = reason("SKB_NOT_DROPPED_YET");
+            o.reason_consumed = reason("SKB_CONSUMED");
+            o
+        })
+        .map_err(|e| {
+            anyhow!(
+                "podtrace cannot read this kernel ({}): {e:#}",
+                kernel_release()
+            )
+        })
+}
+
+fn kernel_offsets_inner(btf: &btf::Btf) -> Result<KernelOffsets> {
     Ok(KernelOffsets {
         skb_head: btf.member_offset("sk_buff", "head")?,
         skb_len: btf.member_offset("sk_buff", "len")?,
@@ -255,7 +308,7 @@ fn kernel_offsets(btf: &btf::Btf) -> Result<KernelOffsets> {
         skb_dev: btf.member_offset("sk_buff", "dev")?,
         dev_ifindex: btf.member_offset("net_device", "ifindex")?,
         dev_nd_net: btf.member_offset("net_device", "nd_net")?,
-        net_cookie: btf.member_offset("net", "net_cookie")?,
+        net_ns_inum: btf.member_offset("net", "ns")? + btf.member_offset("ns_common", "inum")?,
         flowi4_saddr: btf.member_offset("flowi4", "saddr")?,
         flowi4_daddr: btf.member_offset("flowi4", "daddr")?,
         flowi4_proto: btf.member_offset("flowi4", "__fl_common")?
@@ -265,8 +318,42 @@ fn kernel_offsets(btf: &btf::Btf) -> Result<KernelOffsets> {
         nhc_gw: btf.member_offset("fib_nh_common", "nhc_gw")?,
         fib_table_id: btf.member_offset("fib_table", "tb_id")?,
         fib_result_nhc: btf.member_offset("fib_result", "nhc")?,
+        reason_not_dropped: REASON_UNREPORTED,
+        reason_consumed: REASON_UNREPORTED,
         valid: 1,
+        _pad: 0,
     })
+}
+
+/// `uname -r`.
+fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// (major, minor) of a kernel release string.
+fn release_version(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+/// What the kernel lacks for podtrace, in one line; `None` when it has everything.
+pub fn kernel_floor_problem(release: &str, btf_present: bool) -> Option<String> {
+    let (maj, min) = MIN_KERNEL;
+    if let Some(v) = release_version(release) {
+        if v < MIN_KERNEL {
+            return Some(format!(
+                "kernel {release} is too old: podtrace needs {maj}.{min} or newer (the BPF ring buffer) with BTF"
+            ));
+        }
+    }
+    if !btf_present {
+        return Some(format!(
+            "kernel {release} has no BTF (/sys/kernel/btf/vmlinux is missing): podtrace needs a kernel built with CONFIG_DEBUG_INFO_BTF"
+        ));
+    }
+    None
 }
 
 fn raise_memlock() {
@@ -294,7 +381,19 @@ impl Probes {
         if EBPF_OBJECT.is_empty() {
             bail!("this podtrace was built without its eBPF programs (PODTRACE_SKIP_EBPF); rebuild without it");
         }
+        if let Some(problem) = kernel_floor_problem(
+            &kernel_release(),
+            Path::new("/sys/kernel/btf/vmlinux").exists(),
+        ) {
+            bail!("{problem}");
+        }
         raise_memlock();
+        // clsact filters of a podtrace that was killed (kernels without TCX).
+        match clsact::cleanup_stale() {
+            Ok(Some(line)) => eprintln!("podtrace: {line}"),
+            Ok(None) => {}
+            Err(e) => eprintln!("podtrace: cleaning up after a killed podtrace: {e:#}"),
+        }
         let kbtf = btf::Btf::from_sys_fs()?;
         let offsets = kernel_offsets(&kbtf)?;
         let reasons = DropReasons::from_btf(&kbtf);
@@ -311,6 +410,8 @@ impl Probes {
             per_ns: Vec::new(),
             reasons,
             nl_links: Vec::new(),
+            clsact_state: clsact::State::new(),
+            tc_mode: None,
             hops: Vec::new(),
         };
         let mut off: Array<_, KernelOffsets> = Array::try_from(probes.map_mut("OFFSETS")?)?;
@@ -323,7 +424,7 @@ impl Probes {
         if let Some(i) = self.per_ns.iter().position(|p| p.netns.as_deref() == ns) {
             return Ok(i);
         }
-        let cookie = netns::cookie_of(ns)?;
+        let ino = netns_id(ns)?;
         ensure_bpffs()?;
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = Path::new(BPFFS).join(format!(
@@ -334,7 +435,7 @@ impl Probes {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let loaded = (|| -> Result<Ebpf> {
             let mut loader = EbpfLoader::new();
-            loader.override_global("NETNS_COOKIE", &cookie, true);
+            loader.override_global("NETNS_INO", &ino, true);
             let paths: Vec<(&str, PathBuf)> =
                 SHARED_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
             for (name, path) in &paths {
@@ -357,7 +458,7 @@ impl Probes {
         }
         self.per_ns.push(NsPrograms {
             netns: ns.map(Path::to_path_buf),
-            cookie,
+            ino,
             bpf,
         });
         Ok(self.per_ns.len() - 1)
@@ -383,6 +484,11 @@ impl Probes {
         Ok(prog.try_into()?)
     }
 
+    /// How the hop probes are attached (`None` before the first one).
+    pub fn tc_mode(&self) -> Option<TcMode> {
+        self.tc_mode
+    }
+
     /// The drop reason names of the running kernel.
     pub fn drop_reasons(&self) -> &DropReasons {
         &self.reasons
@@ -403,7 +509,7 @@ impl Probes {
         }
         let ns = target.netns.as_deref();
         let ns_index = self.ns_programs(ns).with_context(|| where_(target))?;
-        let cookie = self.per_ns[ns_index].cookie;
+        let ino = self.per_ns[ns_index].ino;
         let ifname = target.ifname.as_str();
         let ifindex = netns::run_in(ns, || {
             nix::net::if_::if_nametoindex(ifname)
@@ -413,47 +519,80 @@ impl Probes {
         let mut hops: BpfHashMap<_, HopKey, u32> = BpfHashMap::try_from(self.map_mut("HOPS")?)?;
         hops.insert(
             HopKey {
-                netns_cookie: cookie,
+                netns_ino: ino,
                 ifindex,
                 _pad: 0,
             },
             target.hop_id,
             0,
         )?;
-        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-        for (name, attach_type) in [
-            (PROG_INGRESS, TcAttachType::Ingress),
-            (PROG_EGRESS, TcAttachType::Egress),
+        let mode = tc_mode();
+        let qdisc_created = match mode {
+            TcMode::Tcx => false,
+            TcMode::Clsact => clsact::add_clsact(ns, ifname).with_context(|| where_(target))?,
+        };
+        for (name, attach_type, ingress) in [
+            (PROG_INGRESS, TcAttachType::Ingress, true),
+            (PROG_EGRESS, TcAttachType::Egress, false),
         ] {
-            let prog = self.classifier(ns_index, name)?;
-            let link = netns::run_in(ns, || {
-                if tcx {
-                    Ok(prog.attach_with_options(
-                        ifname,
-                        attach_type,
-                        TcAttachOptions::TcxOrder(LinkOrder::first()),
-                    )?)
-                } else {
-                    // EEXIST: a clsact qdisc is there already (a CNI's, or ours).
-                    let _ = tc::qdisc_add_clsact(ifname);
-                    Ok(prog.attach_with_options(
-                        ifname,
-                        attach_type,
-                        TcAttachOptions::Netlink(NlOptions::default()),
-                    )?)
+            let options = match mode {
+                TcMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::first()),
+                TcMode::Clsact => {
+                    let existing = clsact::list_filters(ns, ifindex, ingress)
+                        .with_context(|| format!("listing the tc filters of {}", where_(target)))?;
+                    let (priority, warning) = clsact::choose_priority(&existing);
+                    if let Some(w) = warning {
+                        eprintln!("podtrace: {}: {w}", where_(target));
+                    }
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority,
+                        ..NlOptions::default()
+                    })
                 }
+            };
+            let prog = self.classifier(ns_index, name)?;
+            let prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
+            let link = netns::run_in(ns, || {
+                Ok(prog.attach_with_options(ifname, attach_type, options)?)
             })
             .with_context(|| format!("attaching {name} to {}", where_(target)))?;
-            if !tcx {
+            if mode == TcMode::Clsact {
+                // Which filter the kernel made of it: ours is the one running our program.
+                let placed = clsact::list_filters(ns, ifindex, ingress)
+                    .ok()
+                    .and_then(|l| l.into_iter().find(|f| f.bpf_id == Some(prog_id)));
+                let Some(placed) = placed else {
+                    let _ = netns::run_in(ns, || Ok(prog.detach(link)?));
+                    bail!(
+                        "attached {name} to {} but cannot find its filter",
+                        where_(target)
+                    );
+                };
+                let (priority, handle) = (placed.priority, placed.handle);
+                let owned = clsact::OwnedFilter {
+                    netns: target.netns.clone(),
+                    netns_ino: ino,
+                    ifname: ifname.to_owned(),
+                    ifindex,
+                    ingress,
+                    priority,
+                    handle,
+                    prog_id,
+                    program: name.to_owned(),
+                    qdisc_created,
+                };
+                self.clsact_state.add(owned.clone())?;
                 self.nl_links.push(NlAttachment {
                     ns_index,
                     program: name,
                     link,
+                    owned,
                 });
             }
         }
+        self.tc_mode = Some(mode);
         self.hops.push(target.clone());
-        Ok(if tcx { TcMode::Tcx } else { TcMode::Clsact })
+        Ok(mode)
     }
 
     /// The hops attached so far.
@@ -462,35 +601,39 @@ impl Probes {
     }
 
     /// Attaches the kernel-side evidence probes (drops, FIB lookups, device transmit): for
-    /// each, kprobes when the kernel has them, else tp_btf (or only `forced`). Says what was
-    /// attached; fails only when no drop probe could be attached at all.
+    /// each, the BTF tracepoint when the kernel has it, else the kprobe flavour (or only the
+    /// `forced` mechanism). Says what was attached; fails only when no drop probe could be
+    /// attached at all.
     pub fn attach_kernel_hooks(
         &mut self,
         forced: Option<hooks::Mechanism>,
         wanted: &[hooks::Evidence],
     ) -> Result<Vec<hooks::HookReport>> {
-        let support = hooks::KernelSupport::detect();
-        let order = hooks::preference(support, forced);
+        let kbtf = btf::Btf::from_sys_fs()?;
+        let facts = hooks::KernelFacts::detect(&kbtf);
+        drop(kbtf);
         let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
         let mut reports = Vec::new();
         for evidence in wanted.iter().copied() {
+            let (variants, notes) = hooks::plan(&facts, evidence, forced);
             let mut report = hooks::HookReport {
                 evidence,
                 mechanism: None,
                 attached: None,
-                notes: Vec::new(),
+                drop_reason: None,
+                notes,
             };
-            if !support.kprobes {
-                report.notes.push("this kernel has no kprobes".into());
-            }
-            for mechanism in &order {
-                match self.attach_one(evidence, *mechanism, &btf) {
-                    Ok(what) => {
-                        report.mechanism = Some(*mechanism);
-                        report.attached = Some(what);
+            for v in &variants {
+                match self.attach_variant(v, &btf) {
+                    Ok(()) => {
+                        report.mechanism = Some(v.mechanism);
+                        report.attached = Some(v.describe());
+                        if evidence == hooks::Evidence::Drop {
+                            report.drop_reason = Some(v.drop_reason);
+                        }
                         break;
                     }
-                    Err(e) => report.notes.push(format!("{mechanism:?}: {e:#}")),
+                    Err(e) => report.notes.push(format!("{}: {e:#}", v.describe())),
                 }
             }
             if evidence == hooks::Evidence::Drop && report.attached.is_none() {
@@ -504,15 +647,11 @@ impl Probes {
         Ok(reports)
     }
 
-    fn attach_one(
-        &mut self,
-        evidence: hooks::Evidence,
-        mechanism: hooks::Mechanism,
-        btf: &aya::Btf,
-    ) -> Result<String> {
-        match mechanism {
+    /// Loads and attaches the programs of one variant (all or nothing).
+    fn attach_variant(&mut self, v: &hooks::Variant, btf: &aya::Btf) -> Result<()> {
+        match v.mechanism {
             hooks::Mechanism::TpBtf => {
-                let (name, tracepoint) = evidence.tracepoint();
+                let (name, tracepoint) = v.programs[0];
                 let prog: &mut BtfTracePoint = self
                     .bpf
                     .program_mut(name)
@@ -522,11 +661,11 @@ impl Probes {
                     .with_context(|| format!("loading tp_btf {tracepoint}"))?;
                 prog.attach()
                     .with_context(|| format!("attaching tp_btf {tracepoint}"))?;
-                Ok(format!("tp_btf:{tracepoint}"))
+                Ok(())
             }
             hooks::Mechanism::Kprobe => {
                 let mut links = Vec::new();
-                for (name, function) in evidence.kprobes() {
+                for (name, function) in v.programs {
                     let result = (|| -> Result<()> {
                         let prog: &mut KProbe = self
                             .bpf
@@ -555,15 +694,15 @@ impl Probes {
                         return Err(e);
                     }
                 }
-                Ok(format!("kprobe:{}", evidence.kprobes()[0].1))
+                Ok(())
             }
         }
     }
 
-    /// Attaches only the drop probe through tp_btf (tests and tools that need nothing else).
+    /// Attaches only the drop probe (tests and tools that need nothing else), as
+    /// [`Probes::attach_kernel_hooks`] would choose it.
     pub fn attach_drops(&mut self) -> Result<()> {
-        let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
-        self.attach_one(hooks::Evidence::Drop, hooks::Mechanism::TpBtf, &btf)
+        self.attach_kernel_hooks(None, &[hooks::Evidence::Drop])
             .map(|_| ())
     }
 
@@ -671,12 +810,52 @@ impl Drop for Probes {
     fn drop(&mut self) {
         // clsact filters outlive us unless removed, and must be removed from inside their
         // namespace (netlink acts on the caller's namespace).
+        let mut qdiscs: Vec<(Option<PathBuf>, u32)> = Vec::new();
         for att in std::mem::take(&mut self.nl_links) {
             let ns = self.per_ns[att.ns_index].netns.clone();
             let Ok(prog) = self.classifier(att.ns_index, att.program) else {
                 continue;
             };
-            let _ = netns::run_in(ns.as_deref(), || Ok(prog.detach(att.link)?));
+            if netns::run_in(ns.as_deref(), || Ok(prog.detach(att.link)?)).is_ok() {
+                self.clsact_state.remove(&att.owned);
+            }
+            if att.owned.qdisc_created && !qdiscs.contains(&(ns.clone(), att.owned.ifindex)) {
+                qdiscs.push((ns, att.owned.ifindex));
+            }
         }
+        // The clsact qdiscs podtrace added, unless something else is on them now.
+        for (ns, ifindex) in qdiscs {
+            let _ = clsact::remove_qdisc_if_unused(ns.as_deref(), ifindex);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_floor_is_said_in_one_line() {
+        let old = kernel_floor_problem("4.19.0-27-cloud-amd64", false).unwrap();
+        assert!(old.contains("4.19.0-27-cloud-amd64 is too old"), "{old}");
+        assert!(old.contains("5.8"), "{old}");
+        assert!(!old.contains('\n'));
+        let no_btf = kernel_floor_problem("5.10.0-46-cloud-amd64", false).unwrap();
+        assert!(no_btf.contains("no BTF"), "{no_btf}");
+        assert!(no_btf.contains("CONFIG_DEBUG_INFO_BTF"), "{no_btf}");
+        assert_eq!(kernel_floor_problem("5.8.0", true), None);
+        assert_eq!(
+            kernel_floor_problem("6.12.118+deb13-cloud-amd64", true),
+            None
+        );
+        // A release podtrace cannot parse is judged by BTF alone.
+        assert_eq!(kernel_floor_problem("weird", true), None);
+    }
+
+    #[test]
+    fn unreported_drops_have_a_name() {
+        let reasons = DropReasons::default();
+        assert_eq!(reasons.name(REASON_UNREPORTED), UNREPORTED);
+        assert_eq!(reasons.name(7), "reason 7");
     }
 }

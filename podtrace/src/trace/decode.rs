@@ -18,7 +18,7 @@ pub const HEADER_LEN: usize = std::mem::size_of::<Event>();
 /// What a session decodes its records with.
 #[derive(Debug, Clone, Default)]
 pub struct Decoder {
-    /// Kernel namespace identity (cookie) → index in the plan's namespaces.
+    /// Kernel namespace identity (inode number) → index in the plan's namespaces.
     namespaces: HashMap<u64, usize>,
     /// The session's hop ids.
     hops: std::collections::HashSet<u32>,
@@ -66,7 +66,7 @@ impl Decoder {
         // read unaligned.
         let ev: Event = unsafe { std::ptr::read_unaligned(header.as_ptr().cast::<Event>()) };
         let flow = Flow::from(&ev.flow);
-        let ns = self.namespaces.get(&ev.netns_cookie).copied();
+        let ns = self.namespaces.get(&ev.netns_ino).copied();
         match ev.kind {
             KIND_TC => {
                 // A copy of the tc programs serves only the session's namespaces; an id it did
@@ -109,7 +109,7 @@ impl Decoder {
                 // A lookup without an answer names no device, hence no namespace (cookie 0):
                 // kept, for the consumer to place; one in a namespace not the session's is
                 // not ours.
-                ns: match ev.netns_cookie {
+                ns: match ev.netns_ino {
                     0 => None,
                     _ => Some(ns?),
                 },
@@ -156,7 +156,7 @@ mod tests {
             kind: KIND_TC,
             dir: podtrace_abi::DIR_EGRESS,
             hop_id: 2,
-            netns_cookie: 222,
+            netns_ino: 222,
             cap_len: 4,
             skb_len: 98,
             ts_ns: 5,
@@ -182,7 +182,7 @@ mod tests {
         // A drop in a namespace that is not the session's.
         let drop = Event {
             kind: KIND_DROP,
-            netns_cookie: 5,
+            netns_ino: 5,
             reason: 77,
             ..Event::default()
         };
@@ -207,7 +207,7 @@ mod tests {
     fn drops_are_named_and_placed() {
         let drop = Event {
             kind: KIND_DROP,
-            netns_cookie: 111,
+            netns_ino: 111,
             ifindex: 4,
             hop_id: u32::MAX,
             reason: 77,
@@ -232,7 +232,7 @@ mod tests {
         // No route: no output device, so no namespace (cookie 0) and -ENETUNREACH.
         let none = Event {
             kind: KIND_FIB,
-            netns_cookie: 0,
+            netns_ino: 0,
             reason: (-101i32) as u32,
             aux: 254,
             ..Event::default()
@@ -244,7 +244,7 @@ mod tests {
         // An answer in the session's namespace is placed; one in another namespace is not
         // the session's.
         let here = Event {
-            netns_cookie: 222,
+            netns_ino: 222,
             aux2: 3,
             reason: 0,
             ..none
@@ -254,7 +254,7 @@ mod tests {
         };
         assert_eq!((f.ns, f.oif), (Some(1), Some(3)));
         let elsewhere = Event {
-            netns_cookie: 999,
+            netns_ino: 999,
             ..here
         };
         assert!(d.decode(&record(elsewhere, &[])).is_none());

@@ -58,6 +58,8 @@ const COUNTERS_EVERY: Duration = Duration::from_secs(1);
 /// What started: the mechanisms used and how long it took.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StartInfo {
+    /// How the hop probes are attached: `tcx` (6.6+) or `clsact`.
+    pub tc: Option<crate::probes::TcMode>,
     /// The kernel-side evidence probes and how each was attached.
     pub hooks: Vec<HookReport>,
     /// Loading the eBPF object (ms).
@@ -67,11 +69,15 @@ pub struct StartInfo {
 }
 
 impl StartInfo {
-    /// `drops via tp_btf:kfree_skb, fib via …`.
+    /// `tc via tcx, drops via tp_btf:kfree_skb, fib via …`.
     pub fn hooks_line(&self) -> String {
-        self.hooks
-            .iter()
-            .map(HookReport::summary)
+        let tc = match self.tc {
+            Some(crate::probes::TcMode::Tcx) => "tc via tcx",
+            Some(crate::probes::TcMode::Clsact) => "tc via clsact",
+            None => "tc: none",
+        };
+        std::iter::once(tc.to_owned())
+            .chain(self.hooks.iter().map(HookReport::summary))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -116,9 +122,10 @@ impl Engine {
         for flow in &f.nat {
             nat.insert(flow)?;
         }
+        // Namespaces by inode number (`net->ns.inum`): what the probes report on every kernel.
         let mut cookies = Vec::with_capacity(plan.namespaces.len());
         for ns in &plan.namespaces {
-            cookies.push(crate::netns::cookie_of(Some(&ns.path)).with_context(|| {
+            cookies.push(crate::probes::netns_id(Some(&ns.path)).with_context(|| {
                 format!("network namespace {} of {}", ns.path.display(), ns.owner)
             })?);
         }
@@ -133,6 +140,7 @@ impl Engine {
             crate::signals::check()?;
         }
         let hooks = probes.attach_kernel_hooks(opts.mechanism, &opts.evidence)?;
+        let tc_mode = probes.tc_mode();
         let decoder = decode::Decoder::new(
             &cookies,
             plan.hops.iter().map(|h| h.id),
@@ -158,6 +166,7 @@ impl Engine {
                 stop,
                 reader: Some(reader),
                 info: StartInfo {
+                    tc: tc_mode,
                     hooks,
                     load_ms,
                     attach_ms,

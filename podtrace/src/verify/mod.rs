@@ -44,6 +44,8 @@ pub struct EniArgs {
     /// Also send a few ICMP echoes from inside the pod to --dst.
     #[arg(long)]
     pub probe: bool,
+    #[command(flatten)]
+    pub hooks: crate::cli::HookArgs,
     /// How long to observe.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "3s")]
     pub duration: Duration,
@@ -166,7 +168,14 @@ fn eni(args: EniArgs) -> Result<ExitCode> {
 
     // Watch every uplink of the node, the pod's side, and the kernel's FIB.
     let plan = topology::plan::build(topo, topology::plan::filter(topo, pod_ip, Some(args.dst)));
-    let started = path.start(&plan, &TraceOptions::default(), Some(args.duration))?;
+    let started = path.start(
+        &plan,
+        &TraceOptions {
+            mechanism: args.hooks.hooks,
+            ..TraceOptions::default()
+        },
+        Some(args.duration),
+    )?;
     if args.json {
         println!(
             "{}",
@@ -175,10 +184,12 @@ fn eni(args: EniArgs) -> Result<ExitCode> {
                 pod: &topo.pod.name,
                 dst: args.dst.to_string(),
                 hops: &plan.hops,
+                tc: started.info().tc,
                 kernel_hooks: &started.info().hooks,
             })?
         );
     } else {
+        eprintln!("hooks: {}", started.hooks_line());
         eprintln!("probes live");
     }
     let mut prober = if args.probe {
@@ -256,6 +267,7 @@ struct ReadyJson<'a> {
     pod: &'a str,
     dst: String,
     hops: &'a [PlannedHop],
+    tc: Option<crate::probes::TcMode>,
     kernel_hooks: &'a [crate::probes::hooks::HookReport],
 }
 

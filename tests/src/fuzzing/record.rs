@@ -72,7 +72,7 @@ fn record(fill: impl FnOnce(&mut Event), data: &[u8]) -> Vec<u8> {
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let base = |e: &mut Event| {
         e.ts_ns = 1_000;
-        e.netns_cookie = 0x1111;
+        e.netns_ino = 0x1111;
         e.hop_id = 1;
         e.ifindex = 2;
         e.skb_len = 98;
@@ -127,7 +127,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                     e.aux = 254;
                     e.aux2 = 4;
                     e.aux3 = u32::from_ne_bytes([10, 244, 1, 0]);
-                    e.netns_cookie = 0x2222;
+                    e.netns_ino = 0x2222;
                 },
                 &[],
             ),
