@@ -1,16 +1,19 @@
 //! The hop probes: tc programs on every interface of a pod's path.
 use aya_ebpf::helpers::generated::bpf_skb_load_bytes;
 use aya_ebpf::{
-    bindings::TC_ACT_UNSPEC, helpers::bpf_ktime_get_ns, macros::classifier, programs::TcContext,
+    bindings::{BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
+    helpers::bpf_ktime_get_ns,
+    macros::classifier,
+    programs::TcContext,
 };
 use podtrace_abi::{
-    CaptureBuf, Event, CNT_LOST, CNT_TC_MATCHED, CNT_TC_SEEN, DIR_EGRESS, DIR_INGRESS,
-    FILTER_CAPTURE, FILTER_EMIT, KIND_TC, MAX_SNAPLEN,
+    Event, Filter, CNT_LOST, CNT_TC_MATCHED, CNT_TC_SEEN, DIR_EGRESS, DIR_INGRESS, FILTER_CAPTURE,
+    FILTER_EMIT, KIND_TC, MAX_SNAPLEN,
 };
 
 use crate::{
-    maps::{bump, bump_hop, emit, filter, hop_id, CAPTURE_SCRATCH, EVENTS},
-    packet::{parse_eth, Reader},
+    maps::{bump, bump_hop, emit, filter, hop_id, seen_pair, wake_flags, EVENTS},
+    packet::{expression_may_match, parse_eth, Reader},
 };
 
 /// The inode number of the network namespace this copy of the program serves, set by
@@ -20,6 +23,13 @@ use crate::{
 /// the copies share every map.
 #[unsafe(no_mangle)]
 static NETNS_INO: u64 = 0;
+
+/// Whether this copy serves a capture session (packet bytes, the capture expression), set by
+/// userspace at load time. A constant of the read-only data, so for the other sessions the
+/// verifier sees the capture path as dead code and skips it: it is most of what it would
+/// otherwise explore, and verifying is most of the time it takes to start.
+#[unsafe(no_mangle)]
+static CAPTURE_MODE: u8 = 0;
 
 struct SkbReader<'a>(&'a TcContext);
 
@@ -47,23 +57,36 @@ pub fn hop_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn track(ctx: &TcContext, dir: u8) {
-    bump(CNT_TC_SEEN);
     let Some(f) = filter() else { return };
+    let count_only = f.flags & FILTER_EMIT == 0;
+    if count_only {
+        bump(CNT_TC_SEEN);
+    }
     let Some(flow) = parse_eth(&SkbReader(ctx), 0, f) else {
         return;
     };
+    // SAFETY: a plain read of a global; volatile so the load-time value is used.
+    let capture_mode = unsafe { core::ptr::read_volatile(&CAPTURE_MODE) } != 0;
+    if capture_mode && !expression_may_match(f, &flow) {
+        return;
+    }
     bump(CNT_TC_MATCHED);
     // SAFETY: a plain read of a global; volatile so the load-time value is used.
     let netns_ino = unsafe { core::ptr::read_volatile(&NETNS_INO) };
     // SAFETY: `ctx.skb.skb` is the kernel's `__sk_buff`, readable for the program's lifetime.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let hop = hop_id(netns_ino, ifindex);
-    bump_hop(hop, dir);
-    if f.flags & FILTER_EMIT == 0 {
+    if count_only {
+        bump_hop(hop, dir);
         return;
     }
+    // SAFETY: plain helper.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if f.proto != 0 || f.port != 0 {
+        seen_pair(flow.saddr, flow.daddr, now);
+    }
     let mut ev = Event {
-        ts_ns: unsafe { bpf_ktime_get_ns() },
+        ts_ns: now,
         netns_ino,
         kind: KIND_TC,
         dir,
@@ -73,44 +96,61 @@ fn track(ctx: &TcContext, dir: u8) {
         flow,
         ..Event::default()
     };
-    if f.flags & FILTER_CAPTURE != 0 {
-        capture(ctx, &mut ev, f.snaplen);
+    if capture_mode && f.flags & FILTER_CAPTURE != 0 {
+        capture(ctx, f, &mut ev);
     } else {
-        emit(&ev);
+        emit(f, &ev);
     }
 }
 
-/// Emits the event followed by up to `snaplen` bytes of the packet.
+const HEADER: usize = core::mem::size_of::<Event>();
+
+/// Reserves a record of the event header and `B` packet bytes, loads up to `len` bytes of
+/// the packet straight into it (no copy in between) and submits it.
 #[inline(always)]
-fn capture(ctx: &TcContext, ev: &mut Event, snaplen: u32) {
-    // SAFETY: plain helper; tc programs do not migrate between CPUs while they run.
-    let cpu = unsafe { aya_ebpf::helpers::generated::bpf_get_smp_processor_id() };
-    let Some(buf) = CAPTURE_SCRATCH.get_ptr_mut(cpu) else {
+fn record<const B: usize>(ctx: &TcContext, f: &Filter, ev: &mut Event, len: u32) {
+    // Bounds the verifier can follow: 1..=B. The volatile read hides what the caller's size
+    // class already says about `len`, or LLVM drops the mask as redundant and the verifier,
+    // whose view of the branches differs, is left with a length it cannot bound by `B`.
+    // SAFETY: a read of a local.
+    let len = unsafe { core::ptr::read_volatile(&len) };
+    let len = (len.wrapping_sub(1) & (B as u32 - 1)) + 1;
+    let Some(mut entry) = EVENTS.reserve_bytes(HEADER + B, 0) else {
+        bump(CNT_LOST);
         return;
     };
-    let buf: *mut CaptureBuf = buf;
+    ev.cap_len = len;
+    let base = entry.as_mut_ptr();
+    // SAFETY: the entry holds HEADER + B bytes; the header is written unaligned; the helper
+    // checks the packet's bounds and writes at most `len` ≤ B bytes after the header.
+    unsafe {
+        core::ptr::write_unaligned(base.cast::<Event>(), *ev);
+        let data = base.add(HEADER).cast::<core::ffi::c_void>();
+        if bpf_skb_load_bytes(ctx.skb.skb as *const _, 0, data, len) != 0 {
+            entry.discard(BPF_RB_NO_WAKEUP as u64);
+            return;
+        }
+    }
+    entry.submit(wake_flags(f, (HEADER + B) as u64));
+}
+
+/// Emits the event followed by up to the snap length of the packet's bytes, in the smallest
+/// record size class that holds them.
+#[inline(always)]
+fn capture(ctx: &TcContext, f: &Filter, ev: &mut Event) {
     let mut len = ev.skb_len;
-    if len > snaplen {
-        len = snaplen;
+    if len > f.snaplen {
+        len = f.snaplen;
     }
     if len > MAX_SNAPLEN {
         len = MAX_SNAPLEN;
     }
-    // Bounds the verifier can follow: 1..=MAX_SNAPLEN.
-    let len = (len.wrapping_sub(1) & (MAX_SNAPLEN - 1)) + 1;
-    // SAFETY: `buf` is this CPU's scratch; `data` holds MAX_SNAPLEN bytes; the helpers check
-    // the packet bounds themselves.
-    unsafe {
-        let data = core::ptr::addr_of_mut!((*buf).data) as *mut core::ffi::c_void;
-        if bpf_skb_load_bytes(ctx.skb.skb as *const _, 0, data, len) != 0 {
-            return;
-        }
-        ev.cap_len = len;
-        (*buf).event = *ev;
-        let total = core::mem::size_of::<Event>() + len as usize;
-        let record = core::slice::from_raw_parts(buf as *const u8, total);
-        if EVENTS.output::<[u8]>(record, 0).is_err() {
-            bump(CNT_LOST);
-        }
+    // Headers (`-s 128`), a frame of a 1500-byte MTU, anything up to 64 KiB (GSO).
+    if len <= 128 {
+        record::<128>(ctx, f, ev, len);
+    } else if len <= 2048 {
+        record::<2048>(ctx, f, ev, len);
+    } else {
+        record::<{ MAX_SNAPLEN as usize }>(ctx, f, ev, len);
     }
 }

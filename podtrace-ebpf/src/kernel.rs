@@ -163,18 +163,21 @@ unsafe fn on_drop(skb: *const u8, reason: u32) -> Option<()> {
         }
         let dev: *const u8 = read_at(skb, off.skb_dev).unwrap_or(core::ptr::null());
         let (ifindex, netns_ino) = device(dev, off).unwrap_or((0, 0));
-        emit(&Event {
-            ts_ns: bpf_ktime_get_ns(),
-            netns_ino,
-            kind: KIND_DROP,
-            dir: DIR_INGRESS,
-            hop_id: hop_id(netns_ino, ifindex),
-            ifindex,
-            skb_len: read_at(skb, off.skb_len).unwrap_or(0),
-            reason,
-            flow,
-            ..Event::default()
-        });
+        emit(
+            f,
+            &Event {
+                ts_ns: bpf_ktime_get_ns(),
+                netns_ino,
+                kind: KIND_DROP,
+                dir: DIR_INGRESS,
+                hop_id: hop_id(netns_ino, ifindex),
+                ifindex,
+                skb_len: read_at(skb, off.skb_len).unwrap_or(0),
+                reason,
+                flow,
+                ..Event::default()
+            },
+        );
     }
     Some(())
 }
@@ -215,17 +218,20 @@ unsafe fn on_xmit(skb: *const u8, dev: *const u8) -> Option<()> {
             return Some(());
         }
         let (ifindex, netns_ino) = device(dev, off)?;
-        emit(&Event {
-            ts_ns: bpf_ktime_get_ns(),
-            netns_ino,
-            kind: KIND_XMIT,
-            dir: DIR_EGRESS,
-            hop_id: hop_id(netns_ino, ifindex),
-            ifindex,
-            skb_len: read_at(skb, off.skb_len).unwrap_or(0),
-            flow,
-            ..Event::default()
-        });
+        emit(
+            f,
+            &Event {
+                ts_ns: bpf_ktime_get_ns(),
+                netns_ino,
+                kind: KIND_XMIT,
+                dir: DIR_EGRESS,
+                hop_id: hop_id(netns_ino, ifindex),
+                ifindex,
+                skb_len: read_at(skb, off.skb_len).unwrap_or(0),
+                flow,
+                ..Event::default()
+            },
+        );
     }
     Some(())
 }
@@ -328,6 +334,14 @@ unsafe fn on_fib(tb_id: u32, flp: *const u8, nhc: *const u8, err: i32) -> Option
         if !crate::packet::fib_match(f, flow.saddr, flow.daddr, flow.proto, ports) {
             return None;
         }
+        // A forwarded packet's lookup has no protocol and no ports: with a protocol or a
+        // port in the filter, only address pairs the hop probes saw traced packets between.
+        if flow.proto == 0
+            && (f.proto != 0 || f.port != 0)
+            && !crate::maps::recent(flow.saddr, flow.daddr)
+        {
+            return None;
+        }
         bump(CNT_FIB_MATCHED);
         if f.flags & FILTER_EMIT == 0 {
             return Some(());
@@ -341,20 +355,23 @@ unsafe fn on_fib(tb_id: u32, flp: *const u8, nhc: *const u8, err: i32) -> Option
             }
             gw = read_at(nhc, off.nhc_gw).unwrap_or(0);
         }
-        emit(&Event {
-            ts_ns: bpf_ktime_get_ns(),
-            netns_ino,
-            kind: KIND_FIB,
-            dir: DIR_EGRESS,
-            hop_id: u32::MAX,
-            ifindex: oif,
-            reason: err as u32,
-            aux: tb_id,
-            aux2: oif,
-            aux3: gw,
-            flow,
-            ..Event::default()
-        });
+        emit(
+            f,
+            &Event {
+                ts_ns: bpf_ktime_get_ns(),
+                netns_ino,
+                kind: KIND_FIB,
+                dir: DIR_EGRESS,
+                hop_id: u32::MAX,
+                ifindex: oif,
+                reason: err as u32,
+                aux: tb_id,
+                aux2: oif,
+                aux3: gw,
+                flow,
+                ..Event::default()
+            },
+        );
     }
     Some(())
 }

@@ -1,10 +1,13 @@
 //! podtrace's eBPF programs. One data path, as in pwru: filter → track → emit.
 //!
 //! - `hop_ingress` / `hop_egress` (tc, TCX or clsact): on every interface of the pod's path.
-//!   They parse the packet (looking inside VXLAN), apply the `FILTER`, count the packet for its
-//!   hop in `HOP_STATS` and emit an [`Event`] to `EVENTS`. They never change or drop a packet
+//!   They parse the packet (looking inside VXLAN), apply the `FILTER` (the conversation, its
+//!   translated forms, a capture expression's necessary conditions) and emit an [`Event`] to
+//!   `EVENTS` — with the packet's bytes loaded straight into the ring buffer in capture
+//!   sessions —, waking the reader only once enough waits. They never change or drop a packet
 //!   and always hand it on to the next program (`TC_ACT_UNSPEC` / `TCX_NEXT`).
-//! - `drop_kfree_skb` (tp_btf `skb:kfree_skb`): a filtered packet freed with a drop reason.
+//! - drops (`skb:kfree_skb`), FIB lookups and device transmits, through tp_btf or kprobes:
+//!   the kernel-side evidence about the same packets.
 //!
 //! Maps and the event layout are in `podtrace-abi`, shared with userspace.
 #![cfg_attr(target_arch = "bpf", no_std)]

@@ -1,11 +1,10 @@
 //! The maps shared with userspace (names are part of the ABI: userspace looks them up by name).
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use podtrace_abi::{
-    CaptureBuf, Filter, HopKey, KernelOffsets, CNT_SLOTS, FIB_STACK_DEPTH, MAX_HOPS,
-};
+use podtrace_abi::{AddrPair, Filter, HopKey, KernelOffsets, CNT_SLOTS, FIB_STACK_DEPTH, MAX_HOPS};
 
 /// What to trace (index 0).
 #[map]
@@ -31,10 +30,12 @@ pub static OFFSETS: Array<KernelOffsets> = Array::with_max_entries(1, 0);
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 
-/// Scratch where a capture record (event + packet bytes) is assembled, one slot per CPU
-/// (a per-CPU map cannot hold 64 KiB values). Userspace sizes it to the possible CPUs.
+/// Address pairs the hop probes saw traced packets between, and when (see `AddrPair`).
 #[map]
-pub static CAPTURE_SCRATCH: Array<CaptureBuf> = Array::with_max_entries(256, 0);
+pub static RECENT: LruHashMap<AddrPair, u64> = LruHashMap::with_max_entries(1024, 0);
+
+/// How long a pair seen by the hop probes lets its route lookups through (ns).
+pub const RECENT_NS: u64 = 1_000_000_000;
 
 /// Per-CPU stack between the fib_table_lookup kprobe and its kretprobe: `(tb, flp, res)` of
 /// each call in flight, the innermost at `FIB_DEPTH - 1` (nested calls keep their own
@@ -65,6 +66,27 @@ pub fn bump_hop(hop_id: u32, dir: u8) {
     }
 }
 
+/// Records that the hop probes saw a traced packet from `saddr` to `daddr` now (at most
+/// one map update per pair and millisecond).
+#[inline(always)]
+pub fn seen_pair(saddr: u32, daddr: u32, now: u64) {
+    let key = AddrPair { saddr, daddr };
+    // SAFETY: the value is a plain u64 copied out at once.
+    let fresh = unsafe { RECENT.get(&key) }.is_some_and(|t| now.wrapping_sub(*t) < 1_000_000);
+    if !fresh {
+        let _ = RECENT.insert(&key, &now, 0);
+    }
+}
+
+/// Whether the hop probes saw a traced packet from `saddr` to `daddr` lately.
+#[inline(always)]
+pub fn recent(saddr: u32, daddr: u32) -> bool {
+    let key = AddrPair { saddr, daddr };
+    // SAFETY: helper call; the value is a plain u64 copied out at once.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    unsafe { RECENT.get(&key) }.is_some_and(|t| now.wrapping_sub(*t) < RECENT_NS)
+}
+
 #[inline(always)]
 pub fn filter() -> Option<&'static Filter> {
     let f = FILTER.get(0)?;
@@ -88,13 +110,30 @@ pub fn hop_id(netns_ino: u64, ifindex: u32) -> u32 {
     }
 }
 
+/// The flags to submit a record of `size` bytes with: a wake-up of the reader only once
+/// `wake_bytes` wait (the reader polls on a short timer meanwhile), at once when 0.
+#[inline(always)]
+pub fn wake_flags(f: &Filter, size: u64) -> u64 {
+    if f.wake_bytes == 0 {
+        return 0;
+    }
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) + size >= f.wake_bytes as u64 {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
 /// Emits an event, or counts it as lost when the ring buffer is full.
 #[inline(always)]
-pub fn emit(ev: &podtrace_abi::Event) {
+pub fn emit(f: &Filter, ev: &podtrace_abi::Event) {
     match EVENTS.reserve::<podtrace_abi::Event>(0) {
         Some(mut entry) => {
             entry.write(*ev);
-            entry.submit(0);
+            entry.submit(wake_flags(
+                f,
+                core::mem::size_of::<podtrace_abi::Event>() as u64,
+            ));
         }
         None => bump(podtrace_abi::CNT_LOST),
     }

@@ -9,7 +9,10 @@
 //! translated forms: a Service's backends, masquerade addresses), and an ICMP error a look at
 //! the header it quotes (an error about the conversation, sent from another address).
 use aya_ebpf::{macros::map, maps::HashMap};
-use podtrace_abi::{Filter, FlowInfo, NatKey, FILTER_NAT, MAX_NAT_FLOWS, MAX_VXLAN_PORTS};
+use podtrace_abi::{
+    Filter, FlowInfo, NatKey, FILTER_NAT, MAX_NAT_FLOWS, MAX_VXLAN_PORTS, MAX_X_NETS, MAX_X_PORTS,
+    MAX_X_PROTOS,
+};
 
 /// The translated forms of the traced conversation, filled by userspace (from the Service
 /// model before traffic flows, from conntrack as connections appear). Declared here rather
@@ -322,4 +325,60 @@ fn finish<R: Reader>(
         return None;
     }
     Some(flow)
+}
+
+/// The capture expression's necessary conditions (`Filter::x_*`): protocol, networks,
+/// ports, on the packet the hop probes parsed (the inner one in VXLAN, as userspace's filter
+/// sees it). What they cannot decide is left to userspace, which applies the whole
+/// expression. Only the hop probes apply it: a drop of the conversation stops a capture
+/// (`--stop-on drop`) whatever the expression.
+#[inline(always)]
+pub fn expression_may_match(f: &Filter, flow: &FlowInfo) -> bool {
+    if f.x_nprotos != 0 {
+        let mut ok = false;
+        let mut i = 0;
+        while i < MAX_X_PROTOS {
+            if i < f.x_nprotos as usize && f.x_protos[i] == flow.proto {
+                ok = true;
+            }
+            i += 1;
+        }
+        if !ok {
+            return false;
+        }
+    }
+    if f.x_nnets != 0 {
+        let mut ok = false;
+        let mut i = 0;
+        while i < MAX_X_NETS {
+            let n = f.x_nets[i];
+            if i < f.x_nnets as usize
+                && (flow.saddr & n.mask == n.addr || flow.daddr & n.mask == n.addr)
+            {
+                ok = true;
+            }
+            i += 1;
+        }
+        if !ok {
+            return false;
+        }
+    }
+    if f.x_nports != 0 {
+        if flow.proto != IPPROTO_TCP && flow.proto != IPPROTO_UDP {
+            return false;
+        }
+        let mut ok = false;
+        let mut i = 0;
+        while i < MAX_X_PORTS {
+            if i < f.x_nports as usize && (f.x_ports[i] == flow.sport || f.x_ports[i] == flow.dport)
+            {
+                ok = true;
+            }
+            i += 1;
+        }
+        if !ok {
+            return false;
+        }
+    }
+    true
 }

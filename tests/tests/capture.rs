@@ -324,8 +324,16 @@ fn classic_pcap_and_a_udp_only_expression() {
     );
     let _ = lab.exec("pod-a1", &["ping", "-c", "3", "-i", "0.2", "10.244.1.5"]);
     udp_burst(&lab, "pod-a1", "10.244.1.5", 7002, 5, 100);
+    // Same protocol, another port: the kernel's check of the expression's ports rejects it.
+    udp_burst(&lab, "pod-a1", "10.244.1.5", 7003, 5, 100);
     let (code, _, stderr) = run.wait(20);
     assert_eq!(code, Some(0), "{stderr}");
+    // The hop probes applied the expression's protocol and port: neither the pings nor the
+    // datagrams to 7003 reached userspace.
+    assert!(
+        stderr.contains(", 0 seen by the probes but not matching the expression"),
+        "{stderr}"
+    );
     // tcpdump reads classic pcap.
     let out = Command::new("tcpdump")
         .args(["-nn", "-r", &file])
@@ -346,6 +354,30 @@ fn classic_pcap_and_a_udp_only_expression() {
         &["frame.interface_name"],
     ));
     assert_eq!(per_hop.values().sum::<usize>(), 25, "{text}");
+    // An expression the kernel cannot check (a negation promises nothing): the pings reach
+    // userspace, which rejects them; the file holds the datagrams alone.
+    let file2 = dir.file("not-icmp.pcapng");
+    let run = capture(
+        &lab,
+        &["pod-a1", "not", "icmp", "-w", &file2, "--duration", "4"],
+    );
+    let _ = lab.exec("pod-a1", &["ping", "-c", "3", "-i", "0.2", "10.244.1.5"]);
+    udp_burst(&lab, "pod-a1", "10.244.1.5", 7003, 2, 100);
+    let (code, _, stderr) = run.wait(20);
+    assert_eq!(code, Some(0), "{stderr}");
+    let rejected: u64 = stderr
+        .lines()
+        .flat_map(|l| l.split(", "))
+        .find_map(|part| part.strip_suffix(" seen by the probes but not matching the expression"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no expression count: {stderr}"));
+    // 3 requests and 3 replies on (at least) the pod's eth0 and its host veth.
+    assert!(rejected >= 12, "{stderr}");
+    let frames = count_by_first_field(&tshark(Path::new(&file2), "", &["ip.proto"]));
+    assert!(
+        !frames.is_empty() && frames.keys().all(|k| k.split(',').all(|p| p == "17")),
+        "only UDP (outer and inner through VXLAN): {frames:?}"
+    );
     // A filter podtrace cannot evaluate is refused up front.
     let bad = podtrace(&[
         "capture",

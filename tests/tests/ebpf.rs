@@ -9,16 +9,21 @@ use podtrace_tests::{require_root, unique_prefix, VethPair};
 const HOP_A: u32 = 0;
 const HOP_B: u32 = 1;
 
-fn attach(pair: &VethPair) -> Probes {
+fn icmp_between(pair: &VethPair, emit: bool) -> FilterSpec {
+    FilterSpec {
+        a: Some(pair.a_ip),
+        b: Some(pair.b_ip),
+        proto: Some(1),
+        emit,
+        ..FilterSpec::default()
+    }
+}
+
+/// Hop probes on both ends of the pair and the drop probe; `emit`: events (otherwise the
+/// count-only mode, which keeps the per-hop counters).
+fn attach(pair: &VethPair, emit: bool) -> Probes {
     let mut probes = Probes::load().expect("loading the eBPF object");
-    probes
-        .set_filter(FilterSpec {
-            a: Some(pair.a_ip),
-            b: Some(pair.b_ip),
-            proto: Some(1),
-            ..FilterSpec::default()
-        })
-        .unwrap();
+    probes.set_filter(icmp_between(pair, emit)).unwrap();
     for (ns, ifname, hop_id) in [
         (&pair.a, VethPair::A_IF, HOP_A),
         (&pair.b, VethPair::B_IF, HOP_B),
@@ -57,7 +62,8 @@ fn ping(pair: &VethPair, count: u32) -> bool {
 fn tc_probes_count_pings_on_both_hops() {
     require_root();
     let pair = VethPair::new(&unique_prefix("tc"), 1);
-    let mut probes = attach(&pair);
+    // Count-only first (what `follow --count-only`-like idle checks use): per-hop counters.
+    let mut probes = attach(&pair, false);
     // Traffic that does not match the filter must not be counted: a UDP datagram a → b.
     pair.a
         .exec(&["sh", "-c", &format!("echo x > /dev/udp/{}/9", pair.b_ip)]);
@@ -85,9 +91,19 @@ fn tc_probes_count_pings_on_both_hops() {
         "ARP/UDP were seen but not matched"
     );
     assert_eq!(counters.lost, 0);
-
-    // Every matched packet also reached userspace as an event, in order along the path.
+    // Count-only emits nothing.
     let mut ring = probes.take_events().unwrap();
+    let mut tc = 0;
+    while let Some(item) = ring.next() {
+        tc += usize::from(read_event(&item).expect("a whole event").kind == KIND_TC);
+    }
+    assert_eq!(tc, 0, "count-only mode emitted hop events");
+
+    // Then with events: every matched packet reaches userspace as an event, in order along
+    // the path; the per-hop counters stay as they were (an event session counts from its
+    // events, and keeps a map update off every packet).
+    probes.set_filter(icmp_between(&pair, true)).unwrap();
+    assert!(ping(&pair, N), "pings over the veth pair failed");
     let mut events = Vec::new();
     while let Some(item) = ring.next() {
         events.push(read_event(&item).expect("a whole event"));
@@ -95,6 +111,18 @@ fn tc_probes_count_pings_on_both_hops() {
     events.retain(|e| e.kind == KIND_TC);
     assert_eq!(events.len(), 4 * N as usize);
     assert!(events.iter().all(|e| e.flow.proto == 1));
+    for (hop, dir) in [
+        (HOP_A, DIR_EGRESS),
+        (HOP_A, DIR_INGRESS),
+        (HOP_B, DIR_INGRESS),
+        (HOP_B, DIR_EGRESS),
+    ] {
+        let n = events
+            .iter()
+            .filter(|e| e.hop_id == hop && e.dir == dir)
+            .count();
+        assert_eq!(n, N as usize, "hop {hop} dir {dir}");
+    }
     for seq in 1..=N {
         let request = |hop, dir| {
             events
@@ -110,13 +138,16 @@ fn tc_probes_count_pings_on_both_hops() {
         };
         assert!(request(HOP_A, DIR_EGRESS) <= request(HOP_B, DIR_INGRESS));
     }
+    let after = probes.hop_counts(HOP_A).unwrap();
+    assert_eq!((after.egress, after.ingress), (N as u64, N as u64));
+    assert_eq!(probes.counters().unwrap().tc_matched, 8 * N as u64);
 }
 
 #[test]
 fn drop_probe_reports_netfilter_drops_with_their_reason() {
     require_root();
     let pair = VethPair::new(&unique_prefix("drop"), 2);
-    let mut probes = attach(&pair);
+    let mut probes = attach(&pair, true);
     pair.b
         .exec_ok(&["iptables", "-A", "INPUT", "-p", "icmp", "-j", "DROP"]);
     const M: u32 = 5;
@@ -127,12 +158,6 @@ fn drop_probe_reports_netfilter_drops_with_their_reason() {
     // The probes count as the packets pass: ping has waited for every reply, so the counts
     // are final.
 
-    let b = probes.hop_counts(HOP_B).unwrap();
-    assert_eq!(
-        (b.ingress, b.egress),
-        (M as u64, 0),
-        "requests reached veth-b, no reply left"
-    );
     assert_eq!(probes.counters().unwrap().drops_matched, M as u64);
 
     let reason = probes
@@ -141,12 +166,24 @@ fn drop_probe_reports_netfilter_drops_with_their_reason() {
         .expect("the kernel names NETFILTER_DROP");
     let mut ring = probes.take_events().unwrap();
     let mut drops = Vec::new();
+    let (mut b_in, mut b_out) = (0, 0);
     while let Some(item) = ring.next() {
         let ev = read_event(&item).unwrap();
         if ev.kind == KIND_DROP {
             drops.push(ev);
+        } else if ev.kind == KIND_TC && ev.hop_id == HOP_B {
+            if ev.dir == DIR_INGRESS {
+                b_in += 1;
+            } else {
+                b_out += 1;
+            }
         }
     }
+    assert_eq!(
+        (b_in, b_out),
+        (M, 0),
+        "requests reached veth-b, no reply left"
+    );
     let names: Vec<String> = drops
         .iter()
         .map(|d| probes.drop_reasons().name(d.reason))

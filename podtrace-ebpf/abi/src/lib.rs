@@ -39,6 +39,8 @@ pub const MAX_NAT_FLOWS: u32 = 1024;
 pub const MAX_SNAPLEN: u32 = 65536;
 
 /// `Counters` slots (a per-CPU array of u64).
+/// Packets the hop probes looked at: counted in count-only sessions (`FILTER_EMIT` off)
+/// only, to keep a map update off every packet of the machine otherwise.
 pub const CNT_TC_SEEN: u32 = 0;
 pub const CNT_TC_MATCHED: u32 = 1;
 pub const CNT_DROP_MATCHED: u32 = 2;
@@ -48,7 +50,8 @@ pub const CNT_XMIT_MATCHED: u32 = 4;
 pub const CNT_LOST: u32 = 5;
 pub const CNT_SLOTS: u32 = 8;
 
-/// Per-hop packet counters (`HOP_STATS`, per-CPU, keyed by hop id).
+/// Per-hop packet counters (`HOP_STATS`, per-CPU, keyed by hop id; kept in count-only
+/// sessions, `FILTER_EMIT` off: a session with events counts from them).
 pub const MAX_HOPS: u32 = 256;
 
 /// What to trace: packets between `addr_a` and `addr_b` (either direction), optionally
@@ -75,6 +78,47 @@ pub struct Filter {
     /// ports.
     pub vxlan_more: [u16; MAX_VXLAN_PORTS - 1],
     pub _pad2: u16,
+    /// Wake the reader once this many bytes wait in the ring buffer (0: at every event).
+    /// Below it events are submitted without a wake-up: the reader polls on a short timer,
+    /// and a burst costs one wake-up instead of one per packet.
+    pub wake_bytes: u32,
+    /// A capture expression's necessary conditions (`PreFilter`), checked on the packet
+    /// (the inner one in VXLAN) after the conversation matched; a count of 0 is no condition.
+    /// The protocol is one of `x_protos`.
+    pub x_nprotos: u8,
+    /// The source or destination address is in one of `x_nets`.
+    pub x_nnets: u8,
+    /// The source or destination port is one of `x_ports`.
+    pub x_nports: u8,
+    pub _pad3: u8,
+    pub x_protos: [u8; MAX_X_PROTOS],
+    pub x_nets: [XNet; MAX_X_NETS],
+    pub x_ports: [u16; MAX_X_PORTS],
+}
+
+/// At most this many protocols, networks and ports of a capture expression are checked in
+/// the kernel (an expression with more is checked in userspace only).
+pub const MAX_X_PROTOS: usize = 4;
+pub const MAX_X_NETS: usize = 4;
+pub const MAX_X_PORTS: usize = 8;
+
+/// A network of a capture expression: address and mask, network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XNet {
+    pub addr: u32,
+    pub mask: u32,
+}
+
+/// `RECENT` key: a source and destination address (network order) the hop probes saw a
+/// traced packet between. A route lookup of a forwarded packet carries no protocol or ports,
+/// so with a protocol or port in the filter, its lookups are reported only for address pairs
+/// whose traced packets were seen (the idle cost of a filter that rejects everything).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AddrPair {
+    pub saddr: u32,
+    pub daddr: u32,
 }
 
 /// A translated form of the traced conversation (`NAT_FLOWS` key): packets from `addr_a` to
@@ -210,13 +254,6 @@ pub struct Event {
     pub _pad3: u32,
 }
 
-/// Scratch for a capture record: the event header, then the packet bytes.
-#[repr(C)]
-pub struct CaptureBuf {
-    pub event: Event,
-    pub data: [u8; MAX_SNAPLEN as usize],
-}
-
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern is valid.
@@ -225,4 +262,5 @@ mod user {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::NatKey {}
+    unsafe impl aya::Pod for super::AddrPair {}
 }

@@ -102,6 +102,20 @@ fn split_words(args: &CaptureArgs) -> Result<(PodArgs, Vec<String>)> {
     ))
 }
 
+/// The part of a capture expression the hop probes check: its necessary protocols, networks
+/// and ports (each set the kernel cannot hold whole is left to userspace).
+pub fn kernel_expression(pre: &crate::pcap::PreFilter) -> crate::probes::KernelExpr {
+    let protos: Vec<u8> = pre.protocols.iter().flatten().copied().collect();
+    let nets: Vec<(Ipv4Addr, u32)> = pre
+        .networks
+        .iter()
+        .flatten()
+        .map(|n| (n.addr(), n.mask()))
+        .collect();
+    let ports: Vec<u16> = pre.ports.iter().flatten().copied().collect();
+    crate::probes::KernelExpr::new(&protos, &nets, &ports)
+}
+
 pub fn run(args: CaptureArgs) -> Result<ExitCode> {
     let (pod_args, expr) = split_words(&args)?;
     let filter = if expr.is_empty() {
@@ -134,6 +148,10 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
         Some(p) => p,
         None => topology::plan::build(topo, topology::plan::filter(topo, pod_ip, args.dst)),
     };
+    let expression = filter
+        .as_ref()
+        .map(|f| kernel_expression(&f.prefilter()))
+        .unwrap_or_default();
     let sink = CaptureSink::create(&out, &plan, filter, args.stop_on, args.tail)?;
     let started = path.start(
         &plan,
@@ -143,6 +161,8 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
             // would only load the ring buffer at capture rates.
             evidence: vec![Evidence::Drop],
             mechanism: args.hooks.hooks,
+            // What the kernel can check of EXPR: packets that cannot match never leave it.
+            expression,
         },
         args.duration,
     )?;
@@ -214,7 +234,7 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
     if let Some((_, what)) = &capture.sink.triggered {
         eprintln!("stopped on {what} (after a {:?} tail)", args.tail);
     }
-    sink::report(&stats, &files, &plan);
+    sink::report(&stats, &files, &plan, capture.sink.not_matched());
     Ok(ExitCode::SUCCESS)
 }
 

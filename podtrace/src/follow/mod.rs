@@ -330,10 +330,14 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
     }
     let lost = outcome.counters.lost;
     // Close the capture files whatever stopped us, so they are complete.
-    let captured = follower.sink.take().map(|mut s| s.finish(lost)).transpose();
+    let captured = follower
+        .sink
+        .take()
+        .map(|mut s| s.finish(lost).map(|r| (r, s.not_matched())))
+        .transpose();
     let stop = outcome.stop?;
-    if let Some((stats, files)) = captured.context("closing the capture")? {
-        crate::pcap::sink::report(&stats, &files, &plan);
+    if let Some(((stats, files), not_matched)) = captured.context("closing the capture")? {
+        crate::pcap::sink::report(&stats, &files, &plan, not_matched);
     }
     let rest = follower.correlator.finish();
     follower.emit(rest)?;

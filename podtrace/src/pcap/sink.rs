@@ -51,6 +51,9 @@ pub struct CaptureSink {
     wall_offset: i128,
     pub written: u64,
     pub bytes: u64,
+    /// Packets the kernel handed up that the expression then rejected (what of it the hop
+    /// probes could not check).
+    pub not_matched: u64,
     stop_on: Option<StopOn>,
     tail: Duration,
     /// When the stop event was seen, and what it was.
@@ -114,6 +117,7 @@ impl CaptureSink {
             index,
             wall_offset,
             written: 0,
+            not_matched: 0,
             bytes: 0,
             stop_on,
             tail,
@@ -126,6 +130,11 @@ impl CaptureSink {
         self.writer
             .as_mut()
             .ok_or_else(|| anyhow!("the capture was finished"))
+    }
+
+    /// With an expression, the packets it rejected after the kernel handed them up.
+    pub fn not_matched(&self) -> Option<u64> {
+        self.filter.as_ref().map(|_| self.not_matched)
     }
 
     /// Takes one event: writes its packet (if it has one and passes the filter) and checks
@@ -156,6 +165,7 @@ impl CaptureSink {
         };
         if let Some(f) = &self.filter {
             if !f.matches(&super::parse_ethernet(data)) {
+                self.not_matched += 1;
                 return Ok(());
             }
         }
@@ -214,10 +224,16 @@ impl CaptureSink {
 }
 
 /// The end-of-run report (stderr, as tcpdump's).
-pub fn report(stats: &Stats, files: &[PathBuf], plan: &Plan) {
+/// `not_matched`: with an expression, the packets the kernel handed up that it rejected.
+pub fn report(stats: &Stats, files: &[PathBuf], plan: &Plan, not_matched: Option<u64>) {
     eprintln!(
-        "{} packets written ({} truncated), {} lost before reaching the writer",
-        stats.packets_written, stats.packets_truncated, stats.lost
+        "{} packets written ({} truncated), {} lost before reaching the writer{}",
+        stats.packets_written,
+        stats.packets_truncated,
+        stats.lost,
+        not_matched
+            .map(|n| format!(", {n} seen by the probes but not matching the expression"))
+            .unwrap_or_default()
     );
     for (i, h) in plan.hops.iter().enumerate() {
         if let Some(n) = stats.packets_per_hop.get(i) {

@@ -341,6 +341,53 @@ pub struct CaptureWriter {
     scratch: Vec<u8>,
     /// pcapng: bytes to reserve at the end of each file for its statistics blocks.
     comment_reserve: u64,
+    /// Frees the space of files the ring rotated out, off the writing thread.
+    reaper: Reaper,
+}
+
+/// Deleting a large file costs its blocks' freeing, which happens when its last descriptor
+/// closes. The ring unlinks a rotated-out file at once (its name is gone before the next
+/// file exists) while holding it open, and a thread of its own closes it.
+#[derive(Default, Debug)]
+struct Reaper {
+    tx: Option<std::sync::mpsc::Sender<File>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Reaper {
+    /// Unlinks `path`; the freeing of its blocks happens on the reaper thread.
+    fn delete(&mut self, path: &Path) -> io::Result<()> {
+        // Opening can fail (permissions changed under us): then unlink synchronously.
+        let held = File::open(path).ok();
+        fs::remove_file(path)?;
+        let Some(file) = held else { return Ok(()) };
+        if self.tx.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel::<File>();
+            let thread = std::thread::Builder::new()
+                .name("podtrace-reaper".into())
+                .spawn(move || rx.into_iter().for_each(drop));
+            match thread {
+                Ok(t) => {
+                    self.tx = Some(tx);
+                    self.thread = Some(t);
+                }
+                Err(_) => return Ok(()), // `file` closes here.
+            }
+        }
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(file);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl CaptureWriter {
@@ -403,6 +450,7 @@ impl CaptureWriter {
             failed: None,
             scratch: Vec::with_capacity(2048),
             comment_reserve,
+            reaper: Reaper::default(),
         };
         w.open_next(start)?;
         Ok(w)
@@ -745,7 +793,7 @@ impl CaptureWriter {
         if let Some(max) = self.policy.max_files() {
             while self.files.len() >= max as usize {
                 let oldest = self.files.remove(0);
-                match fs::remove_file(&oldest) {
+                match self.reaper.delete(&oldest) {
                     Ok(()) => self.stats.files_deleted += 1,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(self.fail(CaptureError::io(&oldest, "delete old", e))),

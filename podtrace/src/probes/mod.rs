@@ -129,6 +129,55 @@ pub struct FilterSpec {
     pub nat: bool,
     /// Capture mode: tc events carry up to this many packet bytes.
     pub snaplen: Option<u32>,
+    /// Wake the reader once this many bytes wait in the ring buffer (0: at every event).
+    pub wake_bytes: u32,
+    /// A capture expression's necessary conditions, checked in the kernel.
+    pub expression: KernelExpr,
+}
+
+/// What of a capture expression the kernel checks: the packet's protocol is one of
+/// `protos`, an address is in one of `nets`, a port is one of `ports` (an empty list: no
+/// condition). Built from the expression's `PreFilter`; a list longer than the kernel holds
+/// is left to userspace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KernelExpr {
+    pub nprotos: u8,
+    pub protos: [u8; podtrace_abi::MAX_X_PROTOS],
+    pub nnets: u8,
+    /// (address, mask), host order.
+    pub nets: [(u32, u32); podtrace_abi::MAX_X_NETS],
+    pub nports: u8,
+    pub ports: [u16; podtrace_abi::MAX_X_PORTS],
+}
+
+impl KernelExpr {
+    /// From an expression's necessary conditions; each list the kernel cannot hold whole is
+    /// dropped (no condition on it in the kernel).
+    pub fn new(protos: &[u8], nets: &[(Ipv4Addr, u32)], ports: &[u16]) -> Self {
+        let mut k = KernelExpr::default();
+        let nets: Vec<(u32, u32)> = nets
+            .iter()
+            .map(|(addr, mask)| (u32::from(*addr) & mask, *mask))
+            .collect();
+        if !protos.is_empty() && protos.len() <= k.protos.len() {
+            k.protos[..protos.len()].copy_from_slice(protos);
+            k.nprotos = protos.len() as u8;
+        }
+        if !nets.is_empty() && nets.len() <= k.nets.len() {
+            k.nets[..nets.len()].copy_from_slice(&nets);
+            k.nnets = nets.len() as u8;
+        }
+        if !ports.is_empty() && ports.len() <= k.ports.len() {
+            k.ports[..ports.len()].copy_from_slice(ports);
+            k.nports = ports.len() as u8;
+        }
+        k
+    }
+
+    /// Whether the kernel checks anything.
+    pub fn is_empty(&self) -> bool {
+        self.nprotos == 0 && self.nnets == 0 && self.nports == 0
+    }
 }
 
 impl Default for FilterSpec {
@@ -143,6 +192,8 @@ impl Default for FilterSpec {
             vxlan_more: [0; podtrace_abi::MAX_VXLAN_PORTS - 1],
             nat: false,
             snaplen: None,
+            wake_bytes: 0,
+            expression: KernelExpr::default(),
         }
     }
 }
@@ -172,6 +223,18 @@ impl FilterSpec {
             snaplen: self.snaplen.unwrap_or(0).min(MAX_SNAPLEN),
             vxlan_more: self.vxlan_more,
             _pad2: 0,
+            wake_bytes: self.wake_bytes,
+            x_nprotos: self.expression.nprotos,
+            x_nnets: self.expression.nnets,
+            x_nports: self.expression.nports,
+            _pad3: 0,
+            x_protos: self.expression.protos,
+            x_nets: self.expression.nets.map(|(addr, mask)| podtrace_abi::XNet {
+                // Network order, as the packet's addresses are read.
+                addr: (addr & mask).to_be(),
+                mask: mask.to_be(),
+            }),
+            x_ports: self.expression.ports,
         }
     }
 }
@@ -231,7 +294,7 @@ const SHARED_MAPS: [&str; 10] = [
     "COUNTERS",
     "OFFSETS",
     "EVENTS",
-    "CAPTURE_SCRATCH",
+    "RECENT",
     "FIB_STASH",
     "FIB_DEPTH",
     "NAT_FLOWS",
@@ -274,6 +337,46 @@ pub struct Probes {
     /// How the hop probes were attached (once one was).
     tc_mode: Option<TcMode>,
     hops: Vec<HopTarget>,
+    /// The kernel's BTF, parsed once (every copy of the programs and the tp_btf probes
+    /// need it; parsing it is ~17 ms), until [`Probes::settle`].
+    btf: Option<aya::Btf>,
+    /// What the kernel offers for the kernel-side evidence, from the same BTF.
+    facts: hooks::KernelFacts,
+    /// The hop programs carry packet bytes and check a capture expression (from the filter
+    /// set before the first hop is attached: the copies are loaded with it).
+    capture: bool,
+}
+
+/// Namespaces whose program copies load at the same time, at most.
+const MAX_LOADERS: usize = 4;
+
+/// Loads one namespace's copy of the tc programs: its `NETNS_INO`, the shared maps from their
+/// pins in `dir`, the kernel's BTF parsed once.
+fn load_copy(ns: Option<&Path>, dir: &Path, btf: &aya::Btf, capture: bool) -> Result<NsPrograms> {
+    let ino = netns_id(ns)?;
+    let capture = u8::from(capture);
+    let mut loader = EbpfLoader::new();
+    loader.btf(Some(btf));
+    loader.override_global("NETNS_INO", &ino, true);
+    loader.override_global("CAPTURE_MODE", &capture, true);
+    for name in SHARED_MAPS {
+        loader.map_pin_path(name, dir.join(name));
+    }
+    let mut bpf = loader
+        .load(EBPF_OBJECT)
+        .context("loading podtrace's tc programs")?;
+    for name in [PROG_INGRESS, PROG_EGRESS] {
+        let prog: &mut SchedClassifier = bpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("eBPF program {name} missing from the object"))?
+            .try_into()?;
+        prog.load().with_context(|| format!("loading {name}"))?;
+    }
+    Ok(NsPrograms {
+        netns: ns.map(Path::to_path_buf),
+        ino,
+        bpf,
+    })
 }
 
 /// Reads the offsets the tracing programs need from the kernel's BTF. A member this kernel
@@ -397,11 +500,11 @@ impl Probes {
         let kbtf = btf::Btf::from_sys_fs()?;
         let offsets = kernel_offsets(&kbtf)?;
         let reasons = DropReasons::from_btf(&kbtf);
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(_, e)| e)
-            .context("counting CPUs")?;
+        let facts = hooks::KernelFacts::detect(&kbtf);
+        drop(kbtf);
+        let abtf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
         let bpf = EbpfLoader::new()
-            .map_max_entries("CAPTURE_SCRATCH", cpus as u32)
+            .btf(Some(&abtf))
             .map_max_entries("EVENTS", ring_bytes)
             .load(EBPF_OBJECT)
             .context("loading podtrace's eBPF object")?;
@@ -413,6 +516,9 @@ impl Probes {
             clsact_state: clsact::State::new(),
             tc_mode: None,
             hops: Vec::new(),
+            btf: Some(abtf),
+            facts,
+            capture: false,
         };
         let mut off: Array<_, KernelOffsets> = Array::try_from(probes.map_mut("OFFSETS")?)?;
         off.set(0, offsets, 0)?;
@@ -424,7 +530,22 @@ impl Probes {
         if let Some(i) = self.per_ns.iter().position(|p| p.netns.as_deref() == ns) {
             return Ok(i);
         }
-        let ino = netns_id(ns)?;
+        self.load_ns_programs(&[ns.map(Path::to_path_buf)])?;
+        Ok(self.per_ns.len() - 1)
+    }
+
+    /// Loads the copies of the tc programs for namespaces that have none yet, in parallel
+    /// (the verifier's work dominates; each copy is verified on its own).
+    fn load_ns_programs(&mut self, namespaces: &[Option<PathBuf>]) -> Result<()> {
+        let mut wanted: Vec<&Option<PathBuf>> = Vec::new();
+        for ns in namespaces {
+            if !self.per_ns.iter().any(|p| &p.netns == ns) && !wanted.contains(&ns) {
+                wanted.push(ns);
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
         ensure_bpffs()?;
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = Path::new(BPFFS).join(format!(
@@ -433,35 +554,172 @@ impl Probes {
             NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let loaded = (|| -> Result<Ebpf> {
-            let mut loader = EbpfLoader::new();
-            loader.override_global("NETNS_INO", &ino, true);
-            let paths: Vec<(&str, PathBuf)> =
-                SHARED_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
-            for (name, path) in &paths {
-                self.map(name)?
-                    .pin(path)
-                    .with_context(|| format!("pinning {name} at {}", path.display()))?;
-                loader.map_pin_path(name, path.as_path());
-            }
-            Ok(loader.load(EBPF_OBJECT)?)
-        })();
-        // The pins only carried the maps over; the fds keep them alive.
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut bpf = loaded.context("loading podtrace's tc programs")?;
-        for name in [PROG_INGRESS, PROG_EGRESS] {
-            let prog: &mut SchedClassifier = bpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("eBPF program {name} missing from the object"))?
-                .try_into()?;
-            prog.load().with_context(|| format!("loading {name}"))?;
-        }
-        self.per_ns.push(NsPrograms {
-            netns: ns.map(Path::to_path_buf),
-            ino,
-            bpf,
+        // The copies share every map with the first load through pins that exist only while
+        // they load; the fds keep the maps alive afterwards.
+        let pinned = SHARED_MAPS.iter().try_for_each(|name| -> Result<()> {
+            let path = dir.join(name);
+            self.map(name)?
+                .pin(&path)
+                .with_context(|| format!("pinning {name} at {}", path.display()))
         });
-        Ok(self.per_ns.len() - 1)
+        // As many loaders as CPUs, at most 4 (the verifier is CPU-bound; each loader holds a
+        // parsed copy of the object, ~20 MiB, while it works).
+        let loaded: Result<Vec<NsPrograms>> = pinned.and_then(|()| {
+            let btf = self.btf.as_ref().ok_or_else(|| anyhow!("probes settled"))?;
+            let dir = &dir;
+            let capture = self.capture;
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let slots: Vec<std::sync::Mutex<Option<Result<NsPrograms>>>> =
+                wanted.iter().map(|_| std::sync::Mutex::new(None)).collect();
+            let workers = std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .min(MAX_LOADERS)
+                .min(wanted.len());
+            std::thread::scope(|s| {
+                for _ in 0..workers {
+                    s.spawn(|| loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(ns) = wanted.get(i) else { break };
+                        let r =
+                            load_copy(ns.as_deref(), dir, btf, capture).with_context(|| match ns {
+                                Some(p) => format!("network namespace {}", p.display()),
+                                None => "this network namespace".to_owned(),
+                            });
+                        if let Ok(mut slot) = slots[i].lock() {
+                            *slot = Some(r);
+                        }
+                    });
+                }
+            });
+            slots
+                .into_iter()
+                .map(|m| {
+                    m.into_inner()
+                        .ok()
+                        .flatten()
+                        .unwrap_or_else(|| Err(anyhow!("a program loader thread failed")))
+                })
+                .collect()
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        self.per_ns.extend(loaded?);
+        Ok(())
+    }
+
+    /// Puts the hop probes on every target (see [`Probes::attach_hop`]), faster: the copies
+    /// of the programs for new namespaces load in parallel and, with TCX, each namespace's
+    /// attachments are made from a thread of its own (every TCX attach waits for an RCU grace
+    /// period; in parallel they wait together). With clsact, one after another.
+    pub fn attach_hops(&mut self, targets: &[HopTarget]) -> Result<TcMode> {
+        let mode = tc_mode();
+        if mode == TcMode::Clsact {
+            for t in targets {
+                self.attach_hop(t)?;
+                crate::signals::check()?;
+            }
+            return Ok(mode);
+        }
+        if let Some(t) = targets.iter().find(|t| t.hop_id >= podtrace_abi::MAX_HOPS) {
+            bail!("hop id {} out of range", t.hop_id);
+        }
+        let namespaces: Vec<Option<PathBuf>> = targets.iter().map(|t| t.netns.clone()).collect();
+        self.load_ns_programs(&namespaces)?;
+        // Interfaces by name inside their namespaces, and the hop ids the probes report.
+        let mut by_ns: Vec<(usize, Vec<&HopTarget>)> = Vec::new();
+        for t in targets {
+            let i = self
+                .per_ns
+                .iter()
+                .position(|p| p.netns == t.netns)
+                .ok_or_else(|| anyhow!("no programs for {}", where_(t)))?;
+            match by_ns.iter_mut().find(|(j, _)| *j == i) {
+                Some((_, list)) => list.push(t),
+                None => by_ns.push((i, vec![t])),
+            }
+        }
+        for (i, list) in &by_ns {
+            let ns = self.per_ns[*i].netns.clone();
+            let ino = self.per_ns[*i].ino;
+            let names: Vec<String> = list.iter().map(|t| t.ifname.clone()).collect();
+            let ifindexes = netns::run_in(ns.as_deref(), || {
+                names
+                    .iter()
+                    .map(|n| {
+                        nix::net::if_::if_nametoindex(n.as_str())
+                            .with_context(|| format!("interface {n} not found"))
+                    })
+                    .collect::<Result<Vec<u32>>>()
+            })
+            .with_context(|| where_(list[0]))?;
+            let mut hops: BpfHashMap<_, HopKey, u32> = BpfHashMap::try_from(self.map_mut("HOPS")?)?;
+            for (t, ifindex) in list.iter().zip(ifindexes) {
+                hops.insert(
+                    HopKey {
+                        netns_ino: ino,
+                        ifindex,
+                        _pad: 0,
+                    },
+                    t.hop_id,
+                    0,
+                )?;
+            }
+        }
+        crate::signals::check()?;
+        let jobs: Vec<(&mut NsPrograms, Vec<&HopTarget>)> = self
+            .per_ns
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let list = by_ns.iter().find(|(j, _)| *j == i)?.1.clone();
+                Some((p, list))
+            })
+            .collect();
+        let results: Vec<Result<()>> = std::thread::scope(|s| {
+            let workers: Vec<_> = jobs
+                .into_iter()
+                .map(|(p, list)| {
+                    s.spawn(move || -> Result<()> {
+                        let ns = p.netns.clone();
+                        netns::run_in(ns.as_deref(), || {
+                            for t in &list {
+                                for (name, attach_type) in [
+                                    (PROG_INGRESS, TcAttachType::Ingress),
+                                    (PROG_EGRESS, TcAttachType::Egress),
+                                ] {
+                                    let prog: &mut SchedClassifier = p
+                                        .bpf
+                                        .program_mut(name)
+                                        .ok_or_else(|| anyhow!("eBPF program {name} missing"))?
+                                        .try_into()?;
+                                    prog.attach_with_options(
+                                        &t.ifname,
+                                        attach_type,
+                                        TcAttachOptions::TcxOrder(LinkOrder::first()),
+                                    )
+                                    .with_context(|| {
+                                        format!("attaching {name} to {}", where_(t))
+                                    })?;
+                                }
+                            }
+                            Ok(())
+                        })
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join()
+                        .map_err(|_| anyhow!("an attaching thread panicked"))?
+                })
+                .collect()
+        });
+        for r in results {
+            r?;
+        }
+        self.tc_mode = Some(mode);
+        self.hops.extend(targets.iter().cloned());
+        Ok(mode)
     }
 
     fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
@@ -495,7 +753,14 @@ impl Probes {
     }
 
     /// Sets (or replaces) what the programs trace. Until called, every program stays silent.
+    /// Whether the hop probes capture packets (a snap length) is fixed by the filter set
+    /// before the first hop is attached.
     pub fn set_filter(&mut self, spec: FilterSpec) -> Result<()> {
+        if self.per_ns.is_empty() {
+            self.capture = spec.snaplen.is_some();
+        } else if spec.snaplen.is_some() && !self.capture {
+            bail!("the hop probes were loaded without capture: set a snap length before attaching");
+        }
         let mut filter: Array<_, Filter> = Array::try_from(self.map_mut("FILTER")?)?;
         filter.set(0, spec.to_abi(), 0)?;
         Ok(())
@@ -595,6 +860,18 @@ impl Probes {
         Ok(mode)
     }
 
+    /// Once everything is attached: lets go of what only loading needed (the kernel's
+    /// parsed BTF, tens of MiB) and hands the freed memory back to the system (the loader
+    /// threads' allocator arenas keep it otherwise). Loading more afterwards fails.
+    pub fn settle(&mut self) {
+        self.btf = None;
+        #[cfg(target_env = "gnu")]
+        // SAFETY: glibc's malloc_trim only releases free memory.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+
     /// The hops attached so far.
     pub fn hops(&self) -> &[HopTarget] {
         &self.hops
@@ -609,13 +886,9 @@ impl Probes {
         forced: Option<hooks::Mechanism>,
         wanted: &[hooks::Evidence],
     ) -> Result<Vec<hooks::HookReport>> {
-        let kbtf = btf::Btf::from_sys_fs()?;
-        let facts = hooks::KernelFacts::detect(&kbtf);
-        drop(kbtf);
-        let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
         let mut reports = Vec::new();
         for evidence in wanted.iter().copied() {
-            let (variants, notes) = hooks::plan(&facts, evidence, forced);
+            let (variants, notes) = hooks::plan(&self.facts, evidence, forced);
             let mut report = hooks::HookReport {
                 evidence,
                 mechanism: None,
@@ -624,7 +897,7 @@ impl Probes {
                 notes,
             };
             for v in &variants {
-                match self.attach_variant(v, &btf) {
+                match self.attach_variant(v) {
                     Ok(()) => {
                         report.mechanism = Some(v.mechanism);
                         report.attached = Some(v.describe());
@@ -648,7 +921,7 @@ impl Probes {
     }
 
     /// Loads and attaches the programs of one variant (all or nothing).
-    fn attach_variant(&mut self, v: &hooks::Variant, btf: &aya::Btf) -> Result<()> {
+    fn attach_variant(&mut self, v: &hooks::Variant) -> Result<()> {
         match v.mechanism {
             hooks::Mechanism::TpBtf => {
                 let (name, tracepoint) = v.programs[0];
@@ -657,6 +930,7 @@ impl Probes {
                     .program_mut(name)
                     .ok_or_else(|| anyhow!("eBPF program {name} missing"))?
                     .try_into()?;
+                let btf = self.btf.as_ref().ok_or_else(|| anyhow!("probes settled"))?;
                 prog.load(tracepoint, btf)
                     .with_context(|| format!("loading tp_btf {tracepoint}"))?;
                 prog.attach()
@@ -800,9 +1074,16 @@ fn ensure_bpffs() -> Result<()> {
 }
 
 fn where_(t: &HopTarget) -> String {
-    match &t.netns {
-        Some(ns) => format!("{} in {}", t.ifname, ns.display()),
-        None => t.ifname.clone(),
+    t.place()
+}
+
+impl HopTarget {
+    /// The interface and its namespace, as errors name them.
+    pub fn place(&self) -> String {
+        match &self.netns {
+            Some(ns) => format!("{} in {}", self.ifname, ns.display()),
+            None => self.ifname.clone(),
+        }
     }
 }
 
@@ -827,6 +1108,14 @@ impl Drop for Probes {
         for (ns, ifindex) in qdiscs {
             let _ = clsact::remove_qdisc_if_unused(ns.as_deref(), ifindex);
         }
+        // Closing a TCX link waits for an RCU grace period too: close each namespace's
+        // links on a thread of its own.
+        let copies = std::mem::take(&mut self.per_ns);
+        std::thread::scope(|s| {
+            for copy in copies {
+                s.spawn(move || drop(copy));
+            }
+        });
     }
 }
 
@@ -850,6 +1139,57 @@ mod tests {
         );
         // A release podtrace cannot parse is judged by BTF alone.
         assert_eq!(kernel_floor_problem("weird", true), None);
+    }
+
+    fn kernel_part(expr: &str) -> KernelExpr {
+        let f = crate::pcap::CaptureFilter::parse(expr).unwrap();
+        crate::capture::kernel_expression(&f.prefilter())
+    }
+
+    #[test]
+    fn the_kernel_checks_what_an_expression_needs() {
+        let k = kernel_part("udp and port 7002");
+        assert_eq!((k.nprotos, k.protos[0]), (1, 17));
+        assert_eq!((k.nports, k.ports[0]), (1, 7002));
+        assert_eq!(k.nnets, 0);
+        // Networks go to the kernel masked, in network order.
+        let k = kernel_part("net 10.244.1.0/24 or host 10.0.0.1");
+        assert_eq!(k.nnets, 2);
+        let abi = FilterSpec {
+            expression: k,
+            ..FilterSpec::default()
+        }
+        .to_abi();
+        let nets: Vec<(Ipv4Addr, Ipv4Addr)> = abi.x_nets[..2]
+            .iter()
+            .map(|n| {
+                (
+                    Ipv4Addr::from(u32::from_be(n.addr)),
+                    Ipv4Addr::from(u32::from_be(n.mask)),
+                )
+            })
+            .collect();
+        assert!(nets.contains(&(
+            "10.244.1.0".parse().unwrap(),
+            "255.255.255.0".parse().unwrap()
+        )));
+        assert!(nets.contains(&(
+            "10.0.0.1".parse().unwrap(),
+            "255.255.255.255".parse().unwrap()
+        )));
+        // What promises nothing leaves the kernel without a condition.
+        assert!(kernel_part("not icmp").is_empty());
+        assert!(kernel_part("icmp or host 10.0.0.1").is_empty());
+        // "port" alone: TCP or UDP.
+        let k = kernel_part("port 53");
+        assert_eq!(&k.protos[..k.nprotos as usize], &[6, 17]);
+        // Lists longer than the kernel holds are left to userspace, the rest still checked.
+        let many = (1..=9)
+            .map(|p| format!("port {p}"))
+            .collect::<Vec<_>>()
+            .join(" or ");
+        let k = kernel_part(&format!("tcp and ({many})"));
+        assert_eq!((k.nports, k.nprotos), (0, 1));
     }
 
     #[test]

@@ -199,4 +199,14 @@ impl TraceEvent {
             TraceEvent::Lost { .. } | TraceEvent::Counters(_) => None,
         }
     }
+
+    /// Packet bytes the event carries (capture sessions' hop events).
+    pub fn packet_len(&self) -> usize {
+        match self {
+            TraceEvent::Hop(HopEvent {
+                packet: Some(p), ..
+            }) => p.len(),
+            _ => 0,
+        }
+    }
 }

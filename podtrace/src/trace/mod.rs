@@ -45,11 +45,17 @@ pub type Events = tokio::sync::mpsc::Receiver<Vec<TraceEvent>>;
 /// Batches waiting for the consumer. A consumer that falls behind blocks the reader, the
 /// kernel's ring buffer fills and the kernel counts what it could not hand over
 /// ([`Counters::lost`], [`TraceEvent::Lost`]): nothing grows without bound.
-const QUEUE_BATCHES: usize = 64;
+const QUEUE_BATCHES: usize = 16;
 /// Events per batch at most.
 const BATCH: usize = 512;
-/// How often the reader wakes up with nothing to read (stop requests, counters).
-const POLL: Duration = Duration::from_millis(50);
+/// Packet bytes per batch at most (capture sessions): with [`QUEUE_BATCHES`], at most 4 MiB
+/// of packets wait between the reader and the consumer.
+const BATCH_BYTES: usize = 256 << 10;
+/// The kernel wakes the reader once this fraction of the ring buffer waits; below it the
+/// reader looks every [`POLL`]. Few wake-ups under load, events late by at most one poll.
+const WAKE_FRACTION: u32 = 8;
+/// How often the reader looks at the ring buffer without a wake-up (events, stop requests).
+const POLL: Duration = Duration::from_millis(20);
 /// How often the kernel's loss counter is looked at.
 const LOSS_EVERY: Duration = Duration::from_millis(100);
 /// How often the counters go out on the stream.
@@ -99,10 +105,11 @@ impl Engine {
     pub fn start(plan: &Plan, opts: &TraceOptions) -> Result<(Engine, Events)> {
         plan.validate()?;
         let t0 = Instant::now();
-        let mut probes = match opts.snaplen {
-            Some(_) => Probes::load_with_ring(crate::probes::CAPTURE_RING_BYTES)?,
-            None => Probes::load()?,
+        let ring_bytes = match opts.snaplen {
+            Some(_) => crate::probes::CAPTURE_RING_BYTES,
+            None => crate::probes::DEFAULT_RING_BYTES,
         };
+        let mut probes = Probes::load_with_ring(ring_bytes)?;
         let load_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
         let f = &plan.filter;
@@ -117,6 +124,8 @@ impl Engine {
             vxlan_more,
             nat: !f.nat.is_empty(),
             snaplen: opts.snaplen,
+            wake_bytes: ring_bytes / WAKE_FRACTION,
+            expression: opts.expression,
         })?;
         let mut nat = probes.nat_flows()?;
         for flow in &f.nat {
@@ -129,17 +138,30 @@ impl Engine {
                 format!("network namespace {} of {}", ns.path.display(), ns.owner)
             })?);
         }
-        for hop in &plan.hops {
-            probes
-                .attach_hop(&HopTarget {
-                    netns: Some(plan.namespaces[hop.ns].path.clone()),
-                    ifname: hop.ifname.clone(),
-                    hop_id: hop.id,
-                })
-                .with_context(|| format!("attaching to {}", hop.name))?;
-            crate::signals::check()?;
-        }
+        let targets: Vec<HopTarget> = plan
+            .hops
+            .iter()
+            .map(|hop| HopTarget {
+                netns: Some(plan.namespaces[hop.ns].path.clone()),
+                ifname: hop.ifname.clone(),
+                hop_id: hop.id,
+            })
+            .collect();
+        probes.attach_hops(&targets).map_err(|e| {
+            // Name the hop as the plan does when the error names its interface.
+            match plan
+                .hops
+                .iter()
+                .zip(&targets)
+                .find(|(_, t)| format!("{e:#}").contains(&t.place()))
+            {
+                Some((hop, _)) => e.context(format!("attaching to {}", hop.name)),
+                None => e.context("attaching the hop probes"),
+            }
+        })?;
+        crate::signals::check()?;
         let hooks = probes.attach_kernel_hooks(opts.mechanism, &opts.evidence)?;
+        probes.settle();
         let tc_mode = probes.tc_mode();
         let decoder = decode::Decoder::new(
             &cookies,
@@ -250,10 +272,12 @@ fn read_loop(
     let mut last_counters = Instant::now();
     let mut last_read = Instant::now();
     let mut batch: Vec<TraceEvent> = Vec::with_capacity(BATCH);
-    let send = |batch: &mut Vec<TraceEvent>| -> bool {
+    let mut batch_bytes = 0usize;
+    let send = |batch: &mut Vec<TraceEvent>, batch_bytes: &mut usize| -> bool {
         if batch.is_empty() {
             return true;
         }
+        *batch_bytes = 0;
         let full = std::mem::replace(batch, Vec::with_capacity(BATCH));
         tx.blocking_send(full).is_ok()
     };
@@ -270,10 +294,12 @@ fn read_loop(
         }
         while let Some(item) = ring.next() {
             if let Some(ev) = decoder.decode(&item) {
+                batch_bytes += ev.packet_len();
                 batch.push(ev);
             }
             drop(item);
-            if batch.len() >= BATCH && !send(&mut batch) {
+            let full = batch.len() >= BATCH || batch_bytes >= BATCH_BYTES;
+            if full && !send(&mut batch, &mut batch_bytes) {
                 return counters.read();
             }
         }
@@ -291,7 +317,7 @@ fn read_loop(
                 batch.push(TraceEvent::Counters(c));
             }
         }
-        if !send(&mut batch) || stopping {
+        if !send(&mut batch, &mut batch_bytes) || stopping {
             return counters.read();
         }
     }

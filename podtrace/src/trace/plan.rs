@@ -253,6 +253,9 @@ pub struct TraceOptions {
     pub evidence: Vec<Evidence>,
     /// Use only this mechanism for the kernel-side evidence.
     pub mechanism: Option<Mechanism>,
+    /// A capture expression's conditions the kernel can check (the rest is the consumer's).
+    #[serde(default)]
+    pub expression: crate::probes::KernelExpr,
 }
 
 impl Default for TraceOptions {
@@ -261,6 +264,7 @@ impl Default for TraceOptions {
             snaplen: None,
             evidence: Evidence::ALL.to_vec(),
             mechanism: None,
+            expression: crate::probes::KernelExpr::default(),
         }
     }
 }
