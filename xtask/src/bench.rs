@@ -212,7 +212,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if !(step_seconds > 0.0 && step_seconds.is_finite()) {
         bail!("--step-seconds must be positive");
     }
-    crate::setup::run()?;
+    // The full setup (k8s binaries, images, the VM kernels…) only when the tools the
+    // benchmark runs are missing.
+    if ["iperf3", "tcpdump"].iter().any(|t| {
+        !std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }) {
+        crate::setup::run()?;
+    }
     let (podtrace, built) = match &args.podtrace {
         Some(p) => (
             std::fs::canonicalize(p).with_context(|| format!("--podtrace {}", p.display()))?,
@@ -304,4 +314,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
         md_path.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats() {
+        assert_eq!(Stat::of(&[]), None);
+        assert_eq!(Stat::of(&[f64::NAN]), None);
+        let s = Stat::of(&[3.0, 1.0, f64::INFINITY, 2.0, 10.0]).unwrap();
+        assert_eq!((s.min, s.median, s.max, s.n), (1.0, 2.5, 10.0, 4));
+        assert_eq!(s.show(|x| format!("{x:.1}")), "1.0 / **2.5** / 10.0");
+        let one = Stat::of(&[0.0, 0.0]).unwrap();
+        assert_eq!(one.show(|x| format!("{x:.0}")), "0");
+        assert_eq!(s.to_json(0)["median"], serde_json::json!(3.0));
+    }
 }

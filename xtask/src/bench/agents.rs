@@ -136,6 +136,13 @@ impl Running {
     }
 }
 
+/// Whether `pid` runs `podtrace agent`.
+fn is_agent(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| c.split(|b| *b == 0).nth(1) == Some(b"agent".as_slice()))
+        .unwrap_or(false)
+}
+
 fn status_kb(pid: i32, key: &str) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
@@ -165,10 +172,13 @@ fn start_agent(ctx: &Ctx, node: &str, sock: &Path) -> Result<Running> {
         |l| l.contains("listening on"),
         Duration::from_secs(30),
     )?;
-    let pid = *p
-        .children()
-        .first()
-        .with_context(|| format!("the agent of {node}: `lab exec` has no child"))?;
+    // `lab exec` runs the agent as its child (or is the agent, had it exec'd it).
+    let pid = std::iter::once(p.pid)
+        .chain(p.children())
+        .find(|pid| is_agent(*pid))
+        .with_context(|| {
+            format!("the agent of {node}: no `podtrace agent` process under `lab exec`")
+        })?;
     Ok(Running {
         node: node.to_owned(),
         proc: p,

@@ -49,6 +49,15 @@ pub enum StatsGuard {
 }
 
 impl StatsGuard {
+    /// How they were turned on.
+    pub fn how(&self) -> &'static str {
+        match self {
+            StatsGuard::Fd(_) => "BPF_ENABLE_STATS",
+            StatsGuard::Sysctl(_) => "kernel.bpf_stats_enabled=1, restored after",
+            StatsGuard::AlreadyOn => "kernel.bpf_stats_enabled, already 1",
+        }
+    }
+
     pub fn enable() -> Result<StatsGuard> {
         let mut attr = [0u8; 128];
         attr[..4].copy_from_slice(&BPF_STATS_RUN_TIME.to_ne_bytes());

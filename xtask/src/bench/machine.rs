@@ -23,19 +23,20 @@ fn output_in(dir: &Path, program: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// The git work tree a podtrace binary lies in (`target/release/podtrace` of a checkout),
-/// else this one.
-pub fn tree_of(binary: &Path) -> PathBuf {
+/// The git work tree a podtrace binary lies in (`target/release/podtrace` of a checkout).
+pub fn tree_of(binary: &Path) -> Option<PathBuf> {
     binary
         .parent()
         .and_then(|d| output_in(d, "git", &["rev-parse", "--show-toplevel"]))
         .map(PathBuf::from)
-        .unwrap_or_else(crate::root)
 }
 
-/// The commit checked out in the binary's work tree (a read-only git query).
+/// The commit checked out in the binary's work tree (a read-only git query); "unknown" for
+/// a binary outside any work tree.
 pub fn head_commit(binary: &Path) -> String {
-    output_in(&tree_of(binary), "git", &["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into())
+    tree_of(binary)
+        .and_then(|t| output_in(&t, "git", &["rev-parse", "HEAD"]))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// The 1, 5 and 15 minute load averages.
@@ -81,7 +82,7 @@ pub struct Machine {
 
 impl Machine {
     pub fn describe(podtrace: &Path, built: bool, quick: bool) -> Machine {
-        let tree = tree_of(podtrace);
+        let tree = tree_of(podtrace).unwrap_or_default();
         let cpuinfo = read("/proc/cpuinfo");
         let field = |name: &str| {
             cpuinfo
@@ -106,21 +107,25 @@ impl Machine {
             .unwrap_or_default();
         let commit = head_commit(podtrace);
         // What the podtrace binary is built from (the benchmark's own files do not count).
-        let dirty = output_in(
-            &tree,
-            "git",
-            &[
-                "--no-optional-locks",
-                "status",
-                "--porcelain",
-                "--",
-                "podtrace",
-                "podtrace-ebpf",
-                "Cargo.toml",
-                "Cargo.lock",
-            ],
-        )
-        .is_some_and(|s| !s.is_empty());
+        let dirty = (!tree.as_os_str().is_empty())
+            .then_some(())
+            .and_then(|()| {
+                output_in(
+                    &tree,
+                    "git",
+                    &[
+                        "--no-optional-locks",
+                        "status",
+                        "--porcelain",
+                        "--",
+                        "podtrace",
+                        "podtrace-ebpf",
+                        "Cargo.toml",
+                        "Cargo.lock",
+                    ],
+                )
+            })
+            .is_some_and(|s| !s.is_empty());
         let tcpdump_ver = Command::new("tcpdump")
             .arg("--version")
             .output()

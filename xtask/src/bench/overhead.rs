@@ -138,6 +138,8 @@ pub struct FollowRun {
 
 pub struct Results {
     pub seconds: u32,
+    /// How the kernel's run-time statistics were turned on.
+    pub stats_via: Option<&'static str>,
     pub runs: Vec<(Config, Vec<Run>)>,
 }
 
@@ -281,6 +283,7 @@ impl Results {
             "from": POD, "to": PEER, "dst": DST_IP,
             "seconds": self.seconds,
             "rounds": self.runs(Config::Baseline).len(),
+            "bpf_stats_via": self.stats_via,
             "ratios": "each run over the baseline run of its own round, then min/median/max",
             "configs": configs,
         })
@@ -445,6 +448,7 @@ pub fn measure(ctx: &Ctx, rounds: usize, seconds: u32) -> Result<Results> {
     )?;
     let mut results = Results {
         seconds,
+        stats_via: None,
         runs: Config::ALL.iter().map(|c| (*c, Vec::new())).collect(),
     };
     for round in 1..=rounds {
@@ -461,6 +465,9 @@ pub fn measure(ctx: &Ctx, rounds: usize, seconds: u32) -> Result<Results> {
             } else {
                 None
             };
+            if let Some(g) = &stats {
+                results.stats_via = Some(g.how());
+            }
             let bpf_before = stats
                 .as_ref()
                 .and(pids.first())

@@ -174,7 +174,11 @@ impl Results {
             "| podtrace | {}, commit {} of {} ({}, binary of {}) |",
             m.podtrace_version,
             m.commit_label(),
-            m.tree.display(),
+            if m.tree.as_os_str().is_empty() {
+                "no git work tree".to_owned()
+            } else {
+                m.tree.display().to_string()
+            },
             if m.built {
                 "release build by the benchmark".to_owned()
             } else {
@@ -262,7 +266,7 @@ impl Results {
         }
         let _ = writeln!(
             s,
-            "\nCross-node follow through both agents: `{}`, from process start to the `ready` line ({} hops); {} runs after a warm-up: **{}** (min / median / max).",
+            "\nCross-node follow through both agents: `{}`, from process start to the `ready` line ({} hops); {} runs after a warm-up: {} (min / median / max).",
             g.command,
             g.hops,
             g.starts.len(),
@@ -275,10 +279,11 @@ impl Results {
         let o = &self.overhead;
         let _ = writeln!(
             s,
-            "\n## Data-path overhead\n\niperf3 TCP {POD} → {PEER}, {} s per run, {} rounds; each round runs every configuration once, in this order (interleaved, so drift hits all alike). Figures: min / **median** / max over the runs; × baseline: each run over its own round's baseline, then min / median / max. Captured/lost: all hops together (podtrace: \"packets written\" / \"lost before reaching the writer\"; tcpdump: \"packets captured\" / \"dropped by kernel\", summed over its {} processes). Tool CPU during traffic: user + system seconds of the tool's processes while iperf3 ran (/proc/PID/stat, 10 ms ticks), per 10 s; total: over the tool's whole life, start and stop included (`wait4`). Capture files on tmpfs. The kernel's per-program statistics are on during the podtrace configurations only (they add two clock reads to each program run).\n",
+            "\n## Data-path overhead\n\niperf3 TCP {POD} → {PEER}, {} s per run, {} rounds; each round runs every configuration once, in this order (interleaved, so drift hits all alike). Figures: min / **median** / max over the runs; × baseline: each run over its own round's baseline, then min / median / max. Captured/lost: all hops together (podtrace: \"packets written\" / \"lost before reaching the writer\"; tcpdump: \"packets captured\" / \"dropped by kernel\", summed over its {} processes). Tool CPU during traffic: user + system seconds of the tool's processes while iperf3 ran (/proc/PID/stat, 10 ms ticks), per 10 s; total: over the tool's whole life, start and stop included (`wait4`). Capture files on tmpfs. The kernel's per-program statistics are on during the podtrace configurations only (they add two clock reads to each program run; turned on with {}).\n",
             o.seconds,
             o.runs(Config::Baseline).len(),
-            self.hops.len()
+            self.hops.len(),
+            o.stats_via.unwrap_or("–")
         );
         let _ = writeln!(
             s,
