@@ -1,12 +1,20 @@
 //! `cargo xtask bench`: podtrace's speed, data-path overhead and memory, measured against
-//! tcpdump on the lab (never by timed assertions in tests).
+//! tcpdump on the lab (never by timed assertions in tests), against issue 14's goals.
 //!
 //! 1. Attach latency: `podtrace follow pod-a1 --dst 10.244.1.5 --json` from start to its
 //!    ready line, split into process start / resolve / load / attach ([`attach`]).
-//! 2. Data-path overhead: iperf3 TCP pod-a1 → pod-b1 with nothing, an idle `follow`, `podtrace
-//!    capture` on every hop, and one tcpdump per hop ([`overhead`]).
-//! 3. Lossless capture rate: a stepped UDP rate sweep for podtrace and tcpdump ([`sweep`]).
-//! 4. Peak RSS of the capturing processes (from all of the above).
+//! 2. Node agents: one `podtrace agent` per lab node at rest (RSS, eBPF programs held), and
+//!    the cross-node `follow` through them, start → live ([`agents`]).
+//! 3. Data-path overhead: iperf3 TCP pod-a1 → pod-b1 with nothing, two idle `follow`s,
+//!    `podtrace capture` on every hop (whole packets and `-s 128`), and one tcpdump per hop,
+//!    in interleaved rounds; ratios per round against that round's baseline; the kernel's
+//!    own cost of each podtrace program ([`overhead`], [`bpfstats`]).
+//! 4. Lossless capture rate: a stepped UDP rate sweep for podtrace and tcpdump ([`sweep`]).
+//! 5. Peak RSS of the capturing processes (from all of the above), and the goals met or not
+//!    ([`goals`]).
+//!
+//! Every figure over runs is given as min / median / max. `--quick` is a smoke check (2 runs,
+//! 3 s); `--podtrace PATH` benches a given binary (its commit: the git work tree it lies in).
 //!
 //! It brings up its own lab (prefix `pb-`), and tears it down and stops every process it
 //! started whatever happens (guards; Ctrl-C only sets a flag the waits check). Results go to
