@@ -233,18 +233,24 @@ pub fn diff(before: &Snapshot, after: &Snapshot) -> BTreeMap<&'static str, Cost>
 /// The groups in report order.
 pub const GROUPS: [&str; 6] = ["hop_ingress", "hop_egress", "drop", "fib", "xmit", "other"];
 
-/// min/median/max of ns per run and of runs per second over several runs' costs.
-pub fn summarize(runs: &[&BTreeMap<&'static str, Cost>], seconds: f64) -> Value {
+/// min/median/max of ns per run, runs per second and CPU ms per second over several runs'
+/// costs (each with the seconds it covers).
+pub fn summarize(runs: &[(&BTreeMap<&'static str, Cost>, f64)]) -> Value {
     let mut m = serde_json::Map::new();
     for g in GROUPS {
-        let costs: Vec<&Cost> = runs.iter().filter_map(|r| r.get(g)).collect();
+        let with_s: Vec<(&Cost, f64)> = runs
+            .iter()
+            .filter_map(|(r, s)| Some((r.get(g)?, s.max(1e-9))))
+            .collect();
+        let costs: Vec<&Cost> = with_s.iter().map(|(c, _)| *c).collect();
         if costs.is_empty() {
             continue;
         }
         let ns: Vec<f64> = costs.iter().filter_map(|c| c.ns_per_run()).collect();
-        let rate: Vec<f64> = costs
+        let rate: Vec<f64> = with_s.iter().map(|(c, s)| c.run_cnt as f64 / s).collect();
+        let cpu: Vec<f64> = with_s
             .iter()
-            .map(|c| c.run_cnt as f64 / seconds.max(1e-9))
+            .map(|(c, s)| c.run_time_ns as f64 / 1e6 / s)
             .collect();
         let mut names: Vec<String> = costs.iter().flat_map(|c| c.names.clone()).collect();
         names.sort();
@@ -256,6 +262,7 @@ pub fn summarize(runs: &[&BTreeMap<&'static str, Cost>], seconds: f64) -> Value 
                 "copies": costs.iter().map(|c| c.copies).max(),
                 "ns_per_run": Stat::of(&ns).map(|s| s.to_json(1)),
                 "runs_per_s": Stat::of(&rate).map(|s| s.to_json(0)),
+                "cpu_ms_per_s": Stat::of(&cpu).map(|s| s.to_json(2)),
             }),
         );
     }

@@ -216,6 +216,13 @@ impl Results {
         self.stat(c, |r| r.bpf.as_ref()?.get(group)?.ns_per_run())
     }
 
+    /// CPU time of a hook's programs (all copies) per second of traffic, in ms, over the runs.
+    pub fn bpf_cpu_ms_per_s(&self, c: Config, group: &str) -> Option<Stat> {
+        self.stat(c, |r| {
+            Some(r.bpf.as_ref()?.get(group)?.run_time_ns as f64 / 1e6 / r.window_s.max(1e-9))
+        })
+    }
+
     /// Runs per second of a hook's programs, over the runs.
     pub fn bpf_rate(&self, c: Config, group: &str) -> Option<Stat> {
         self.stat(c, |r| {
@@ -271,9 +278,12 @@ impl Results {
                 }
                 v["tool_cpu_s_total"] = json!(st(self.stat(*c, Run::total_cpu_s), 3));
                 v["tool_cpu_s_per_10s_of_traffic"] = json!(st(self.stat(*c, Run::cpu_per_10s), 3));
-                let bpf_runs: Vec<_> = runs.iter().filter_map(|r| r.bpf.as_ref()).collect();
+                let bpf_runs: Vec<_> = runs
+                    .iter()
+                    .filter_map(|r| Some((r.bpf.as_ref()?, r.window_s)))
+                    .collect();
                 if !bpf_runs.is_empty() {
-                    v["bpf_programs"] = bpfstats::summarize(&bpf_runs, f64::from(self.seconds));
+                    v["bpf_programs"] = bpfstats::summarize(&bpf_runs);
                 }
                 v
             })

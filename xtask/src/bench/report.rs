@@ -341,11 +341,11 @@ impl Results {
         // The programs' own cost.
         let _ = writeln!(
             s,
-            "\n## eBPF programs' own cost\n\nFrom the kernel's run-time statistics: for the programs the podtrace process holds (all their copies together), the growth of `run_time_ns` / `run_cnt` over the iperf3 run → ns per run (min / **median** / max over the runs), and runs per second (median). Hooks: hop = the tc programs on the hops; drop = kfree_skb; FIB = fib_table_lookup; xmit = the device transmit hook (tracepoint or kprobe).\n"
+            "\n## eBPF programs' own cost\n\nFrom the kernel's run-time statistics: for the programs the podtrace process holds (all their copies together), the growth of `run_time_ns` / `run_cnt` over the iperf3 run → ns per run (min / **median** / max over the runs), runs per second (median), and the CPU time the programs took per second of traffic (median; 1000 ms/s = one core). Hooks: hop = the tc programs on the hops; drop = kfree_skb; FIB = fib_table_lookup; xmit = the device transmit hook (tracepoint or kprobe).\n"
         );
         let _ = writeln!(
             s,
-            "| configuration | hook | programs (copies) | ns per run | runs/s |\n|---|---|---|---:|---:|"
+            "| configuration | hook | programs (copies) | ns per run | runs/s | CPU ms/s |\n|---|---|---|---:|---:|---:|"
         );
         for c in Config::ALL.into_iter().filter(|c| c.is_podtrace()) {
             for grp in bpfstats::GROUPS {
@@ -355,7 +355,7 @@ impl Results {
                         .iter()
                         .any(|r| r.bpf.as_ref().is_some_and(|b| b.contains_key(grp)));
                     if seen {
-                        let _ = writeln!(s, "| {} | {grp} | | never ran | 0 |", c.key());
+                        let _ = writeln!(s, "| {} | {grp} | | never ran | 0 | 0 |", c.key());
                     }
                     continue;
                 };
@@ -368,11 +368,14 @@ impl Results {
                     .unwrap_or_default();
                 let _ = writeln!(
                     s,
-                    "| {} | {grp} | {names} ({copies}) | {} | {} |",
+                    "| {} | {grp} | {names} ({copies}) | {} | {} | {} |",
                     c.key(),
                     ns.show(|x| format!("{x:.0}")),
                     o.bpf_rate(c, grp)
                         .map(|r| count(r.median))
+                        .unwrap_or_else(dash),
+                    o.bpf_cpu_ms_per_s(c, grp)
+                        .map(|r| format!("{:.1}", r.median))
                         .unwrap_or_else(dash)
                 );
             }
