@@ -250,13 +250,17 @@ impl Results {
         let g = &self.agents;
         let _ = writeln!(
             s,
-            "\n## Node agents\n\nOne `podtrace agent --node NODE --listen unix:PATH --lab PREFIX` per node, started in the node's namespace. At rest: VmRSS a second after it listened, before any session; eBPF programs: those it holds an fd of (a program's or a link's).\n\n| agent | RSS at rest | peak RSS at rest | eBPF programs at rest | after the sessions | peak RSS after the sessions |\n|---|---:|---:|---:|---:|---:|"
+            "\n## Node agents\n\nOn a lab of their own (`lab up --prefix {} --agents`), so that the other sections run without agents: the lab's agents ({}: each on its node's underlay address, reached from the `ext` host's namespace), and one `podtrace agent --node NODE --listen unix:PATH --lab PREFIX` per node started in the node's namespace ({}). At rest: VmRSS a second after they listened, before any session; eBPF programs: those the agent holds an fd of (a program's or a link's).\n\n| agent | listening on | RSS at rest | peak RSS at rest | eBPF programs at rest | after the sessions | peak RSS after the sessions |\n|---|---|---:|---:|---:|---:|---:|",
+            g.prefix,
+            super::agents::TLS,
+            super::agents::UNIX
         );
         for r in &g.rest {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 r.node,
+                r.kind,
                 mib(r.rss_kb),
                 mib(r.hwm_kb),
                 r.programs,
@@ -266,14 +270,21 @@ impl Results {
         }
         let _ = writeln!(
             s,
-            "\nCross-node follow through both agents: `{}`, from process start to the `ready` line ({} hops); {} runs after a warm-up: {} (min / median / max).",
-            g.command,
+            "\nCross-node follow through both nodes' agents ({} hops), from process start to the `ready` line; the two kinds interleaved, {} runs each after a warm-up.\n\n| agents | command | start → probes live (min / median / max) |\n|---|---|---:|",
             g.hops,
-            g.starts.len(),
-            g.total()
-                .map(|t| t.show(|x| format!("{x:.1} ms")))
-                .unwrap_or_else(|| "–".into())
+            g.variants.first().map_or(0, |v| v.starts.len())
         );
+        for v in &g.variants {
+            let _ = writeln!(
+                s,
+                "| {} | `{}` | {} |",
+                v.kind,
+                v.command,
+                v.total()
+                    .map(|t| t.show(|x| format!("{x:.1} ms")))
+                    .unwrap_or_else(|| "–".into())
+            );
+        }
 
         // Overhead.
         let o = &self.overhead;
