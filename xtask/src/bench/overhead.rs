@@ -223,6 +223,14 @@ impl Results {
         })
     }
 
+    /// CPU time of all its programs per second of traffic, in ms, over the runs.
+    pub fn bpf_total_cpu_ms_per_s(&self, c: Config) -> Option<Stat> {
+        self.stat(c, |r| {
+            let b = r.bpf.as_ref()?;
+            Some(b.values().map(|x| x.run_time_ns as f64).sum::<f64>() / 1e6 / r.window_s.max(1e-9))
+        })
+    }
+
     /// Runs per second of a hook's programs, over the runs.
     pub fn bpf_rate(&self, c: Config, group: &str) -> Option<Stat> {
         self.stat(c, |r| {
@@ -284,6 +292,7 @@ impl Results {
                     .collect();
                 if !bpf_runs.is_empty() {
                     v["bpf_programs"] = bpfstats::summarize(&bpf_runs);
+                    v["bpf_programs_cpu_ms_per_s"] = json!(st(self.bpf_total_cpu_ms_per_s(*c), 2));
                 }
                 v
             })

@@ -352,7 +352,7 @@ impl Results {
         // The programs' own cost.
         let _ = writeln!(
             s,
-            "\n## eBPF programs' own cost\n\nFrom the kernel's run-time statistics: for the programs the podtrace process holds (all their copies together), the growth of `run_time_ns` / `run_cnt` over the iperf3 run → ns per run (min / **median** / max over the runs), runs per second (median), and the CPU time the programs took per second of traffic (median; 1000 ms/s = one core). Hooks: hop = the tc programs on the hops; drop = kfree_skb; FIB = fib_table_lookup; xmit = the device transmit hook (tracepoint or kprobe).\n"
+            "\n## eBPF programs' own cost\n\nFrom the kernel's run-time statistics: for the programs the podtrace process holds (all their copies together), the growth of `run_time_ns` / `run_cnt` over the iperf3 run → ns per run (min / **median** / max over the runs), runs per second (median), and the CPU time the programs took per second of traffic (median; 1000 ms/s = one core; the **all** row: min / median / max). Hooks: hop = the tc programs on the hops; drop = kfree_skb; FIB = fib_table_lookup; xmit = the device transmit hook (tracepoint or kprobe).\n"
         );
         let _ = writeln!(
             s,
@@ -388,6 +388,14 @@ impl Results {
                     o.bpf_cpu_ms_per_s(c, grp)
                         .map(|r| format!("{:.1}", r.median))
                         .unwrap_or_else(dash)
+                );
+            }
+            if let Some(t) = o.bpf_total_cpu_ms_per_s(c) {
+                let _ = writeln!(
+                    s,
+                    "| {} | **all** | | | | {} |",
+                    c.key(),
+                    t.show(|x| format!("{x:.1}"))
                 );
             }
         }
