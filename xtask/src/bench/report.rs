@@ -349,6 +349,34 @@ impl Results {
             );
         }
 
+        let probed = |c: Config| {
+            o.follow_runs(c)
+                .first()
+                .map(|f| {
+                    f.hops
+                        .iter()
+                        .map(|h| format!("`{h}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default()
+        };
+        let on_path = o
+            .follow_runs(Config::FollowOtherPeer)
+            .first()
+            .map_or(0, |f| {
+                f.hops
+                    .iter()
+                    .filter(|h| self.hops.iter().any(|p| &p.name == *h))
+                    .count()
+            });
+        let _ = writeln!(
+            s,
+            "\nIdle `follow`: `--dst {OTHER_PEER_IP}` (pod-a2) probes that path's hops ({}), {on_path} of them on the iperf3 path; `--port 9` keeps {PEER} as the peer, so every hop of the iperf3 path is probed ({}) and the filter rejects every packet. Both keep the kernel hooks (drops, FIB lookups, device transmits), which see every packet of the machine. podtrace's \"lost\" counts ring-buffer events of every kind (hop packet records and FIB/transmit/drop events), not only packets.",
+            probed(Config::FollowOtherPeer),
+            probed(Config::FollowOtherPort)
+        );
+
         // The programs' own cost.
         let _ = writeln!(
             s,
@@ -399,34 +427,6 @@ impl Results {
                 );
             }
         }
-        let probed = |c: Config| {
-            o.follow_runs(c)
-                .first()
-                .map(|f| {
-                    f.hops
-                        .iter()
-                        .map(|h| format!("`{h}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
-                .unwrap_or_default()
-        };
-        let on_path = o
-            .follow_runs(Config::FollowOtherPeer)
-            .first()
-            .map_or(0, |f| {
-                f.hops
-                    .iter()
-                    .filter(|h| self.hops.iter().any(|p| &p.name == *h))
-                    .count()
-            });
-        let _ = writeln!(
-            s,
-            "\nIdle `follow`: `--dst {OTHER_PEER_IP}` (pod-a2) probes that path's hops ({}), {on_path} of them on the iperf3 path; `--port 9` keeps {PEER} as the peer, so every hop of the iperf3 path is probed ({}) and the filter rejects every packet. Both keep the kernel hooks (drops, FIB lookups, device transmits), which see every packet of the machine. podtrace's \"lost\" counts ring-buffer events of every kind (hop packet records and FIB/transmit/drop events), not only packets.",
-            probed(Config::FollowOtherPeer),
-            probed(Config::FollowOtherPort)
-        );
-
         // Lossless rate.
         let w = &self.sweep;
         let _ = writeln!(
