@@ -231,6 +231,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }) {
         crate::setup::run()?;
     }
+    // The commit a build starts from (HEAD may move while it builds).
+    let commit_before = machine::head_commit_in(&crate::root());
     let (podtrace, built) = match &args.podtrace {
         Some(p) => (
             std::fs::canonicalize(p).with_context(|| format!("--podtrace {}", p.display()))?,
@@ -241,7 +243,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
             (crate::root().join("target/release/podtrace"), true)
         }
     };
-    let commit_before = machine::head_commit(&podtrace);
     let xtask = std::env::current_exe().context("locating the xtask binary")?;
     let out_dir = args
         .out

@@ -31,12 +31,15 @@ pub fn tree_of(binary: &Path) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// The commit checked out in a work tree.
+pub fn head_commit_in(tree: &Path) -> String {
+    output_in(tree, "git", &["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into())
+}
+
 /// The commit checked out in the binary's work tree (a read-only git query); "unknown" for
 /// a binary outside any work tree.
 pub fn head_commit(binary: &Path) -> String {
-    tree_of(binary)
-        .and_then(|t| output_in(&t, "git", &["rev-parse", "HEAD"]))
-        .unwrap_or_else(|| "unknown".into())
+    tree_of(binary).map_or_else(|| "unknown".into(), |t| head_commit_in(&t))
 }
 
 /// The 1, 5 and 15 minute load averages.
