@@ -1,7 +1,11 @@
 //! Data-path overhead: iperf3 TCP pod → pod throughput with nothing attached, with `follow`
 //! attached but filtering everything out, with `podtrace capture` writing every packet on
-//! every hop, and with one tcpdump per hop interface doing the same. Runs are interleaved
-//! (one of each configuration per round) so that drift on the machine hits all alike.
+//! every hop (whole, and the first 128 bytes: `-s 128`), and with one tcpdump per hop
+//! interface writing whole packets. Runs are interleaved (one of each configuration per
+//! round, the baseline first) so that drift on the machine hits all alike, and each run's
+//! ratio is taken against its own round's baseline. During the podtrace configurations the
+//! kernel's per-program run-time statistics are on and read before and after the traffic
+//! ([`bpfstats`]); the tool's CPU during the traffic is read from /proc.
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
