@@ -382,10 +382,16 @@ pub fn measure(ctx: &Ctx, runs: usize) -> Result<Agents> {
             proc::sleep(Duration::from_millis(200))?;
         }
     }
-    // The sessions are over: nothing may stay attached.
-    proc::sleep(Duration::from_millis(500))?;
+    // The sessions are over: nothing may stay attached (detaching takes a moment: up to 5 s).
+    let end = std::time::Instant::now() + Duration::from_secs(5);
     for (r, (_, _, pid)) in rest.iter_mut().zip(&all) {
-        r.programs_after = bpfstats::snapshot(*pid).len();
+        loop {
+            r.programs_after = bpfstats::snapshot(*pid).len();
+            if r.programs_after == 0 || std::time::Instant::now() >= end {
+                break;
+            }
+            proc::sleep(Duration::from_millis(50))?;
+        }
         r.hwm_end_kb = status_kb(*pid, "VmHWM:").unwrap_or(0);
     }
     for a in running {
