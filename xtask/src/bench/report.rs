@@ -119,14 +119,16 @@ impl Results {
         }
         for r in &self.agents.rest {
             v.push((
-                if r.node == "node-a" {
-                    "agent_node_a_at_rest"
-                } else {
-                    "agent_node_b_at_rest"
+                match (r.node.as_str(), r.kind) {
+                    ("node-a", super::agents::TLS) => "agent_node_a_tls_at_rest",
+                    ("node-b", super::agents::TLS) => "agent_node_b_tls_at_rest",
+                    ("node-a", _) => "agent_node_a_unix_at_rest",
+                    _ => "agent_node_b_unix_at_rest",
                 },
                 format!(
-                    "agent of {} at rest (VmRSS; VmHWM {})",
+                    "agent of {} ({}) at rest (VmRSS; VmHWM {})",
                     r.node,
+                    r.kind,
                     mib(r.hwm_kb)
                 ),
                 r.rss_kb,
