@@ -1,18 +1,29 @@
 //! `cargo xtask bench`: podtrace's speed, data-path overhead and memory, measured against
-//! tcpdump on the lab (never by timed assertions in tests).
+//! tcpdump on the lab (never by timed assertions in tests), against issue 14's goals.
 //!
 //! 1. Attach latency: `podtrace follow pod-a1 --dst 10.244.1.5 --json` from start to its
 //!    ready line, split into process start / resolve / load / attach ([`attach`]).
-//! 2. Data-path overhead: iperf3 TCP pod-a1 → pod-b1 with nothing, an idle `follow`, `podtrace
-//!    capture` on every hop, and one tcpdump per hop ([`overhead`]).
-//! 3. Lossless capture rate: a stepped UDP rate sweep for podtrace and tcpdump ([`sweep`]).
-//! 4. Peak RSS of the capturing processes (from all of the above).
+//! 2. Node agents: one `podtrace agent` per lab node at rest (RSS, eBPF programs held), and
+//!    the cross-node `follow` through them, start → live ([`agents`]).
+//! 3. Data-path overhead: iperf3 TCP pod-a1 → pod-b1 with nothing, two idle `follow`s,
+//!    `podtrace capture` on every hop (whole packets and `-s 128`), and one tcpdump per hop,
+//!    in interleaved rounds; ratios per round against that round's baseline; the kernel's
+//!    own cost of each podtrace program ([`overhead`], [`bpfstats`]).
+//! 4. Lossless capture rate: a stepped UDP rate sweep for podtrace and tcpdump ([`sweep`]).
+//! 5. Peak RSS of the capturing processes (from all of the above), and the goals met or not
+//!    ([`goals`]).
+//!
+//! Every figure over runs is given as min / median / max. `--quick` is a smoke check (2 runs,
+//! 3 s); `--podtrace PATH` benches a given binary (its commit: the git work tree it lies in).
 //!
 //! It brings up its own lab (prefix `pb-`), and tears it down and stops every process it
 //! started whatever happens (guards; Ctrl-C only sets a flag the waits check). Results go to
 //! `bench/results/latest.json` and `bench/results/latest.md`, and the table to stdout.
+mod agents;
 mod attach;
+mod bpfstats;
 mod capture;
+mod goals;
 mod lab;
 mod machine;
 mod overhead;
@@ -39,18 +50,30 @@ pub const OTHER_PEER_IP: &str = "10.244.0.7";
 pub struct BenchArgs {
     #[command(subcommand)]
     helper: Option<Helper>,
-    /// Attach-latency runs (after one warm-up run).
-    #[arg(long, default_value_t = 7)]
-    attach_runs: usize,
-    /// iperf3 runs per overhead configuration.
-    #[arg(long, default_value_t = 3)]
-    tcp_runs: usize,
-    /// Seconds per iperf3 run.
-    #[arg(long, default_value_t = 10)]
-    tcp_seconds: u32,
-    /// Seconds of traffic per step of the lossless-rate sweep.
-    #[arg(long, default_value_t = 3.0)]
-    step_seconds: f64,
+    /// A smoke check, not a measurement: 2 runs of everything, 3 s iperf3 runs, 1 s sweep
+    /// steps (the figures below still override it).
+    #[arg(long)]
+    quick: bool,
+    /// Bench this podtrace binary instead of building one (its commit is the one of the git
+    /// work tree it lies in).
+    #[arg(long, value_name = "PATH")]
+    podtrace: Option<PathBuf>,
+    /// Attach-latency runs (after one warm-up run) [default: 7; --quick: 2].
+    #[arg(long)]
+    attach_runs: Option<usize>,
+    /// Rounds of the overhead configurations (one run of each per round, interleaved)
+    /// [default: 5; --quick: 2].
+    #[arg(long)]
+    tcp_runs: Option<usize>,
+    /// Seconds per iperf3 run [default: 10; --quick: 3].
+    #[arg(long)]
+    tcp_seconds: Option<u32>,
+    /// Seconds of traffic per step of the lossless-rate sweep [default: 3; --quick: 1].
+    #[arg(long)]
+    step_seconds: Option<f64>,
+    /// Cross-node `follow` starts through the agents [default: 7; --quick: 2].
+    #[arg(long)]
+    agent_runs: Option<usize>,
     /// The benchmark lab's prefix.
     #[arg(long, default_value = "pb-")]
     prefix: String,
@@ -105,6 +128,50 @@ pub struct Ctx {
     pub xtask: PathBuf,
 }
 
+/// min / median / max of a figure over runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stat {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Stat {
+    /// Over the finite values; `None` when there are none.
+    pub fn of(v: &[f64]) -> Option<Stat> {
+        let v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        Some(Stat {
+            min: v.iter().copied().fold(f64::INFINITY, f64::min),
+            median: median(&v),
+            max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            n: v.len(),
+        })
+    }
+
+    /// `{"min","median","max","n"}`, rounded to `digits` decimals.
+    pub fn to_json(self, digits: i32) -> serde_json::Value {
+        let r = |x: f64| {
+            let k = 10f64.powi(digits);
+            (x * k).round() / k
+        };
+        serde_json::json!({"min": r(self.min), "median": r(self.median), "max": r(self.max), "n": self.n})
+    }
+
+    /// `min / median / max`, each formatted by `f` (one value when they are all equal).
+    pub fn show(self, f: impl Fn(f64) -> String) -> String {
+        let (a, b, c) = (f(self.min), f(self.median), f(self.max));
+        if a == c {
+            b
+        } else {
+            format!("{a} / **{b}** / {c}")
+        }
+    }
+}
+
 /// The median (mean of the middle two for an even count); 0 for none.
 pub fn median(v: &[f64]) -> f64 {
     let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
@@ -141,16 +208,41 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark attaches eBPF programs and builds a lab: run it as root");
     }
-    if args.attach_runs == 0 || args.tcp_runs == 0 || args.tcp_seconds == 0 {
-        bail!("--attach-runs, --tcp-runs and --tcp-seconds must be at least 1");
+    let q = args.quick;
+    let attach_runs = args.attach_runs.unwrap_or(if q { 2 } else { 7 });
+    let tcp_runs = args.tcp_runs.unwrap_or(if q { 2 } else { 5 });
+    let tcp_seconds = args.tcp_seconds.unwrap_or(if q { 3 } else { 10 });
+    let step_seconds = args.step_seconds.unwrap_or(if q { 1.0 } else { 3.0 });
+    let agent_runs = args.agent_runs.unwrap_or(if q { 2 } else { 7 });
+    if attach_runs == 0 || tcp_runs == 0 || tcp_seconds == 0 || agent_runs == 0 {
+        bail!("--attach-runs, --tcp-runs, --tcp-seconds and --agent-runs must be at least 1");
     }
-    if !(args.step_seconds > 0.0 && args.step_seconds.is_finite()) {
+    if !(step_seconds > 0.0 && step_seconds.is_finite()) {
         bail!("--step-seconds must be positive");
     }
-    crate::setup::run()?;
-    let commit_before = machine::head_commit();
-    crate::run("cargo", &["build", "--release", "--package", "podtrace"])?;
-    let podtrace = crate::root().join("target/release/podtrace");
+    // The full setup (k8s binaries, images, the VM kernels…) only when the tools the
+    // benchmark runs are missing.
+    if ["iperf3", "tcpdump"].iter().any(|t| {
+        !std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }) {
+        crate::setup::run()?;
+    }
+    // The commit a build starts from (HEAD may move while it builds).
+    let commit_before = machine::head_commit_in(&crate::root());
+    let (podtrace, built) = match &args.podtrace {
+        Some(p) => (
+            std::fs::canonicalize(p).with_context(|| format!("--podtrace {}", p.display()))?,
+            false,
+        ),
+        None => {
+            crate::run("cargo", &["build", "--release", "--package", "podtrace"])?;
+            (crate::root().join("target/release/podtrace"), true)
+        }
+    };
     let xtask = std::env::current_exe().context("locating the xtask binary")?;
     let out_dir = args
         .out
@@ -159,8 +251,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let started = Instant::now();
     proc::install_signal_handlers();
-    let mut machine = machine::Machine::describe(&podtrace);
-    if machine.commit != commit_before {
+    let mut machine = machine::Machine::describe(&podtrace, built, args.quick);
+    if built && machine.commit != commit_before {
         eprintln!(
             "bench: HEAD moved while podtrace was built; the binary may not match either commit"
         );
@@ -193,9 +285,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         xtask,
     };
 
-    let attach = attach::measure(&ctx, args.attach_runs)?;
-    let overhead = overhead::measure(&ctx, args.tcp_runs, args.tcp_seconds)?;
-    let sweep = sweep::measure(&ctx, args.step_seconds)?;
+    let attach = attach::measure(&ctx, attach_runs)?;
+    let agents = agents::measure(&ctx, agent_runs)?;
+    let overhead = overhead::measure(&ctx, tcp_runs, tcp_seconds)?;
+    let sweep = sweep::measure(&ctx, step_seconds)?;
     let hops = ctx.hops.clone();
     let loadavg_end = machine::loadavg();
     // The lab goes down, the scratch files go.
@@ -207,6 +300,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         machine,
         hops,
         attach,
+        agents,
         overhead,
         sweep,
         elapsed,
@@ -229,4 +323,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
         md_path.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats() {
+        assert_eq!(Stat::of(&[]), None);
+        assert_eq!(Stat::of(&[f64::NAN]), None);
+        let s = Stat::of(&[3.0, 1.0, f64::INFINITY, 2.0, 10.0]).unwrap();
+        assert_eq!((s.min, s.median, s.max, s.n), (1.0, 2.5, 10.0, 4));
+        assert_eq!(s.show(|x| format!("{x:.1}")), "1.0 / **2.5** / 10.0");
+        let one = Stat::of(&[0.0, 0.0]).unwrap();
+        assert_eq!(one.show(|x| format!("{x:.0}")), "0");
+        assert_eq!(s.to_json(0)["median"], serde_json::json!(3.0));
+    }
 }

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use super::{
     median,
     proc::{self, Stream},
-    Ctx, DST_IP, POD,
+    Ctx, Stat, DST_IP, POD,
 };
 
 /// One start-up, in milliseconds.
@@ -69,6 +69,14 @@ impl Attach {
         self.runs.iter().map(|r| r.get(f)).fold(0.0, f64::max)
     }
 
+    pub fn min(&self, f: &str) -> f64 {
+        self.stat(f).map_or(0.0, |s| s.min)
+    }
+
+    pub fn stat(&self, f: &str) -> Option<Stat> {
+        Stat::of(&self.runs.iter().map(|r| r.get(f)).collect::<Vec<_>>())
+    }
+
     pub fn to_json(&self) -> Value {
         let stat = |pick: &dyn Fn(&str) -> f64| {
             let mut m = serde_json::Map::new();
@@ -80,6 +88,7 @@ impl Attach {
         json!({
             "command": format!("podtrace follow {POD} --dst {DST_IP} --json"),
             "runs": self.runs.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
+            "min": stat(&|f| self.min(f)),
             "median": stat(&|f| self.median(f)),
             "max": stat(&|f| self.max(f)),
             "hops": self.hops,

@@ -71,7 +71,8 @@ pub fn tcpdump_udp_filter(port: u16) -> String {
 
 /// Starts `tool` on every hop of the pod's path and waits until it captures. `filter`: only
 /// UDP to that port (podtrace's EXPR, tcpdump's BPF filter); `None`: every packet.
-pub fn start(ctx: &Ctx, tool: Tool, filter: Option<u16>) -> Result<Running> {
+/// `snaplen`: podtrace's `-s` (bytes kept of each packet; `None`: whole packets).
+pub fn start(ctx: &Ctx, tool: Tool, filter: Option<u16>, snaplen: Option<u32>) -> Result<Running> {
     match tool {
         Tool::Podtrace => {
             let file = ctx.scratch.file("podtrace.pcapng");
@@ -80,7 +81,12 @@ pub fn start(ctx: &Ctx, tool: Tool, filter: Option<u16>) -> Result<Running> {
             if let Some(p) = &port {
                 args.extend(["udp", "dst", "port", p.as_str()]);
             }
-            args.extend(["--dst", DST_IP, "-w", &file, "-C", "100", "-W", "3"]);
+            args.extend(["--dst", DST_IP]);
+            let snap = snaplen.map(|n| n.to_string());
+            if let Some(n) = &snap {
+                args.extend(["-s", n.as_str()]);
+            }
+            args.extend(["-w", &file, "-C", "100", "-W", "3"]);
             let mut p = ctx.lab.spawn_podtrace("podtrace capture", &args)?;
             p.wait_line(Stream::Err, |l| l == "probes live", Duration::from_secs(60))?;
             Ok(Running {
@@ -135,6 +141,14 @@ pub fn start(ctx: &Ctx, tool: Tool, filter: Option<u16>) -> Result<Running> {
 }
 
 impl Running {
+    /// The capturing processes: podtrace's, or the tcpdumps (what `lab exec` started).
+    pub fn pids(&self) -> Vec<i32> {
+        match self.tool {
+            Tool::Podtrace => self.procs.iter().map(|(_, p)| p.pid).collect(),
+            Tool::Tcpdump => self.procs.iter().flat_map(|(_, p)| p.children()).collect(),
+        }
+    }
+
     /// Peak RSS so far: podtrace's, or the tcpdumps' (the commands `lab exec` started) summed.
     fn rss_now(&self) -> (u64, u64) {
         let mut sum = 0;

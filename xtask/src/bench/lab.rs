@@ -28,17 +28,30 @@ pub struct Hop {
 
 impl Lab {
     pub fn up(podtrace: &Path, prefix: &str) -> Result<Lab> {
+        Self::up_with(podtrace, prefix, &[])
+    }
+
+    /// `lab up` with more arguments (`--agents`).
+    pub fn up_with(podtrace: &Path, prefix: &str, extra: &[&str]) -> Result<Lab> {
         // The guard exists before anything is created, so a half-built lab goes too.
         let lab = Lab {
             podtrace: podtrace.to_owned(),
             prefix: prefix.to_owned(),
         };
-        lab.podtrace_ok(
-            "lab up",
-            &["lab", "up", "--topology", "flannel", "--prefix", prefix],
-            Duration::from_secs(60),
-        )?;
+        let mut args = vec!["lab", "up", "--topology", "flannel", "--prefix", prefix];
+        args.extend(extra);
+        lab.podtrace_ok("lab up", &args, Duration::from_secs(90))?;
         Ok(lab)
+    }
+
+    /// `podtrace lab status --json` of this lab.
+    pub fn status(&self) -> Result<Value> {
+        let out = self.podtrace_ok(
+            "lab status",
+            &["lab", "status", "--prefix", self.prefix.as_str(), "--json"],
+            Duration::from_secs(30),
+        )?;
+        serde_json::from_str(&out).context("parsing `podtrace lab status --json`")
     }
 
     /// Runs `podtrace ARGS...` to the end; fails unless it exits 0. Returns its stdout.

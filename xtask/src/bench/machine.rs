@@ -1,12 +1,19 @@
 //! The machine and the code the benchmark ran on.
-use std::process::{Command, Stdio};
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
 
 use serde_json::{json, Value};
 
 fn output(program: &str, args: &[&str]) -> Option<String> {
+    output_in(&crate::root(), program, args)
+}
+
+fn output_in(dir: &Path, program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program)
         .args(args)
-        .current_dir(crate::root())
+        .current_dir(dir)
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output()
@@ -16,9 +23,23 @@ fn output(program: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// The commit checked out (a read-only git query).
-pub fn head_commit() -> String {
-    output("git", &["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into())
+/// The git work tree a podtrace binary lies in (`target/release/podtrace` of a checkout).
+pub fn tree_of(binary: &Path) -> Option<PathBuf> {
+    binary
+        .parent()
+        .and_then(|d| output_in(d, "git", &["rev-parse", "--show-toplevel"]))
+        .map(PathBuf::from)
+}
+
+/// The commit checked out in a work tree.
+pub fn head_commit_in(tree: &Path) -> String {
+    output_in(tree, "git", &["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into())
+}
+
+/// The commit checked out in the binary's work tree (a read-only git query); "unknown" for
+/// a binary outside any work tree.
+pub fn head_commit(binary: &Path) -> String {
+    tree_of(binary).map_or_else(|| "unknown".into(), |t| head_commit_in(&t))
 }
 
 /// The 1, 5 and 15 minute load averages.
@@ -41,6 +62,15 @@ pub struct Machine {
     pub memory_gib: f64,
     pub os: String,
     pub commit: String,
+    /// The podtrace binary measured, and the work tree whose commit is reported.
+    pub binary: PathBuf,
+    pub tree: PathBuf,
+    /// Built by the benchmark (else given with --podtrace).
+    pub built: bool,
+    /// The binary's modification time (UTC), to compare with the commit's.
+    pub binary_mtime: String,
+    /// A `--quick` smoke check, not a measurement.
+    pub quick: bool,
     /// podtrace's sources in the work tree differ from the commit (or HEAD moved while the
     /// benchmark built it).
     pub dirty: bool,
@@ -54,7 +84,8 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn describe(podtrace: &std::path::Path) -> Machine {
+    pub fn describe(podtrace: &Path, built: bool, quick: bool) -> Machine {
+        let tree = tree_of(podtrace).unwrap_or_default();
         let cpuinfo = read("/proc/cpuinfo");
         let field = |name: &str| {
             cpuinfo
@@ -77,22 +108,27 @@ impl Machine {
             .find_map(|l| l.strip_prefix("PRETTY_NAME="))
             .map(|v| v.trim_matches('"').to_owned())
             .unwrap_or_default();
-        let commit = head_commit();
+        let commit = head_commit(podtrace);
         // What the podtrace binary is built from (the benchmark's own files do not count).
-        let dirty = output(
-            "git",
-            &[
-                "--no-optional-locks",
-                "status",
-                "--porcelain",
-                "--",
-                "podtrace",
-                "podtrace-ebpf",
-                "Cargo.toml",
-                "Cargo.lock",
-            ],
-        )
-        .is_some_and(|s| !s.is_empty());
+        let dirty = (!tree.as_os_str().is_empty())
+            .then_some(())
+            .and_then(|()| {
+                output_in(
+                    &tree,
+                    "git",
+                    &[
+                        "--no-optional-locks",
+                        "status",
+                        "--porcelain",
+                        "--",
+                        "podtrace",
+                        "podtrace-ebpf",
+                        "Cargo.toml",
+                        "Cargo.lock",
+                    ],
+                )
+            })
+            .is_some_and(|s| !s.is_empty());
         let tcpdump_ver = Command::new("tcpdump")
             .arg("--version")
             .output()
@@ -109,6 +145,20 @@ impl Machine {
             memory_gib: mem_kb / (1024.0 * 1024.0),
             os,
             commit,
+            binary: podtrace.to_owned(),
+            tree,
+            built,
+            binary_mtime: output(
+                "date",
+                &[
+                    "-u",
+                    "+%Y-%m-%dT%H:%M:%SZ",
+                    "-r",
+                    &podtrace.display().to_string(),
+                ],
+            )
+            .unwrap_or_default(),
+            quick,
             dirty,
             podtrace_version: podtrace
                 .to_str()

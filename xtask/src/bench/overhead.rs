@@ -1,17 +1,25 @@
 //! Data-path overhead: iperf3 TCP pod → pod throughput with nothing attached, with `follow`
 //! attached but filtering everything out, with `podtrace capture` writing every packet on
-//! every hop, and with one tcpdump per hop interface doing the same. Runs are interleaved
-//! (one of each configuration per round) so that drift on the machine hits all alike.
-use std::time::Duration;
+//! every hop (whole, and the first 128 bytes: `-s 128`), and with one tcpdump per hop
+//! interface writing whole packets. Runs are interleaved (one of each configuration per
+//! round, the baseline first) so that drift on the machine hits all alike, and each run's
+//! ratio is taken against its own round's baseline. During the podtrace configurations the
+//! kernel's per-program run-time statistics are on and read before and after the traffic
+//! ([`bpfstats`]); the tool's CPU during the traffic is read from /proc.
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
 
 use super::{
+    bpfstats,
     capture::{self, Report, Tool},
     median,
     proc::{self, Proc, Stream},
-    Ctx, DST_IP, OTHER_PEER_IP, PEER, POD,
+    Ctx, Stat, DST_IP, OTHER_PEER_IP, PEER, POD,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,17 +30,32 @@ pub enum Config {
     /// `follow POD --dst PEER --port 9`: probes on all 10 hops, the filter rejects all.
     FollowOtherPort,
     Capture,
+    /// `capture -s 128`: headers only.
+    CaptureHeaders,
     Tcpdump,
 }
 
+/// The snap length of the headers-only capture.
+pub const HEADERS_SNAPLEN: u32 = 128;
+
 impl Config {
-    pub const ALL: [Config; 5] = [
+    pub fn is_capture(self) -> bool {
+        matches!(self, Config::Capture | Config::CaptureHeaders)
+    }
+
+    pub const ALL: [Config; 6] = [
         Config::Baseline,
         Config::FollowOtherPeer,
         Config::FollowOtherPort,
         Config::Capture,
+        Config::CaptureHeaders,
         Config::Tcpdump,
     ];
+
+    /// A podtrace configuration (its programs' kernel cost is read).
+    pub fn is_podtrace(self) -> bool {
+        !matches!(self, Config::Baseline | Config::Tcpdump)
+    }
 
     pub fn key(self) -> &'static str {
         match self {
@@ -40,6 +63,7 @@ impl Config {
             Config::FollowOtherPeer => "follow_idle_other_peer",
             Config::FollowOtherPort => "follow_idle_other_port",
             Config::Capture => "podtrace_capture",
+            Config::CaptureHeaders => "podtrace_capture_headers",
             Config::Tcpdump => "tcpdump",
         }
     }
@@ -56,6 +80,9 @@ impl Config {
             Config::Capture => {
                 format!("podtrace capture {POD} --dst {DST_IP} -w F -C 100 -W 3 (all hops)")
             }
+            Config::CaptureHeaders => format!(
+                "podtrace capture {POD} --dst {DST_IP} -s {HEADERS_SNAPLEN} -w F -C 100 -W 3 (all hops, headers)"
+            ),
             Config::Tcpdump => "tcpdump -i IF -w F -s 0 -C 100 -W 3, one per hop".into(),
         }
     }
@@ -69,6 +96,35 @@ pub struct Run {
     pub capture: Option<Report>,
     /// The idle `follow` configurations.
     pub follow: Option<FollowRun>,
+    /// CPU seconds the tool's processes used during the iperf3 run itself (from
+    /// /proc/PID/stat: start and stop excluded), and the run's wall seconds.
+    pub steady_cpu_s: Option<f64>,
+    pub window_s: f64,
+    /// podtrace configurations: its programs' kernel cost during the iperf3 run, by hook.
+    pub bpf: Option<BTreeMap<&'static str, bpfstats::Cost>>,
+}
+
+impl Run {
+    /// Tool CPU seconds per 10 s of traffic (steady state).
+    pub fn cpu_per_10s(&self) -> Option<f64> {
+        self.steady_cpu_s
+            .map(|c| c * 10.0 / self.window_s.max(1e-9))
+    }
+
+    /// The tool's CPU over its whole life (start and stop included), from wait4.
+    pub fn total_cpu_s(&self) -> Option<f64> {
+        self.capture
+            .as_ref()
+            .map(|c| c.cpu_s)
+            .or(self.follow.as_ref().map(|f| f.cpu_s))
+    }
+
+    pub fn rss_kb(&self) -> Option<u64> {
+        self.capture
+            .as_ref()
+            .map(|c| c.rss_kb)
+            .or(self.follow.as_ref().map(|f| f.rss_kb))
+    }
 }
 
 /// What an idle `follow` reported.
@@ -86,6 +142,8 @@ pub struct FollowRun {
 
 pub struct Results {
     pub seconds: u32,
+    /// How the kernel's run-time statistics were turned on.
+    pub stats_via: Option<&'static str>,
     pub runs: Vec<(Config, Vec<Run>)>,
 }
 
@@ -98,27 +156,38 @@ impl Results {
             .unwrap_or_default()
     }
 
-    pub fn median_gbps(&self, c: Config) -> f64 {
-        median(&self.runs(c).iter().map(|r| r.gbps).collect::<Vec<_>>())
+    pub fn gbps(&self, c: Config) -> Option<Stat> {
+        Stat::of(&self.runs(c).iter().map(|r| r.gbps).collect::<Vec<_>>())
     }
 
-    pub fn ratio(&self, c: Config) -> f64 {
-        self.median_gbps(c) / self.median_gbps(Config::Baseline)
-    }
-
-    /// Median CPU seconds the capturing tool used per run.
-    pub fn median_cpu_s(&self, c: Config) -> Option<f64> {
-        let v: Vec<f64> = self
-            .runs(c)
+    /// Each round's throughput over that round's baseline.
+    pub fn ratios(&self, c: Config) -> Vec<f64> {
+        self.runs(c)
             .iter()
-            .filter_map(|r| {
-                r.capture
-                    .as_ref()
-                    .map(|c| c.cpu_s)
-                    .or(r.follow.as_ref().map(|f| f.cpu_s))
-            })
-            .collect();
-        (!v.is_empty()).then(|| median(&v))
+            .zip(self.runs(Config::Baseline))
+            .map(|(r, b)| r.gbps / b.gbps)
+            .collect()
+    }
+
+    pub fn ratio(&self, c: Config) -> Option<Stat> {
+        Stat::of(&self.ratios(c))
+    }
+
+    /// A per-run figure's min/median/max.
+    pub fn stat(&self, c: Config, f: impl Fn(&Run) -> Option<f64>) -> Option<Stat> {
+        Stat::of(&self.runs(c).iter().filter_map(f).collect::<Vec<_>>())
+    }
+
+    /// Lost share (%) of a capture run: lost / (captured + lost).
+    pub fn lost_pct(r: &Run) -> Option<f64> {
+        r.capture
+            .as_ref()
+            .map(|c| 100.0 * c.lost as f64 / ((c.captured + c.lost) as f64).max(1.0))
+    }
+
+    /// Peak RSS of the tool over the runs (max), in kB.
+    pub fn peak_rss_kb(&self, c: Config) -> Option<u64> {
+        self.runs(c).iter().filter_map(Run::rss_kb).max()
     }
 
     /// Median captured and lost over the runs, and the peak RSS (max over the runs).
@@ -146,34 +215,88 @@ impl Results {
             .collect()
     }
 
+    /// ns per run of a hook's programs, over the runs.
+    pub fn bpf_ns(&self, c: Config, group: &str) -> Option<Stat> {
+        self.stat(c, |r| r.bpf.as_ref()?.get(group)?.ns_per_run())
+    }
+
+    /// CPU time of a hook's programs (all copies) per second of traffic, in ms, over the runs.
+    pub fn bpf_cpu_ms_per_s(&self, c: Config, group: &str) -> Option<Stat> {
+        self.stat(c, |r| {
+            Some(r.bpf.as_ref()?.get(group)?.run_time_ns as f64 / 1e6 / r.window_s.max(1e-9))
+        })
+    }
+
+    /// CPU time of all its programs per second of traffic, in ms, over the runs.
+    pub fn bpf_total_cpu_ms_per_s(&self, c: Config) -> Option<Stat> {
+        self.stat(c, |r| {
+            let b = r.bpf.as_ref()?;
+            Some(b.values().map(|x| x.run_time_ns as f64).sum::<f64>() / 1e6 / r.window_s.max(1e-9))
+        })
+    }
+
+    /// Runs per second of a hook's programs, over the runs.
+    pub fn bpf_rate(&self, c: Config, group: &str) -> Option<Stat> {
+        self.stat(c, |r| {
+            Some(r.bpf.as_ref()?.get(group)?.run_cnt as f64 / r.window_s.max(1e-9))
+        })
+    }
+
     pub fn to_json(&self) -> Value {
         let configs: Vec<Value> = self
             .runs
             .iter()
             .map(|(c, runs)| {
+                let st = |x: Option<Stat>, d: i32| x.map(|s| s.to_json(d));
                 let mut v = json!({
                     "config": c.key(),
                     "command": c.label(),
-                    "median_gbps": round3(self.median_gbps(*c)),
-                    "ratio_of_baseline": round3(self.ratio(*c)),
-                    "runs": runs.iter().map(|r| {
-                        let mut o = json!({"gbps": round3(r.gbps), "retransmits": r.retransmits});
+                    "gbps": st(self.gbps(*c), 3),
+                    "ratio_of_round_baseline": st(self.ratio(*c), 3),
+                    "runs": runs.iter().zip(self.ratios(*c)).map(|(r, ratio)| {
+                        let mut o = json!({
+                            "gbps": round3(r.gbps),
+                            "ratio_of_round_baseline": round3(ratio),
+                            "retransmits": r.retransmits,
+                            "window_s": round3(r.window_s),
+                        });
+                        if let Some(cpu) = r.steady_cpu_s {
+                            o["tool_cpu_s_during_traffic"] = json!(round3(cpu));
+                        }
                         if let Some(rep) = &r.capture {
                             o["capture"] = rep.to_json();
                         }
                         if let Some(f) = &r.follow {
                             o["follow"] = json!({"hops": f.hops, "packets": f.packets, "lost_events": f.lost, "rss_kb": f.rss_kb, "cpu_s": (f.cpu_s * 1000.0).round() / 1000.0});
                         }
+                        if let Some(b) = &r.bpf {
+                            o["bpf"] = b.iter().map(|(g, c)| (g.to_string(), json!({
+                                "programs": c.names, "copies": c.copies,
+                                "run_time_ns": c.run_time_ns, "run_cnt": c.run_cnt,
+                                "ns_per_run": c.ns_per_run().map(|x| (x * 10.0).round() / 10.0),
+                            }))).collect::<serde_json::Map<_, _>>().into();
+                        }
                         o
                     }).collect::<Vec<_>>(),
                 });
-                if let Some((captured, lost, rss)) = self.capture_stats(*c) {
-                    v["median_captured"] = json!(captured);
-                    v["median_lost"] = json!(lost);
-                    v["peak_rss_kb"] = json!(rss);
+                if c.is_capture() || *c == Config::Tcpdump {
+                    v["captured"] = json!(st(self.stat(*c, |r| r.capture.as_ref().map(|x| x.captured as f64)), 0));
+                    v["lost"] = json!(st(self.stat(*c, |r| r.capture.as_ref().map(|x| x.lost as f64)), 0));
+                    v["lost_pct"] = json!(st(self.stat(*c, Self::lost_pct), 2));
                 }
-                if let Some(cpu) = self.median_cpu_s(*c) {
-                    v["median_tool_cpu_s"] = json!((cpu * 1000.0).round() / 1000.0);
+                if let Some(rss) = self.peak_rss_kb(*c) {
+                    v["peak_rss_kb"] = json!(rss);
+                    v["rss_kb"] = json!(st(self.stat(*c, |r| r.rss_kb().map(|x| x as f64)), 0));
+                }
+                v["tool_cpu_s_total"] = json!(st(self.stat(*c, Run::total_cpu_s), 3));
+                v["tool_cpu_s_per_10s_of_traffic"] = json!(st(self.stat(*c, Run::cpu_per_10s), 3));
+                let bpf_runs: Vec<_> = runs
+                    .iter()
+                    .filter_map(|r| Some((r.bpf.as_ref()?, r.window_s)))
+                    .collect();
+                if !bpf_runs.is_empty() {
+                    v["bpf_programs"] = bpfstats::summarize(&bpf_runs);
+                    v["bpf_programs_cpu_ms_per_s"] = json!(st(self.bpf_total_cpu_ms_per_s(*c), 2));
                 }
                 v
             })
@@ -182,6 +305,9 @@ impl Results {
             "tool": "iperf3 TCP",
             "from": POD, "to": PEER, "dst": DST_IP,
             "seconds": self.seconds,
+            "rounds": self.runs(Config::Baseline).len(),
+            "bpf_stats_via": self.stats_via,
+            "ratios": "each run over the baseline run of its own round, then min/median/max",
             "configs": configs,
         })
     }
@@ -214,9 +340,26 @@ fn attach(ctx: &Ctx, c: Config) -> Result<Attached> {
         Config::Baseline => Attached::Nothing,
         Config::FollowOtherPeer => follow(OTHER_PEER_IP, &[])?,
         Config::FollowOtherPort => follow(DST_IP, &["--port", "9"])?,
-        Config::Capture => Attached::Capture(capture::start(ctx, Tool::Podtrace, None)?),
-        Config::Tcpdump => Attached::Capture(capture::start(ctx, Tool::Tcpdump, None)?),
+        Config::Capture => Attached::Capture(capture::start(ctx, Tool::Podtrace, None, None)?),
+        Config::CaptureHeaders => Attached::Capture(capture::start(
+            ctx,
+            Tool::Podtrace,
+            None,
+            Some(HEADERS_SNAPLEN),
+        )?),
+        Config::Tcpdump => Attached::Capture(capture::start(ctx, Tool::Tcpdump, None, None)?),
     })
+}
+
+impl Attached {
+    /// The tool's processes.
+    fn pids(&self) -> Vec<i32> {
+        match self {
+            Attached::Nothing => Vec::new(),
+            Attached::Follow(p) => vec![p.pid],
+            Attached::Capture(c) => c.pids(),
+        }
+    }
 }
 
 /// Stops what was attached; fills the run's capture or follow figures.
@@ -328,6 +471,7 @@ pub fn measure(ctx: &Ctx, rounds: usize, seconds: u32) -> Result<Results> {
     )?;
     let mut results = Results {
         seconds,
+        stats_via: None,
         runs: Config::ALL.iter().map(|c| (*c, Vec::new())).collect(),
     };
     for round in 1..=rounds {
@@ -336,10 +480,36 @@ pub fn measure(ctx: &Ctx, rounds: usize, seconds: u32) -> Result<Results> {
             let attached = attach(ctx, c).with_context(|| format!("starting {}", c.key()))?;
             // Let the tools settle after their start.
             proc::sleep(Duration::from_millis(300))?;
+            let pids = attached.pids();
+            let cpu = |pids: &[i32]| pids.iter().filter_map(|p| proc::cpu_s(*p)).sum::<f64>();
+            // The kernel's per-program counters, on only while a podtrace configuration runs.
+            let stats = if c.is_podtrace() {
+                Some(bpfstats::StatsGuard::enable()?)
+            } else {
+                None
+            };
+            if let Some(g) = &stats {
+                results.stats_via = Some(g.how());
+            }
+            let bpf_before = stats
+                .as_ref()
+                .and(pids.first())
+                .map(|p| bpfstats::snapshot(*p));
+            let cpu_before = cpu(&pids);
+            let t0 = Instant::now();
             let (gbps, retransmits) = iperf(ctx, seconds)?;
+            let window_s = t0.elapsed().as_secs_f64();
+            let cpu_after = cpu(&pids);
+            let bpf = bpf_before
+                .zip(pids.first())
+                .map(|(b, p)| bpfstats::diff(&b, &bpfstats::snapshot(*p)));
+            drop(stats);
             let mut run = Run {
                 gbps,
                 retransmits,
+                steady_cpu_s: (!pids.is_empty()).then_some(cpu_after - cpu_before),
+                window_s,
+                bpf,
                 ..Run::default()
             };
             detach(attached, &mut run).with_context(|| format!("stopping {}", c.key()))?;
@@ -360,10 +530,32 @@ pub fn measure(ctx: &Ctx, rounds: usize, seconds: u32) -> Result<Results> {
                 ),
                 _ => String::new(),
             };
+            let base = results
+                .runs(Config::Baseline)
+                .get(round - 1)
+                .map(|b| b.gbps);
             eprintln!(
-                "bench:   round {round} {:<24} {:6.2} Gbit/s{extra}",
+                "bench:   round {round} {:<26} {:6.2} Gbit/s ({:.3}× this round's baseline){extra}{}{}",
                 c.key(),
-                gbps
+                gbps,
+                base.map_or(1.0, |b| run.gbps / b),
+                run.cpu_per_10s()
+                    .map(|x| format!(", {x:.2} s CPU per 10 s of traffic"))
+                    .unwrap_or_default(),
+                run.bpf
+                    .as_ref()
+                    .map(|b| b
+                        .iter()
+                        .map(|(g, c)| format!(
+                            " {g} {}",
+                            c.ns_per_run()
+                                .map(|x| format!("{x:.0} ns×{}", c.run_cnt))
+                                .unwrap_or_else(|| "0 runs".into())
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(","))
+                    .map(|s| format!(";{s}"))
+                    .unwrap_or_default()
             );
             results
                 .runs

@@ -375,3 +375,17 @@ pub fn last_lines(text: &str, n: usize) -> String {
     let start = lines.len().saturating_sub(n);
     lines[start..].join(" | ")
 }
+
+/// CPU seconds (user + system, all threads) a running process used so far.
+pub fn cpu_s(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces): state is field 3, utime
+    // and stime fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some((utime + stime) / hz)
+}

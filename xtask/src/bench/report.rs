@@ -4,11 +4,14 @@ use std::{fmt::Write as _, time::Duration};
 use serde_json::{json, Value};
 
 use super::{
+    agents::Agents,
     attach::Attach,
+    bpfstats,
     capture::Tool,
+    goals,
     lab::Hop,
     machine::Machine,
-    overhead::{self, Config},
+    overhead::{self, Config, Run},
     sweep::{self, Sweep},
     DST_IP, OTHER_PEER_IP, PEER, POD,
 };
@@ -17,6 +20,7 @@ pub struct Results {
     pub machine: Machine,
     pub hops: Vec<Hop>,
     pub attach: Attach,
+    pub agents: Agents,
     pub overhead: overhead::Results,
     pub sweep: Sweep,
     pub elapsed: Duration,
@@ -43,7 +47,8 @@ impl Results {
     pub fn to_json(&self) -> Value {
         let m = &self.machine;
         json!({
-            "schema": 1,
+            "schema": 2,
+            "quick": m.quick,
             "date": m.date,
             "elapsed_s": (self.elapsed.as_secs_f64() * 10.0).round() / 10.0,
             "machine": m.to_json(),
@@ -51,8 +56,12 @@ impl Results {
                 "commit": m.commit,
                 "uncommitted_changes": m.dirty,
                 "version": m.podtrace_version,
-                "binary": "target/release/podtrace",
+                "binary": m.binary.display().to_string(),
+                "work_tree": m.tree.display().to_string(),
+                "built_by_bench": m.built,
+                "binary_mtime": m.binary_mtime,
             },
+            "goals": self.goals().iter().map(goals::Goal::to_json).collect::<Vec<_>>(),
             "tools": {"tcpdump": m.tcpdump, "iperf3": m.iperf3},
             "lab": {
                 "topology": "flannel",
@@ -60,10 +69,15 @@ impl Results {
                 "hops": self.hops.iter().map(|h| json!({"name": h.name, "role": h.role})).collect::<Vec<_>>(),
             },
             "attach_latency": self.attach.to_json(),
+            "agents": self.agents.to_json(),
             "overhead": self.overhead.to_json(),
             "lossless_rate": self.sweep.to_json(),
             "peak_rss_kb": self.memory().iter().map(|(k, _, kb)| (k.to_string(), json!(kb))).collect::<serde_json::Map<_, _>>(),
         })
+    }
+
+    pub fn goals(&self) -> Vec<goals::Goal> {
+        goals::evaluate(&self.attach, &self.agents, &self.overhead, &self.sweep)
     }
 
     /// (key, label, peak RSS in kB) of every measured process kind.
@@ -71,6 +85,7 @@ impl Results {
         let mut v = Vec::new();
         for (key, c) in [
             ("podtrace_capture_tcp", Config::Capture),
+            ("podtrace_capture_headers_tcp", Config::CaptureHeaders),
             ("tcpdump_sum_tcp", Config::Tcpdump),
         ] {
             if let Some((_, _, rss)) = self.overhead.capture_stats(c) {
@@ -102,6 +117,23 @@ impl Results {
                 .unwrap_or(0);
             v.push((key, c.label(), rss));
         }
+        for r in &self.agents.rest {
+            v.push((
+                match (r.node.as_str(), r.kind) {
+                    ("node-a", super::agents::TLS) => "agent_node_a_tls_at_rest",
+                    ("node-b", super::agents::TLS) => "agent_node_b_tls_at_rest",
+                    ("node-a", _) => "agent_node_a_unix_at_rest",
+                    _ => "agent_node_b_unix_at_rest",
+                },
+                format!(
+                    "agent of {} ({}) at rest (VmRSS; VmHWM {})",
+                    r.node,
+                    r.kind,
+                    mib(r.hwm_kb)
+                ),
+                r.rss_kb,
+            ));
+        }
         for t in &self.sweep.tools {
             let key = match t.tool {
                 Tool::Podtrace => "podtrace_capture_udp_sweep",
@@ -120,6 +152,12 @@ impl Results {
         let m = &self.machine;
         let mut s = String::new();
         let _ = writeln!(s, "# podtrace benchmark\n");
+        if m.quick {
+            let _ = writeln!(
+                s,
+                "**`--quick`: a smoke check (fewer and shorter runs), not a measurement.**\n"
+            );
+        }
         let _ = writeln!(
             s,
             "`cargo xtask bench`, {} ({:.0} s of measurement). Lab: flannel topology, {POD} (node-a) → {PEER} ({DST_IP}, node-b), {} hops: {}.\n",
@@ -135,9 +173,20 @@ impl Results {
         let _ = writeln!(s, "| OS | {} |", m.os);
         let _ = writeln!(
             s,
-            "| podtrace | {} (release build), commit {} |",
+            "| podtrace | {}, commit {} of {} ({}, binary of {}) |",
             m.podtrace_version,
-            m.commit_label()
+            m.commit_label(),
+            if m.tree.as_os_str().is_empty() {
+                "no git work tree".to_owned()
+            } else {
+                m.tree.display().to_string()
+            },
+            if m.built {
+                "release build by the benchmark".to_owned()
+            } else {
+                format!("`--podtrace {}`", m.binary.display())
+            },
+            m.binary_mtime
         );
         let _ = writeln!(s, "| tools | {}; {} |", m.tcpdump, m.iperf3);
         let _ = writeln!(
@@ -145,6 +194,23 @@ impl Results {
             "| load average (1, 5, 15 min) | {} at start, {} at the end (the benchmark's own load included) |\n",
             m.loadavg, m.loadavg_end
         );
+
+        // Goals.
+        let _ = writeln!(
+            s,
+            "## Goals (issue 14; the agent's from issue 15)\n\nFigures are min / **median** / max over the runs; a goal is judged on the median (comparisons with tcpdump round by round, then the median over the rounds).\n\n| figure | goal | measured | |\n|---|---|---|---|"
+        );
+        for g in self.goals() {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} |",
+                g.figure,
+                g.goal,
+                g.measured,
+                g.mark()
+            );
+        }
+        let _ = writeln!(s);
 
         // Attach latency.
         let a = &self.attach;
@@ -155,7 +221,7 @@ impl Results {
             a.kernel_hooks.join(", "),
             a.runs.len()
         );
-        let _ = writeln!(s, "| phase | median | max |\n|---|---:|---:|");
+        let _ = writeln!(s, "| phase | min | median | max |\n|---|---:|---:|---:|");
         for (f, label) in [
             ("total", "**total: start → probes live**"),
             (
@@ -175,9 +241,50 @@ impl Results {
         ] {
             let _ = writeln!(
                 s,
-                "| {label} | {:.1} ms | {:.1} ms |",
+                "| {label} | {:.1} ms | {:.1} ms | {:.1} ms |",
+                a.min(f),
                 a.median(f),
                 a.max(f)
+            );
+        }
+
+        // Agents.
+        let g = &self.agents;
+        let _ = writeln!(
+            s,
+            "\n## Node agents\n\nOn a lab of their own (`lab up --prefix {} --agents`), so that the other sections run without agents: the lab's agents (\"{}\": TCP with mutual TLS on each node's underlay address, reached from the `ext` host's namespace), and one `podtrace agent --node NODE --listen unix:PATH --lab PREFIX` per node started in the node's namespace (\"{}\"). At rest: VmRSS a second after they listened, before any session; eBPF programs: those the agent holds an fd of (a program's or a link's).\n\n| agent | listening on | RSS at rest | peak RSS at rest | eBPF programs at rest | after the sessions | peak RSS after the sessions |\n|---|---|---:|---:|---:|---:|---:|",
+            g.prefix,
+            super::agents::TLS,
+            super::agents::UNIX
+        );
+        for r in &g.rest {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                r.node,
+                r.kind,
+                mib(r.rss_kb),
+                mib(r.hwm_kb),
+                r.programs,
+                r.programs_after,
+                mib(r.hwm_end_kb)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nCross-node follow through both nodes' agents ({} hops), from process start to the `ready` line; the two kinds interleaved, {} runs each after a warm-up.\n\n| agents | command | start → probes live (min / median / max) |\n|---|---|---:|",
+            g.hops,
+            g.variants.first().map_or(0, |v| v.starts.len())
+        );
+        for v in &g.variants {
+            let _ = writeln!(
+                s,
+                "| {} | `{}` | {} |",
+                v.kind,
+                v.command,
+                v.total()
+                    .map(|t| t.show(|x| format!("{x:.1} ms")))
+                    .unwrap_or_else(|| "–".into())
             );
         }
 
@@ -185,49 +292,65 @@ impl Results {
         let o = &self.overhead;
         let _ = writeln!(
             s,
-            "\n## Data-path overhead\n\niperf3 TCP {POD} → {PEER}, {} s per run, {} runs per configuration (interleaved), median. Captured/lost: median over the runs, all hops together (podtrace: \"packets written\" / \"lost before reaching the writer\"; tcpdump: \"packets captured\" / \"dropped by kernel\", summed over its {} processes). Tool CPU: user + system seconds of the tool's processes over the run (start and stop included), from `wait4`. Capture files on tmpfs.\n",
+            "\n## Data-path overhead\n\niperf3 TCP {POD} → {PEER}, {} s per run, {} rounds; each round runs every configuration once, in this order (interleaved, so drift hits all alike). Figures: min / **median** / max over the runs; × baseline: each run over its own round's baseline, then min / median / max. Captured/lost: all hops together (podtrace: \"packets written\" / \"lost before reaching the writer\"; tcpdump: \"packets captured\" / \"dropped by kernel\", summed over its {} processes). Tool CPU during traffic: user + system seconds of the tool's processes while iperf3 ran (/proc/PID/stat, 10 ms ticks), per 10 s; total: over the tool's whole life, start and stop included (`wait4`). Capture files on tmpfs. The kernel's per-program statistics are on during the podtrace configurations only (they add two clock reads to each program run; turned on with {}).\n",
             o.seconds,
             o.runs(Config::Baseline).len(),
-            self.hops.len()
+            self.hops.len(),
+            o.stats_via.unwrap_or("–")
         );
         let _ = writeln!(
             s,
-            "| configuration | Gbit/s | × baseline | captured | lost | lost % | tool CPU | peak RSS |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+            "| configuration | Gbit/s | × baseline | captured | lost | lost % | tool CPU per 10 s of traffic | tool CPU total | peak RSS |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
+        let dash = || "–".to_owned();
         for c in Config::ALL {
-            let (captured, lost, share, rss) = match (c, o.capture_stats(c)) {
-                (_, Some((cap, lost, rss))) => (
-                    count(cap),
-                    count(lost),
-                    format!("{:.0} %", 100.0 * lost / (cap + lost).max(1.0)),
-                    mib(rss),
-                ),
-                (Config::FollowOtherPeer | Config::FollowOtherPort, None) => {
-                    let runs = o.follow_runs(c);
-                    let rss = runs.iter().map(|f| f.rss_kb).max().unwrap_or(0);
-                    let hops = runs.first().map_or(0, |f| f.hops.len());
-                    let lost: u64 = runs.iter().map(|f| f.lost).sum();
-                    let packets: u64 = runs.iter().map(|f| f.packets).sum();
-                    (
-                        format!("{packets} packets ({hops} hops probed)"),
-                        lost.to_string(),
-                        "–".into(),
-                        mib(rss),
-                    )
-                }
-                _ => ("–".into(), "–".into(), "–".into(), "–".into()),
+            let show = |x: Option<super::Stat>, f: &dyn Fn(f64) -> String| {
+                x.map(|x| x.show(f)).unwrap_or_else(dash)
+            };
+            let (captured, lost, share) = if c.is_capture() || c == Config::Tcpdump {
+                (
+                    show(
+                        o.stat(c, |r| r.capture.as_ref().map(|x| x.captured as f64)),
+                        &count,
+                    ),
+                    show(
+                        o.stat(c, |r| r.capture.as_ref().map(|x| x.lost as f64)),
+                        &count,
+                    ),
+                    show(o.stat(c, overhead::Results::lost_pct), &|x| {
+                        format!("{x:.0} %")
+                    }),
+                )
+            } else if let (Config::FollowOtherPeer | Config::FollowOtherPort, runs) =
+                (c, o.follow_runs(c))
+            {
+                let hops = runs.first().map_or(0, |f| f.hops.len());
+                let lost: u64 = runs.iter().map(|f| f.lost).sum();
+                let packets: u64 = runs.iter().map(|f| f.packets).sum();
+                (
+                    format!("{packets} packets ({hops} hops probed)"),
+                    lost.to_string(),
+                    dash(),
+                )
+            } else {
+                (dash(), dash(), dash())
             };
             let _ = writeln!(
                 s,
-                "| {} | {:.2} | {:.3} | {captured} | {lost} | {share} | {} | {rss} |",
+                "| {} | {} | {} | {captured} | {lost} | {share} | {} | {} | {} |",
                 c.label(),
-                o.median_gbps(c),
-                o.ratio(c),
-                o.median_cpu_s(c)
-                    .map(|x| format!("{x:.1} s"))
-                    .unwrap_or_else(|| "–".into())
+                show(o.gbps(c), &|x| format!("{x:.2}")),
+                if c == Config::Baseline {
+                    "1".into()
+                } else {
+                    show(o.ratio(c), &|x| format!("{x:.3}"))
+                },
+                show(o.stat(c, Run::cpu_per_10s), &|x| format!("{x:.2} s")),
+                show(o.stat(c, Run::total_cpu_s), &|x| format!("{x:.1} s")),
+                o.peak_rss_kb(c).map(mib).unwrap_or_else(dash),
             );
         }
+
         let probed = |c: Config| {
             o.follow_runs(c)
                 .first()
@@ -256,6 +379,56 @@ impl Results {
             probed(Config::FollowOtherPort)
         );
 
+        // The programs' own cost.
+        let _ = writeln!(
+            s,
+            "\n## eBPF programs' own cost\n\nFrom the kernel's run-time statistics: for the programs the podtrace process holds (all their copies together), the growth of `run_time_ns` / `run_cnt` over the iperf3 run → ns per run (min / **median** / max over the runs), runs per second (median), and the CPU time the programs took per second of traffic (median; 1000 ms/s = one core; the **all** row: min / median / max). Hooks: hop = the tc programs on the hops; drop = kfree_skb; FIB = fib_table_lookup; xmit = the device transmit hook (tracepoint or kprobe).\n"
+        );
+        let _ = writeln!(
+            s,
+            "| configuration | hook | programs (copies) | ns per run | runs/s | CPU ms/s |\n|---|---|---|---:|---:|---:|"
+        );
+        for c in Config::ALL.into_iter().filter(|c| c.is_podtrace()) {
+            for grp in bpfstats::GROUPS {
+                let Some(ns) = o.bpf_ns(c, grp) else {
+                    let seen = o
+                        .runs(c)
+                        .iter()
+                        .any(|r| r.bpf.as_ref().is_some_and(|b| b.contains_key(grp)));
+                    if seen {
+                        let _ = writeln!(s, "| {} | {grp} | | never ran | 0 | 0 |", c.key());
+                    }
+                    continue;
+                };
+                let (names, copies) = o
+                    .runs(c)
+                    .iter()
+                    .filter_map(|r| r.bpf.as_ref()?.get(grp))
+                    .map(|x| (x.names.join(", "), x.copies))
+                    .next_back()
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    s,
+                    "| {} | {grp} | {names} ({copies}) | {} | {} | {} |",
+                    c.key(),
+                    ns.show(|x| format!("{x:.0}")),
+                    o.bpf_rate(c, grp)
+                        .map(|r| count(r.median))
+                        .unwrap_or_else(dash),
+                    o.bpf_cpu_ms_per_s(c, grp)
+                        .map(|r| format!("{:.1}", r.median))
+                        .unwrap_or_else(dash)
+                );
+            }
+            if let Some(t) = o.bpf_total_cpu_ms_per_s(c) {
+                let _ = writeln!(
+                    s,
+                    "| {} | **all** | | | | {} |",
+                    c.key(),
+                    t.show(|x| format!("{x:.1}"))
+                );
+            }
+        }
         // Lossless rate.
         let w = &self.sweep;
         let _ = writeln!(

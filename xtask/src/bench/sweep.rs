@@ -175,7 +175,7 @@ fn step(ctx: &Ctx, tool: Option<Tool>, rate: u64, seconds: f64) -> Result<Step> 
         Duration::from_secs(10),
     )?;
     let running = match tool {
-        Some(t) => Some(capture::start(ctx, t, Some(PORT))?),
+        Some(t) => Some(capture::start(ctx, t, Some(PORT), None)?),
         None => None,
     };
     proc::sleep(Duration::from_millis(200))?;

@@ -1,0 +1,410 @@
+//! Issue 14's goals (and issue 15's for the agent), each figure judged met or not from the
+//! runs. A figure over several runs is judged on its median; comparisons with tcpdump are
+//! made round by round (the podtrace and tcpdump runs of one round share the machine's
+//! state), and the median over the rounds is judged, with how many rounds met it.
+use serde_json::{json, Value};
+
+use super::{
+    agents::Agents,
+    attach::Attach,
+    capture::Tool,
+    overhead::{self, Config, Run},
+    sweep::Sweep,
+    Stat,
+};
+
+pub struct Goal {
+    pub figure: String,
+    pub goal: String,
+    pub measured: String,
+    /// None: not measured (or no goal to judge).
+    pub met: Option<bool>,
+}
+
+impl Goal {
+    pub fn to_json(&self) -> Value {
+        json!({"figure": self.figure, "goal": self.goal, "measured": self.measured, "met": self.met})
+    }
+
+    pub fn mark(&self) -> &'static str {
+        match self.met {
+            Some(true) => "met",
+            Some(false) => "**not met**",
+            None => "–",
+        }
+    }
+}
+
+fn ms(x: f64) -> String {
+    format!("{x:.0} ms")
+}
+
+fn x3(x: f64) -> String {
+    format!("{x:.3}×")
+}
+
+fn mib(kb: f64) -> String {
+    format!("{:.1} MiB", kb / 1024.0)
+}
+
+/// `k/n rounds` where `pred` holds.
+fn rounds(v: &[f64], pred: impl Fn(f64) -> bool) -> String {
+    format!(
+        "{}/{} rounds",
+        v.iter().filter(|x| pred(**x)).count(),
+        v.len()
+    )
+}
+
+pub fn evaluate(
+    attach: &Attach,
+    agents: &Agents,
+    o: &overhead::Results,
+    sweep: &Sweep,
+) -> Vec<Goal> {
+    let mut goals = Vec::new();
+    let show = |s: Option<Stat>, f: &dyn Fn(f64) -> String| {
+        s.map(|s| s.show(f))
+            .unwrap_or_else(|| "not measured".into())
+    };
+
+    let total = attach.stat("total");
+    goals.push(Goal {
+        figure: format!("start → probes live, {}-hop path (median)", attach.hops),
+        goal: "≤ 150 ms".into(),
+        measured: show(total, &ms),
+        met: total.map(|s| s.median <= 150.0),
+    });
+
+    for (c, what) in [
+        (
+            Config::FollowOtherPort,
+            "idle `follow`, every hop probed, filter rejects every packet (`--port 9`)",
+        ),
+        (Config::FollowOtherPeer, "idle `follow`, other peer"),
+    ] {
+        let ratio = o.ratio(c);
+        let cpu = o.stat(c, Run::cpu_per_10s);
+        goals.push(Goal {
+            figure: format!("{what}: throughput"),
+            goal: "≥ 0.97× baseline".into(),
+            measured: show(ratio, &x3),
+            met: ratio.map(|s| s.median >= 0.97),
+        });
+        goals.push(Goal {
+            figure: format!("{what}: tool CPU per 10 s of traffic"),
+            goal: "≤ 0.2 s".into(),
+            measured: show(cpu, &|x| format!("{x:.2} s")),
+            met: cpu.map(|s| s.median <= 0.2),
+        });
+    }
+
+    // capture vs tcpdump, round by round.
+    let cap = o.runs(Config::Capture);
+    let tcp = o.runs(Config::Tcpdump);
+    let lost_below: Vec<f64> = cap
+        .iter()
+        .zip(tcp)
+        .filter_map(|(c, t)| {
+            Some(overhead::Results::lost_pct(t)? - overhead::Results::lost_pct(c)?)
+        })
+        .collect();
+    let d = Stat::of(&lost_below);
+    let med = |c: Config| {
+        o.stat(c, overhead::Results::lost_pct)
+            .map_or_else(|| "–".into(), |s| format!("{:.0} %", s.median))
+    };
+    goals.push(Goal {
+        figure: "`capture`, whole packets: lost %".into(),
+        goal: "below tcpdump's in the same round".into(),
+        measured: d
+            .map(|s| {
+                format!(
+                    "podtrace {} vs tcpdump {} (medians); tcpdump's − podtrace's per round: {} points ({})",
+                    med(Config::Capture),
+                    med(Config::Tcpdump),
+                    s.show(|x| format!("{x:+.1}")),
+                    rounds(&lost_below, |x| x > 0.0)
+                )
+            })
+            .unwrap_or_else(|| "not measured".into()),
+        met: d.map(|s| s.median > 0.0),
+    });
+    let times: Vec<f64> = o
+        .ratios(Config::Capture)
+        .iter()
+        .zip(o.ratios(Config::Tcpdump))
+        .map(|(c, t)| c / t)
+        .collect();
+    let t = Stat::of(&times);
+    goals.push(Goal {
+        figure: "`capture`, whole packets: its × baseline over tcpdump's × baseline".into(),
+        goal: "≥ 2 (same round)".into(),
+        measured: t
+            .map(|s| {
+                format!(
+                    "{} ({})",
+                    s.show(|x| format!("{x:.2}×")),
+                    rounds(&times, |x| x >= 2.0)
+                )
+            })
+            .unwrap_or_else(|| "not measured".into()),
+        met: t.map(|s| s.median >= 2.0),
+    });
+
+    let h = o.ratio(Config::CaptureHeaders);
+    goals.push(Goal {
+        figure: format!(
+            "`capture -s {}` (headers): throughput",
+            overhead::HEADERS_SNAPLEN
+        ),
+        goal: "≥ 0.85× baseline".into(),
+        measured: show(h, &x3),
+        met: h.map(|s| s.median >= 0.85),
+    });
+    let hl = o.stat(Config::CaptureHeaders, |r| {
+        r.capture.as_ref().map(|c| c.lost as f64)
+    });
+    goals.push(Goal {
+        figure: format!("`capture -s {}` (headers): lost", overhead::HEADERS_SNAPLEN),
+        goal: "0 in every run".into(),
+        measured: show(hl, &|x| format!("{x:.0}")),
+        met: hl.map(|s| s.max == 0.0),
+    });
+
+    let rss = [Config::Capture, Config::CaptureHeaders]
+        .iter()
+        .filter_map(|c| o.peak_rss_kb(*c))
+        .chain(
+            sweep
+                .tools
+                .iter()
+                .filter(|t| t.tool == Tool::Podtrace)
+                .map(|t| t.peak_rss_kb()),
+        )
+        .max();
+    goals.push(Goal {
+        figure: "peak RSS while capturing (every capture run and the UDP sweep)".into(),
+        goal: "≤ 40 MiB".into(),
+        measured: rss
+            .map(|kb| mib(kb as f64))
+            .unwrap_or_else(|| "not measured".into()),
+        met: rss.map(|kb| kb as f64 <= 40.0 * 1024.0),
+    });
+
+    let best = |tool: Tool| {
+        sweep
+            .tools
+            .iter()
+            .find(|t| t.tool == tool)
+            .map(|t| (t.best().map_or(0.0, |b| b.achieved_pps()), t.sender_bound))
+    };
+    let ceiling = sweep.ceiling_pps();
+    let pct = |x: f64| {
+        if ceiling > 0.0 {
+            format!(
+                " ({:.0} % of the path's {:.0}/s)",
+                100.0 * x / ceiling,
+                ceiling
+            )
+        } else {
+            String::new()
+        }
+    };
+    let (p, t) = (best(Tool::Podtrace), best(Tool::Tcpdump));
+    goals.push(Goal {
+        figure: "lossless small-UDP rate".into(),
+        goal: "≥ tcpdump's, against the path ceiling".into(),
+        measured: match (p, t) {
+            (Some((p, pb)), Some((t, tb))) => format!(
+                "podtrace {}{p:.0}/s{}, tcpdump {}{t:.0}/s{}",
+                if pb { "≥ " } else { "" },
+                pct(p),
+                if tb { "≥ " } else { "" },
+                pct(t)
+            ),
+            _ => "not measured".into(),
+        },
+        met: match (p, t) {
+            (Some((p, _)), Some((t, _))) => Some(p >= t),
+            _ => None,
+        },
+    });
+
+    let rest = agents.max_rest_rss_kb();
+    let held: usize = agents.rest.iter().map(|r| r.programs).sum();
+    let held_after: usize = agents.rest.iter().map(|r| r.programs_after).sum();
+    goals.push(Goal {
+        figure: "an agent at rest: RSS (the largest)".into(),
+        goal: "< 10 MiB".into(),
+        measured: mib(rest as f64),
+        met: (!agents.rest.is_empty()).then_some((rest as f64) < 10.0 * 1024.0),
+    });
+    goals.push(Goal {
+        figure: "an agent at rest, and after its sessions ended: eBPF programs held".into(),
+        goal: "0 (nothing on the data path)".into(),
+        measured: format!("{held} at rest, {held_after} after the sessions"),
+        met: (!agents.rest.is_empty()).then_some(held == 0 && held_after == 0),
+    });
+    for v in &agents.variants {
+        goals.push(Goal {
+            figure: format!(
+                "cross-node `follow` through agents ({}): start → probes live, {}-hop path",
+                v.kind, agents.hops
+            ),
+            goal: "– (reported)".into(),
+            measured: show(v.total(), &ms),
+            met: None,
+        });
+    }
+    goals
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{agents::Rest, attach, capture::Report, sweep::ToolSweep};
+
+    fn run(gbps: f64, captured: Option<(u64, u64)>, cpu: Option<f64>) -> Run {
+        Run {
+            gbps,
+            capture: captured.map(|(captured, lost)| Report {
+                captured,
+                lost,
+                rss_kb: 30 * 1024,
+                ..Report::default()
+            }),
+            steady_cpu_s: cpu,
+            window_s: 10.0,
+            ..Run::default()
+        }
+    }
+
+    fn find<'a>(goals: &'a [Goal], prefix: &str) -> &'a Goal {
+        goals
+            .iter()
+            .find(|g| g.figure.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no goal {prefix}"))
+    }
+
+    #[test]
+    fn judged_round_by_round() {
+        // Baselines drift from 10 to 5 Gbit/s: per-round ratios stay 0.98 for the idle
+        // follow although its median Gbit/s is well under the baseline's median.
+        let o = overhead::Results {
+            seconds: 10,
+            stats_via: None,
+            runs: vec![
+                (
+                    Config::Baseline,
+                    vec![
+                        run(10.0, None, None),
+                        run(5.0, None, None),
+                        run(5.0, None, None),
+                    ],
+                ),
+                (
+                    Config::FollowOtherPort,
+                    vec![
+                        run(9.8, None, Some(0.1)),
+                        run(4.9, None, Some(0.1)),
+                        run(4.9, None, Some(0.5)),
+                    ],
+                ),
+                (
+                    Config::Capture,
+                    vec![
+                        run(5.0, Some((90, 10)), None),
+                        run(2.0, Some((50, 50)), None),
+                        run(2.5, Some((80, 20)), None),
+                    ],
+                ),
+                (
+                    Config::CaptureHeaders,
+                    vec![
+                        run(9.0, Some((100, 0)), None),
+                        run(4.5, Some((100, 1)), None),
+                        run(4.5, Some((100, 0)), None),
+                    ],
+                ),
+                (
+                    Config::Tcpdump,
+                    vec![
+                        run(2.0, Some((70, 30)), None),
+                        run(1.0, Some((70, 30)), None),
+                        run(1.0, Some((70, 30)), None),
+                    ],
+                ),
+            ],
+        };
+        assert!(o
+            .ratios(Config::FollowOtherPort)
+            .iter()
+            .all(|r| (r - 0.98).abs() < 1e-9));
+        let a = Attach {
+            runs: [100.0, 200.0, 140.0]
+                .iter()
+                .map(|t| attach::Run {
+                    total: *t,
+                    ..attach::Run::default()
+                })
+                .collect(),
+            hops: 10,
+            hop_names: Vec::new(),
+            kernel_hooks: Vec::new(),
+        };
+        let ag = Agents {
+            prefix: "pba-".into(),
+            rest: vec![Rest {
+                node: "node-a".into(),
+                kind: crate::bench::agents::UNIX,
+                rss_kb: 8 * 1024,
+                hwm_kb: 8 * 1024,
+                programs: 0,
+                programs_after: 0,
+                hwm_end_kb: 0,
+            }],
+            variants: vec![crate::bench::agents::Variant {
+                kind: crate::bench::agents::TLS,
+                command: String::new(),
+                starts: Vec::new(),
+            }],
+            hops: 10,
+        };
+        let sw = Sweep {
+            seconds: 3.0,
+            ceiling: Vec::new(),
+            tools: vec![ToolSweep {
+                tool: Tool::Podtrace,
+                steps: Vec::new(),
+                sender_bound: false,
+            }],
+        };
+        let g = evaluate(&a, &ag, &o, &sw);
+        assert_eq!(find(&g, "start → probes live").met, Some(true));
+        assert_eq!(find(&g, "idle `follow`, every hop").met, Some(true));
+        let cpu = g
+            .iter()
+            .find(|g| g.figure.contains("--port 9") && g.figure.contains("CPU"))
+            .unwrap();
+        assert_eq!(cpu.met, Some(true), "median 0.1 s per 10 s");
+        // Lost: 10 % vs 30 %, 50 % vs 30 %, 20 % vs 30 %: below in 2 of 3 rounds.
+        let lost = find(&g, "`capture`, whole packets: lost");
+        assert_eq!(lost.met, Some(true));
+        assert!(lost.measured.contains("2/3 rounds"), "{}", lost.measured);
+        // Throughput over tcpdump's: 0.5/0.2, 0.4/0.2, 0.5/0.2 → 2.5, 2, 2.5.
+        assert_eq!(find(&g, "`capture`, whole packets: its").met, Some(true));
+        // -s 128: 0.9× each round, but one run lost a packet.
+        assert_eq!(
+            find(&g, "`capture -s 128` (headers): throughput").met,
+            Some(true)
+        );
+        assert_eq!(
+            find(&g, "`capture -s 128` (headers): lost").met,
+            Some(false)
+        );
+        assert_eq!(find(&g, "peak RSS while capturing").met, Some(true));
+        assert_eq!(find(&g, "an agent at rest: RSS").met, Some(true));
+        assert_eq!(find(&g, "cross-node").met, None);
+    }
+}
