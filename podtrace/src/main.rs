@@ -44,7 +44,11 @@ enum Command {
     /// undeploy. `podtrace kubectl --help` says more.
     #[command(disable_help_flag = true)]
     Kubectl {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
         args: Vec<std::ffi::OsString>,
     },
 }
@@ -72,8 +76,8 @@ fn main() -> ExitCode {
             argv.remove(1);
             argv[0] = "kubectl-podtrace".into();
         }
-        let code = std::panic::catch_unwind(|| podtrace::kubectl::main(argv))
-            .unwrap_or(ExitCode::from(2));
+        let code =
+            std::panic::catch_unwind(|| podtrace::kubectl::main(argv)).unwrap_or(ExitCode::from(2));
         if podtrace::crash::panicked() {
             return ExitCode::from(2);
         }

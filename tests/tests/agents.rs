@@ -369,7 +369,9 @@ fn an_agent_refuses_another_nodes_namespaces() {
         .clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut client = connect::connect(&node_a, &cfg.credentials, None).await.unwrap();
+        let mut client = connect::connect(&node_a, &cfg.credentials, None)
+            .await
+            .unwrap();
         // Resolving pod-b1 on node-a's agent: not there.
         let r = client
             .resolve(pb::ResolveRequest {

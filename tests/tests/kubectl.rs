@@ -117,7 +117,11 @@ impl Plugin {
 
     /// A running follow/capture, once its probes are live on every node.
     fn start(&self, args: &[&str]) -> Running {
-        Running::spawn(self.command(args), &format!("kubectl podtrace {args:?}"), 90)
+        Running::spawn(
+            self.command(args),
+            &format!("kubectl podtrace {args:?}"),
+            90,
+        )
     }
 }
 
@@ -214,7 +218,10 @@ fn kubectl_podtrace_follows_and_captures_across_nodes_through_the_daemonset() {
 
     // Before deploy: the node has no agent, and the fix is named.
     let out = kp.run(&["follow", "default/client", "--dst", "default/server"]);
-    assert_one_line_error(&out, &["node-a", "no podtrace agent", "kubectl podtrace deploy"]);
+    assert_one_line_error(
+        &out,
+        &["node-a", "no podtrace agent", "kubectl podtrace deploy"],
+    );
 
     // deploy: the embedded deploy/, and both nodes' agents ready.
     let started = std::time::Instant::now();
@@ -301,7 +308,10 @@ fn kubectl_podtrace_follows_and_captures_across_nodes_through_the_daemonset() {
         observed.first().unwrap().starts_with("client/"),
         "{observed:?}"
     );
-    assert!(observed.last().unwrap().starts_with("server/"), "{observed:?}");
+    assert!(
+        observed.last().unwrap().starts_with("server/"),
+        "{observed:?}"
+    );
     assert!(s["unobserved"].as_array().unwrap().is_empty(), "{s:#}");
     // Per-hop timing: every packet's hops carry times, in order, across both nodes.
     let packets: Vec<Value> = json_lines(&lines)
@@ -316,10 +326,7 @@ fn kubectl_podtrace_follows_and_captures_across_nodes_through_the_daemonset() {
         assert!(ts.iter().all(|t| *t > 0), "{p}");
         let nodes: std::collections::BTreeSet<&str> =
             hops.iter().map(|h| h["node"].as_str().unwrap()).collect();
-        assert!(
-            nodes.contains("node-a") && nodes.contains("node-b"),
-            "{p}"
-        );
+        assert!(nodes.contains("node-a") && nodes.contains("node-b"), "{p}");
     }
 
     // A NetworkPolicy-like DROP on node-b (in node-b's network namespace): found on node-b,
@@ -492,7 +499,13 @@ subjects: [{kind: ServiceAccount, name: tracer, namespace: default}]
     )
     .unwrap();
     for args in [
-        vec!["config", "set-credentials", "tracer", "--token", token.trim()],
+        vec![
+            "config",
+            "set-credentials",
+            "tracer",
+            "--token",
+            token.trim(),
+        ],
         vec!["config", "set-context", "--current", "--user", "tracer"],
     ] {
         let out = Command::new("kubectl")
@@ -505,7 +518,10 @@ subjects: [{kind: ServiceAccount, name: tracer, namespace: default}]
     }
     let tracer = Plugin::new(&scratch.0, &tracer_cfg);
     let out = tracer.run(&["follow", "default/client", "--dst", "default/server"]);
-    assert_one_line_error(&out, &["forbidden", "pods/portforward", "namespace podtrace"]);
+    assert_one_line_error(
+        &out,
+        &["forbidden", "pods/portforward", "namespace podtrace"],
+    );
 
     // A node without an agent: the DaemonSet kept off node-b.
     let out = cluster.kubectl_with(
@@ -528,7 +544,13 @@ subjects: [{kind: ServiceAccount, name: tracer, namespace: default}]
         a.len() == 1 && a[0].trim() == "node-a Running"
     });
     let out = kp.run(&["follow", "default/client", "--dst", "default/server"]);
-    assert_one_line_error(&out, &["node node-b has no podtrace agent", "kubectl podtrace deploy"]);
+    assert_one_line_error(
+        &out,
+        &[
+            "node node-b has no podtrace agent",
+            "kubectl podtrace deploy",
+        ],
+    );
     // A --dst that is not a pod of this cluster's nodes needs only the pod's node: topo
     // through node-a's agent.
     let out = kp.run(&["topo", "default/client", "--json"]);

@@ -148,9 +148,7 @@ impl Cluster {
                 let svc = self
                     .rt
                     .block_on(api.get_opt(&name))
-                    .map_err(|e| {
-                        api_error(&e, &format!("get service {ns}/{name}"), &self.server)
-                    })?
+                    .map_err(|e| api_error(&e, &format!("get service {ns}/{name}"), &self.server))?
                     .ok_or_else(|| anyhow!("--dst: service {ns}/{name} not found"))?;
                 let ip = svc
                     .spec
@@ -358,9 +356,9 @@ impl Cluster {
                                 one_line(&e)
                             ))
                         })?;
-                        let stream = pf.take_stream(port).ok_or_else(|| {
-                            std::io::Error::other("port-forward gave no stream")
-                        })?;
+                        let stream = pf
+                            .take_stream(port)
+                            .ok_or_else(|| std::io::Error::other("port-forward gave no stream"))?;
                         Ok::<_, std::io::Error>(Forwarded { stream, pf })
                     })
                     .await
@@ -456,13 +454,9 @@ impl KPod {
             })
             .collect();
         let containers = spec
-            .map(|s| s.containers.iter().map(|c| c.name.clone()).collect())
-            .unwrap_or_else(Vec::new)
             .into_iter()
-            .map(|n: String| {
-                let id = ids.get(&n).cloned();
-                (n, id)
-            })
+            .flat_map(|s| s.containers.iter())
+            .map(|c| (c.name.clone(), ids.get(&c.name).cloned()))
             .collect();
         Ok(Self {
             namespace,
@@ -578,12 +572,15 @@ pub fn status_code(e: &kube::Error) -> Option<u16> {
 pub fn api_error(e: &kube::Error, what: &str, server: &str) -> anyhow::Error {
     match status_code(e) {
         Some(403) => anyhow!("forbidden: RBAC does not let you {what}: {}", one_line(e)),
-        Some(401) => anyhow!(
-            "unauthorized at {server} ({what}): the kubeconfig's credentials were refused"
-        ),
+        Some(401) => {
+            anyhow!("unauthorized at {server} ({what}): the kubeconfig's credentials were refused")
+        }
         _ => match e {
             kube::Error::Api(_) => anyhow!("{what}: {}", one_line(e)),
-            _ => anyhow!("{what}: cannot reach the API server {server}: {}", one_line(e)),
+            _ => anyhow!(
+                "{what}: cannot reach the API server {server}: {}",
+                one_line(e)
+            ),
         },
     }
 }

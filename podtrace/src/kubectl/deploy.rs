@@ -69,8 +69,8 @@ pub fn objects(image: &str) -> Result<Vec<Value>> {
     }
     let mut out = Vec::new();
     for (file, text) in MANIFESTS {
-        let docs: Vec<Value> = serde_saphyr::from_multiple(text)
-            .map_err(|e| anyhow!("deploy/{file}: {e}"))?;
+        let docs: Vec<Value> =
+            serde_saphyr::from_multiple(text).map_err(|e| anyhow!("deploy/{file}: {e}"))?;
         for mut d in docs.into_iter().filter(|d| !d.is_null()) {
             if d["kind"] == "DaemonSet" {
                 let containers = d["spec"]["template"]["spec"]["containers"]
@@ -289,7 +289,10 @@ mod tests {
         );
         let ds = objs.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
         let pod = &ds["spec"]["template"]["spec"];
-        assert_eq!(pod["containers"][0]["image"], "registry.example/podtrace:1.2");
+        assert_eq!(
+            pod["containers"][0]["image"],
+            "registry.example/podtrace:1.2"
+        );
         assert_eq!(pod["hostNetwork"], true);
         assert_eq!(pod["hostPID"], true);
         assert_eq!(pod["tolerations"][0]["operator"], "Exists");
@@ -303,7 +306,7 @@ mod tests {
             .map(|c| c.as_str().unwrap())
             .collect();
         caps.sort();
-        assert_eq!(caps, ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_PTRACE"]);
+        assert_eq!(caps, ["NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]);
         // The agent listens on loopback, with the token, on the port the annotation names.
         let args: Vec<&str> = pod["containers"][0]["args"]
             .as_array()
@@ -315,7 +318,10 @@ mod tests {
             [super::super::api::PORT_ANNOTATION]
             .as_str()
             .unwrap();
-        assert!(args.contains(&format!("tcp:127.0.0.1:{port}").as_str()), "{args:?}");
+        assert!(
+            args.contains(&format!("tcp:127.0.0.1:{port}").as_str()),
+            "{args:?}"
+        );
         assert!(args.contains(&"--token-file"));
         // Every object is in the namespace, or cluster-wide on purpose.
         for o in &objs {

@@ -244,12 +244,18 @@ fn prepare(
             kpod.name
         );
     }
-    // The agents find the pod through their node's runtime: by its name, or by the
-    // container's id for --container NAME.
-    match &taken.container {
-        Some(c) => {
+    // The agents find the pod through their node's runtime by a container's id (the API
+    // knows them; a name can match a deleted pod's sandbox the runtime still has, or a pod
+    // of the same name that replaced it): --container NAME's, else the first running one's;
+    // by its name when none has started yet.
+    let id = match &taken.container {
+        Some(c) => Some(kpod.container_id(c)?),
+        None => kpod.containers.iter().find_map(|(_, id)| id.clone()),
+    };
+    match id {
+        Some(id) => {
             pod.pod = None;
-            pod.container = Some(kpod.container_id(c)?);
+            pod.container = Some(id);
         }
         None => {
             pod.pod = Some(format!("{}/{}", kpod.namespace, kpod.name));
@@ -315,7 +321,15 @@ mod tests {
         .unwrap();
         assert_eq!(
             rest,
-            v(&["kubectl-podtrace", "follow", "client", "--dst", "0.0.0.0", "-c", "4"])
+            v(&[
+                "kubectl-podtrace",
+                "follow",
+                "client",
+                "--dst",
+                "0.0.0.0",
+                "-c",
+                "4"
+            ])
         );
         assert_eq!(
             t,
@@ -336,7 +350,9 @@ mod tests {
 
     #[test]
     fn plugin_names() {
-        assert!(invoked_as_plugin("/usr/local/bin/kubectl-podtrace".as_ref()));
+        assert!(invoked_as_plugin(
+            "/usr/local/bin/kubectl-podtrace".as_ref()
+        ));
         assert!(invoked_as_plugin("kubectl-podtrace".as_ref()));
         assert!(!invoked_as_plugin("/usr/bin/podtrace".as_ref()));
     }

@@ -175,7 +175,10 @@ pub async fn connect(
         .tcp_nodelay(true);
     if tls {
         if !matches!(spec.endpoint, Endpoint::Tcp(_)) {
-            bail!("agent of node {node}: TLS is for TCP endpoints, not {}", spec.endpoint);
+            bail!(
+                "agent of node {node}: TLS is for TCP endpoints, not {}",
+                spec.endpoint
+            );
         }
         let mut cfg = ClientTlsConfig::new().domain_name(node_host(&node));
         if let Some(ca) = &creds.ca {
@@ -239,9 +242,12 @@ pub async fn connect(
         .map_err(|e| anyhow!("no connection: {}", chain(&e)))?;
     let token = match &creds.token_file {
         None if creds.token.is_some() => Some(Arc::new(
-            format!("Bearer {}", creds.token.as_deref().unwrap_or_default().trim())
-                .parse()
-                .map_err(|_| anyhow!("the agents' token is not a valid header"))?,
+            format!(
+                "Bearer {}",
+                creds.token.as_deref().unwrap_or_default().trim()
+            )
+            .parse()
+            .map_err(|_| anyhow!("the agents' token is not a valid header"))?,
         )),
         Some(p) => {
             let t = String::from_utf8(read(p, "token file")?)
