@@ -127,6 +127,8 @@ fn run() -> ExitCode {
             };
             podtrace::agent::run(args, std::sync::Arc::new(chain))
         }),
+        // The kubectl flow needs a kubeconfig, not root.
+        Command::Demo(args) if args.kubernetes => podtrace::kubectl::demo::run(args.kube),
         Command::Demo(args) => root().and_then(|()| podtrace::demo::run(args)),
         // Taken in main() before parsing.
         Command::Kubectl { .. } => unreachable!("podtrace kubectl is handled before parsing"),

@@ -7,7 +7,9 @@
 //!
 //! - [`api`]: the kubeconfig, lookups, the agents, the port-forward streams.
 //! - [`deploy`]: the embedded manifests, applied and removed.
+//! - [`demo`]: `podtrace demo --kubernetes`.
 pub mod api;
+pub mod demo;
 pub mod deploy;
 
 use std::{collections::BTreeSet, ffi::OsString, process::ExitCode};
