@@ -162,14 +162,15 @@ fn run(cli: KubectlCli, taken: Taken) -> Result<ExitCode> {
         Command::Deploy(a) => deploy::deploy(&cluster, &a),
         Command::Undeploy(a) => deploy::undeploy(&cluster, &a),
         Command::Topo(mut a) => {
-            a.dst = prepare(&cluster, &mut a.pod, &mut a.remote, &taken, a.dst)?;
-            end(cluster, crate::topology::cmd::run(a))
+            let (dst, named) = prepare(&cluster, &mut a.pod, &mut a.remote, &taken, a.dst)?;
+            a.dst = dst;
+            end(cluster, named, crate::topology::cmd::run(a))
         }
         Command::Follow(mut a) => {
-            a.dst = prepare(&cluster, &mut a.pod, &mut a.remote, &taken, Some(a.dst))?
-                .expect("follow has --dst");
+            let (dst, named) = prepare(&cluster, &mut a.pod, &mut a.remote, &taken, Some(a.dst))?;
+            a.dst = dst.expect("follow has --dst");
             crate::signals::install()?;
-            end(cluster, crate::follow::run(a))
+            end(cluster, named, crate::follow::run(a))
         }
         Command::Capture(mut a) => {
             let mut pod = PodArgs {
@@ -184,30 +185,47 @@ fn run(cli: KubectlCli, taken: Taken) -> Result<ExitCode> {
             if !a.words.is_empty() {
                 pod.pod = Some(a.words.remove(0));
             }
-            a.dst = prepare(&cluster, &mut pod, &mut a.remote, &taken, a.dst)?;
+            let (dst, named) = prepare(&cluster, &mut pod, &mut a.remote, &taken, a.dst)?;
+            a.dst = dst;
             // Back as capture takes it: by container id, or POD then the expression.
             a.container = pod.container.clone();
             if a.container.is_none() {
                 a.words.insert(0, pod.pod.clone().unwrap_or_default());
             }
             crate::signals::install()?;
-            end(cluster, crate::capture::run(a))
+            end(cluster, named, crate::capture::run(a))
         }
         Command::Verify(VerifyCommand::Eni(mut a)) => {
-            a.dst = prepare(&cluster, &mut a.pod, &mut a.remote, &taken, Some(a.dst))?
-                .expect("verify has --dst");
+            let (dst, named) = prepare(&cluster, &mut a.pod, &mut a.remote, &taken, Some(a.dst))?;
+            a.dst = dst.expect("verify has --dst");
             crate::signals::install()?;
-            end(cluster, crate::verify::run(VerifyCommand::Eni(a)))
+            end(cluster, named, crate::verify::run(VerifyCommand::Eni(a)))
         }
     }
 }
 
 /// The command's result, the cluster's connections closed after it (its runtime is dropped
-/// here, outside any other).
-fn end(cluster: Cluster, r: Result<ExitCode>) -> Result<ExitCode> {
+/// here, outside any other). The agents were asked for a container id: errors name the pod.
+fn end(cluster: Cluster, named: Named, r: Result<ExitCode>) -> Result<ExitCode> {
     drop(cluster);
-    r
+    r.map_err(|e| renamed(e, &named))
 }
+
+/// `container ID` in an error becomes `pod NAMESPACE/POD (container SHORT-ID)`.
+fn renamed(e: anyhow::Error, named: &Named) -> anyhow::Error {
+    let Some((id, pod)) = named else { return e };
+    let short = &id[..id.len().min(12)];
+    anyhow::anyhow!(
+        "{}",
+        format!("{e:#}").replace(
+            &format!("container {id}"),
+            &format!("pod {pod} (container {short})")
+        )
+    )
+}
+
+/// (container id, NAMESPACE/POD) when the agents look the pod up by a container id.
+type Named = Option<(String, String)>;
 
 /// Resolves POD and --dst through the API, finds the agents of the nodes involved, and hands
 /// them to the command as its agents (reached through port-forward, with the agents' token).
@@ -218,7 +236,7 @@ fn prepare(
     remote: &mut RemoteArgs,
     taken: &Taken,
     dst: Option<std::net::Ipv4Addr>,
-) -> Result<Option<std::net::Ipv4Addr>> {
+) -> Result<(Option<std::net::Ipv4Addr>, Named)> {
     // What only makes sense on a node: not here.
     if pod.pid.is_some() || pod.netns.is_some() {
         bail!("kubectl podtrace names the pod as POD or NAMESPACE/POD (-n), not --pid or --netns (those are a node's: run podtrace on the node)");
@@ -254,6 +272,9 @@ fn prepare(
         Some(c) => Some(kpod.container_id(c)?),
         None => kpod.containers.iter().find_map(|(_, id)| id.clone()),
     };
+    let named = id
+        .clone()
+        .map(|id| (id, format!("{}/{}", kpod.namespace, kpod.name)));
     match id {
         Some(id) => {
             pod.pod = None;
@@ -297,7 +318,7 @@ fn prepare(
         },
         dialer: Some(cluster.dialer()),
     });
-    Ok(dst.map(|d| d.ip))
+    Ok((dst.map(|d| d.ip), named))
 }
 
 #[cfg(test)]
@@ -348,6 +369,20 @@ mod tests {
         let (rest, _) = take_flags(v(&["k", "capture", "p", "--", "--dst"])).unwrap();
         assert_eq!(rest, v(&["k", "capture", "p", "--", "--dst"]));
         assert!(take_flags(v(&["k", "follow", "p", "--dst"])).is_err());
+    }
+
+    #[test]
+    fn errors_name_the_pod_not_the_container_id() {
+        let id = "7250d5b7e7a8c3bc51d565b5532ea9c9ff8cb87fe54c27a97afd51dc5c6e3ec6";
+        let e = anyhow::anyhow!(
+            "container {id} not found (node-a: gone; node-b: container {id} not found)"
+        );
+        let named = Some((id.to_owned(), "default/client".to_owned()));
+        assert_eq!(
+            renamed(e, &named).to_string(),
+            "pod default/client (container 7250d5b7e7a8) not found (node-a: gone; node-b: pod default/client (container 7250d5b7e7a8) not found)"
+        );
+        assert_eq!(renamed(anyhow::anyhow!("x"), &None).to_string(), "x");
     }
 
     #[test]
