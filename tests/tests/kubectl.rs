@@ -37,6 +37,7 @@ apiVersion: v1
 kind: Pod
 metadata:
   name: server
+  labels: {app: server}
 spec:
   nodeSelector: {kubernetes.io/hostname: node-b}
   terminationGracePeriodSeconds: 0
@@ -45,6 +46,14 @@ spec:
     image: localhost/busybox:1.35
     imagePullPolicy: Never
     command: ["nc", "-ll", "-p", "8080", "-e", "echo", "hello"]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  selector: {app: server}
+  ports: [{port: 80, targetPort: 8080}]
 "#;
 
 /// A directory of the test's own (the plugin's symlink, kubeconfigs, captures), removed on
@@ -418,6 +427,24 @@ fn kubectl_podtrace_follows_and_captures_across_nodes_through_the_daemonset() {
     }
     assert!(per_hop.values().all(|n| *n == 3), "{per_hop:?}");
 
+    // --dst as a Service (its cluster IP), --container by name.
+    let vip = cluster
+        .kubectl(&["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"])
+        .trim()
+        .to_owned();
+    // The test cluster has no kube-proxy and its nodes no default route: node-a's kernel has
+    // no route to a cluster IP, and says so about the Service's.
+    let out = kp.run(&["topo", "client", "--dst", "svc/web"]);
+    assert_one_line_error(&out, &[&format!("no route to {vip}")]);
+    let out = kp.run(&["topo", "client", "--container", "main", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let topo: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(topo["pod"]["name"], "client", "{topo}");
+    let out = kp.run(&["topo", "client", "--container", "nope"]);
+    assert_one_line_error(&out, &["pod default/client has no container nope", "main"]);
+    let out = kp.run(&["topo", "client", "--dst", "svc/nope"]);
+    assert_one_line_error(&out, &["service default/nope not found"]);
+
     // Errors: one line, exit 2.
     // A pod that does not exist.
     let out = kp.run(&["follow", "default/nope", "--dst", &server_ip.to_string()]);
@@ -522,6 +549,20 @@ subjects: [{kind: ServiceAccount, name: tracer, namespace: default}]
         &out,
         &["forbidden", "pods/portforward", "namespace podtrace"],
     );
+
+    // The demo of the kubectl flow, on this cluster (the agents are deployed: it leaves them).
+    let out = Command::new(podtrace_bin())
+        .args(["demo", "--kubernetes", "--kubeconfig"])
+        .arg(&cluster.kubeconfig)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("demo done"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("verdict: CONFIRMED"), "{text}");
 
     // A node without an agent: the DaemonSet kept off node-b.
     let out = cluster.kubectl_with(
