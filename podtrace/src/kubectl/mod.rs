@@ -122,6 +122,76 @@ fn take_flags(args: Vec<OsString>) -> Result<(Vec<OsString>, Taken)> {
     Ok((out, taken))
 }
 
+/// The command line: the local commands' flags that name things on a node (a pid, a
+/// namespace path, a runtime socket, a lab, agents' addresses) are refused here, and hidden;
+/// POD, --dst and --container say what they mean here.
+fn command() -> clap::Command {
+    use clap::CommandFactory as _;
+    const NODE_ONLY: [&str; 10] = [
+        "pid",
+        "netns",
+        "runtime_endpoint",
+        "lab",
+        "agents",
+        "agents_config",
+        "agent_ca",
+        "agent_cert",
+        "agent_key",
+        "agent_token_file",
+    ];
+    let adjust = |mut c: clap::Command| {
+        for a in NODE_ONLY.iter().chain(&["no_agents"]) {
+            c = c.mut_arg(*a, |a| a.hide(true));
+        }
+        c = c.mut_arg("container", |a| {
+            a.value_name("NAME")
+                .help("A container of POD, by name (its id from the API finds it on the node)")
+        });
+        c.mut_arg("dst", |a| {
+            a.value_name("IP|POD|svc/NAME").help(
+                "An address, a pod (NAME, NAMESPACE/NAME, pod/NAME) or a Service (svc/NAME, svc/NAMESPACE/NAME: its cluster IP)",
+            )
+        })
+    };
+    KubectlCli::command()
+        .mut_subcommand("topo", |c| {
+            adjust(c).mut_arg("pod", |a| {
+                a.help("NAME or NAMESPACE/NAME, found through the API server")
+            })
+        })
+        .mut_subcommand("follow", |c| {
+            adjust(c).mut_arg("pod", |a| {
+                a.help("NAME or NAMESPACE/NAME, found through the API server")
+            })
+        })
+        .mut_subcommand("capture", |c| {
+            adjust(c).mut_arg("words", |a| {
+                a.help("POD (NAME or NAMESPACE/NAME, found through the API server) then an optional filter expression in tcpdump's language (host, src, dst, net, port, tcp, udp, icmp, and, or, not, parentheses)")
+            })
+        })
+        .mut_subcommand("verify", |v| {
+            v.mut_subcommand("eni", |c| {
+                adjust(c).mut_arg("pod", |a| {
+                    a.help("NAME or NAMESPACE/NAME, found through the API server")
+                })
+            })
+        })
+}
+
+/// clap's error as one line (a line ending in `:` with the next one).
+fn first_line(text: &str) -> String {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ")
+        .to_owned();
+    match (first.ends_with(':'), lines.next()) {
+        (true, Some(next)) => format!("{first} {next}"),
+        _ => first,
+    }
+}
+
 /// Runs `kubectl podtrace ARGS…` (`args[0]` is the program's name).
 pub fn main(args: Vec<OsString>) -> ExitCode {
     let (args, taken) = match take_flags(args) {
@@ -131,12 +201,13 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cli = match KubectlCli::try_parse_from(args) {
+    let parsed = command()
+        .try_get_matches_from(args)
+        .and_then(|m| <KubectlCli as clap::FromArgMatches>::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("kubectl podtrace: {}", first.trim_start_matches("error: "));
+            eprintln!("kubectl podtrace: {}", first_line(&e.to_string()));
             return ExitCode::from(2);
         }
         Err(e) => {
@@ -398,6 +469,7 @@ mod tests {
     fn the_command_line_parses() {
         use clap::CommandFactory as _;
         KubectlCli::command().debug_assert();
+        command().debug_assert();
         let c = KubectlCli::try_parse_from([
             "kubectl podtrace",
             "follow",
