@@ -171,16 +171,24 @@ pub struct RemoteArgs {
     /// Trace in this process even when the lab has agents.
     #[arg(long)]
     pub no_agents: bool,
+    /// The agents chosen by the caller (`kubectl podtrace`: the DaemonSet's pods, reached
+    /// through the API server); not a flag.
+    #[arg(skip)]
+    pub given: Option<AgentsConfig>,
 }
 
 impl RemoteArgs {
     /// The agents to use, if any: --agents / --agents-config, else those of the lab in use
     /// (unless --no-agents).
     pub fn config(&self, lab: Option<&str>) -> Result<Option<AgentsConfig>> {
+        if let Some(c) = &self.given {
+            return Ok(Some(c.clone()));
+        }
         let mut cfg = if let Some(s) = &self.agents {
             AgentsConfig {
                 agents: parse_agents(s)?,
                 credentials: Credentials::default(),
+                dialer: None,
             }
         } else if let Some(p) = &self.agents_config {
             AgentsConfig::load(p)?

@@ -20,6 +20,12 @@ pub struct DemoArgs {
     /// Keep the lab up at the end (to run the steps by hand).
     #[arg(long)]
     pub keep: bool,
+    /// Show the kubectl flow instead, on the cluster of the kubeconfig (`cargo xtask k8s up`'s,
+    /// or yours): deploy, two pods on two nodes, topo, follow, capture, clean up.
+    #[arg(long)]
+    pub kubernetes: bool,
+    #[command(flatten)]
+    pub kube: crate::kubectl::demo::KubeDemoArgs,
 }
 
 /// Tears the demo lab down when dropped (also on failure and panic).

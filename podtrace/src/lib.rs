@@ -13,6 +13,7 @@
 //! - [`services`]: Kubernetes Services as kube-proxy's iptables rules implement them on a node.
 //! - [`conntrack`]: the kernel's connection tracking table over netlink (NAT translations).
 //! - [`cri`]: finding real pods through the container runtime's CRI socket (containerd, CRI-O).
+//! - [`kubectl`]: `kubectl podtrace`: the API server, the DaemonSet's agents, deploy/.
 //! - [`crash`]: what a panic looks like (one line, exit 2); [`fault`]: panics on demand for
 //!   the tests of that.
 pub mod agent;
@@ -26,6 +27,7 @@ pub mod diagnose;
 pub mod fault;
 pub mod follow;
 pub mod front;
+pub mod kubectl;
 pub mod lab;
 pub mod netlink;
 pub mod netns;

@@ -39,6 +39,18 @@ enum Command {
     /// The whole story in two minutes on the lab: topology, follow, a drop, a rotating
     /// capture, verify eni.
     Demo(podtrace::demo::DemoArgs),
+    /// `kubectl podtrace …` (what this binary does when installed as `kubectl-podtrace`):
+    /// follow, capture, topo, verify through the API server and the node agents; deploy,
+    /// undeploy. `podtrace kubectl --help` says more.
+    #[command(disable_help_flag = true)]
+    Kubectl {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn root() -> anyhow::Result<()> {
@@ -53,6 +65,24 @@ fn tracing() -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     podtrace::crash::install_hook();
+    // Installed as `kubectl-podtrace` (kubectl runs it for `kubectl podtrace …`), or run as
+    // `podtrace kubectl …`: the kubectl front end.
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let plugin = argv
+        .first()
+        .is_some_and(|a| podtrace::kubectl::invoked_as_plugin(a));
+    if plugin || argv.get(1).is_some_and(|a| a == "kubectl") {
+        if !plugin {
+            argv.remove(1);
+            argv[0] = "kubectl-podtrace".into();
+        }
+        let code =
+            std::panic::catch_unwind(|| podtrace::kubectl::main(argv)).unwrap_or(ExitCode::from(2));
+        if podtrace::crash::panicked() {
+            return ExitCode::from(2);
+        }
+        return code;
+    }
     // A panic unwinds to here, dropping probes and capture writers on its way (detached,
     // files completed); its one line is out already.
     let code = std::panic::catch_unwind(run).unwrap_or(ExitCode::from(2));
@@ -97,7 +127,11 @@ fn run() -> ExitCode {
             };
             podtrace::agent::run(args, std::sync::Arc::new(chain))
         }),
+        // The kubectl flow needs a kubeconfig, not root.
+        Command::Demo(args) if args.kubernetes => podtrace::kubectl::demo::run(args.kube),
         Command::Demo(args) => root().and_then(|()| podtrace::demo::run(args)),
+        // Taken in main() before parsing.
+        Command::Kubectl { .. } => unreachable!("podtrace kubectl is handled before parsing"),
     };
     match result {
         Ok(code) => code,

@@ -299,10 +299,16 @@ impl Running {
 
     /// [`Running::start`] with extra environment variables for podtrace.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(podtrace_bin());
+        cmd.args(args).envs(env.iter().copied());
+        Self::spawn(cmd, &format!("{args:?}"), 30)
+    }
+
+    /// [`Running::start`] for any command line that runs podtrace (`kubectl podtrace …`),
+    /// waiting up to `secs` for its probes.
+    pub fn spawn(mut cmd: Command, args: &str, secs: u64) -> Self {
         use std::io::BufRead as _;
-        let mut child = Command::new(podtrace_bin())
-            .args(args)
-            .envs(env.iter().copied())
+        let mut child = cmd
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -344,7 +350,7 @@ impl Running {
             stderr: stderr_buf,
             seen: Vec::new(),
         };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
         loop {
             if ready_rx.try_recv().is_ok() {
                 return run;
@@ -361,14 +367,14 @@ impl Running {
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                     let status = run.child.wait().ok();
                     panic!(
-                        "podtrace {args:?} exited ({status:?}) before its probes were live: {}",
+                        "podtrace {args} exited ({status:?}) before its probes were live: {}",
                         run.stderr()
                     );
                 }
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "podtrace {args:?} never said its probes were live: {}",
+                "podtrace {args} never said its probes were live: {}",
                 run.stderr()
             );
         }

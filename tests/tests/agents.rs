@@ -331,6 +331,7 @@ fn wrong_credentials_are_refused() {
             via_netns: Some(ext.clone()),
         }],
         credentials: Credentials::default(),
+        dialer: None,
     };
     let wrong = dir.0.join("wrong");
     std::fs::write(&wrong, "not-the-token-at-all-0123456789").unwrap();
@@ -368,7 +369,9 @@ fn an_agent_refuses_another_nodes_namespaces() {
         .clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut client = connect::connect(&node_a, &cfg.credentials).await.unwrap();
+        let mut client = connect::connect(&node_a, &cfg.credentials, None)
+            .await
+            .unwrap();
         // Resolving pod-b1 on node-a's agent: not there.
         let r = client
             .resolve(pb::ResolveRequest {

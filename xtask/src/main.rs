@@ -126,6 +126,9 @@ fn test(extra: &[String]) -> Result<()> {
     )?;
     // The integration tests drive the podtrace binary itself.
     run("cargo", &["build", "--package", "podtrace", "--bins"])?;
+    // podtrace's image, which `k8s up` imports into the test clusters' nodes: the DaemonSet
+    // of tests/tests/kubectl.rs runs it (warm: a no-op build).
+    image::run()?;
     let mut args = vec!["test", "--workspace"];
     if !extra.is_empty() {
         args.push("--");

@@ -135,6 +135,7 @@ fn certificates(dir: &Path, nodes: &[(String, Ipv4Addr)]) -> Result<Credentials>
         cert: Some(dir.join("client.pem")),
         key: Some(dir.join("client.key")),
         token_file: None,
+        token: None,
     })
 }
 
@@ -222,6 +223,7 @@ pub fn start(reg: &Registry) -> Result<Vec<LabAgent>> {
                 })
                 .collect::<Result<_>>()?,
             credentials: creds,
+            dialer: None,
         };
         write_private(
             &config_path(&reg.prefix),

@@ -148,12 +148,25 @@ impl Resolver for CriResolver {
     /// The destination of a CRI pod's path: a pod of the same runtime first, else of another
     /// runtime of this machine (another node of a kind-style cluster) when exactly one has it.
     fn by_ip(&self, ip: Ipv4Addr) -> Option<PodLocation> {
-        let used = self.used.lock().ok()?.clone()?;
         let with_ip = |ep: &Endpoint| {
             ready_pods(ep)
                 .into_iter()
                 .filter(|p| p.ip == Some(ip) && !p.host_network)
                 .collect::<Vec<_>>()
+        };
+        let used = self.used.lock().ok()?.clone();
+        let Some(used) = used else {
+            // No pod of this command was found here first (an agent asked for the address
+            // alone: the node at the far end of a path): the runtimes this resolver searches
+            // for names, when exactly one pod has it.
+            let eps = self.endpoints().ok()?;
+            let mut found: Vec<CriPod> = eps.list().iter().flat_map(with_ip).collect();
+            return match found.len() {
+                1 => located(found.remove(0))
+                    .map_err(|e| log::debug!("destination {ip}: {e:#}"))
+                    .ok(),
+                _ => None,
+            };
         };
         if let Some(p) = with_ip(&used).into_iter().next() {
             return located(p)

@@ -1,6 +1,7 @@
 //! Reaching an agent: its endpoint (a unix socket, or TCP with mutual TLS or a token), from
 //! this namespace or from another one (the lab's client host on the underlay, as a laptop
-//! would be), and the client it gives.
+//! would be), or through a stream someone else opens (`kubectl podtrace`: the API server's
+//! port-forward to the agent's pod), and the client it gives.
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -28,6 +29,13 @@ pub enum Endpoint {
     Unix(PathBuf),
     /// `tcp:ADDR:PORT`.
     Tcp(SocketAddr),
+    /// A port of a pod, through the Kubernetes API server's port-forward (`kubectl podtrace`;
+    /// the stream comes from the config's [`Dialer`]).
+    PortForward {
+        namespace: String,
+        pod: String,
+        port: u16,
+    },
 }
 
 impl Endpoint {
@@ -45,9 +53,47 @@ impl std::fmt::Display for Endpoint {
         match self {
             Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
             Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+            Endpoint::PortForward {
+                namespace,
+                pod,
+                port,
+            } => write!(f, "portforward:{namespace}/{pod}:{port}"),
         }
     }
 }
+
+/// Anything a connection can run over.
+pub trait Duplex: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Duplex for T {}
+
+/// A stream opened by a [`Dialer`].
+pub type Dialed = Box<dyn Duplex>;
+
+/// Opens the stream to an agent whose endpoint this process cannot dial itself
+/// ([`Endpoint::PortForward`]): one call per connection.
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct Dialer(
+    pub  Arc<
+        dyn Fn(&AgentSpec) -> futures::future::BoxFuture<'static, std::io::Result<Dialed>>
+            + Send
+            + Sync,
+    >,
+);
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Dialer")
+    }
+}
+
+/// Dialers are code: any two are alike as far as a configuration is concerned.
+impl PartialEq for Dialer {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for Dialer {}
 
 /// One node's agent, as the front end is told to reach it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +119,9 @@ pub struct Credentials {
     /// A file holding the bearer token the agents expect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// The token itself (`kubectl podtrace` reads it from the cluster; never written out).
+    #[serde(skip)]
+    pub token: Option<String>,
 }
 
 /// Adds the bearer token to every call (nothing when there is none).
@@ -106,8 +155,13 @@ fn tcp_in(netns: &Path, addr: SocketAddr) -> Result<std::net::TcpStream> {
     })
 }
 
-/// Connects to one agent. Errors are one line naming the node and the endpoint.
-pub async fn connect(spec: &AgentSpec, creds: &Credentials) -> Result<Client> {
+/// Connects to one agent (through `dialer` for a port-forward endpoint). Errors are one line
+/// naming the node and the endpoint.
+pub async fn connect(
+    spec: &AgentSpec,
+    creds: &Credentials,
+    dialer: Option<&Dialer>,
+) -> Result<Client> {
     let node = spec.node.clone();
     let tls = creds.ca.is_some() || creds.cert.is_some();
     let uri = format!(
@@ -120,8 +174,11 @@ pub async fn connect(spec: &AgentSpec, creds: &Credentials) -> Result<Client> {
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
     if tls {
-        if matches!(spec.endpoint, Endpoint::Unix(_)) {
-            bail!("agent of node {node}: TLS is for TCP endpoints, not a unix socket");
+        if !matches!(spec.endpoint, Endpoint::Tcp(_)) {
+            bail!(
+                "agent of node {node}: TLS is for TCP endpoints, not {}",
+                spec.endpoint
+            );
         }
         let mut cfg = ClientTlsConfig::new().domain_name(node_host(&node));
         if let Some(ca) = &creds.ca {
@@ -143,11 +200,22 @@ pub async fn connect(spec: &AgentSpec, creds: &Credentials) -> Result<Client> {
     }
     let target = spec.endpoint.clone();
     let via = spec.via_netns.clone();
+    let dial = match (&spec.endpoint, dialer) {
+        (Endpoint::PortForward { .. }, Some(d)) => Some((d.clone(), spec.clone())),
+        (Endpoint::PortForward { .. }, None) => {
+            bail!("agent of node {node}: nothing can open {}", spec.endpoint)
+        }
+        _ => None,
+    };
     let channel = endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let target = target.clone();
             let via = via.clone();
+            let dial = dial.clone();
             async move {
+                if let Some((d, spec)) = dial {
+                    return Ok(TokioIo::new(Io::Dialed((d.0)(&spec).await?)));
+                }
                 match target {
                     Endpoint::Unix(p) => Ok::<_, std::io::Error>(TokioIo::new(Io::Unix(
                         tokio::net::UnixStream::connect(p).await?,
@@ -166,12 +234,21 @@ pub async fn connect(spec: &AgentSpec, creds: &Credentials) -> Result<Client> {
                         s.set_nodelay(true)?;
                         Ok(TokioIo::new(Io::Tcp(s)))
                     }
+                    Endpoint::PortForward { .. } => unreachable!("dialed above"),
                 }
             }
         }))
         .await
         .map_err(|e| anyhow!("no connection: {}", chain(&e)))?;
     let token = match &creds.token_file {
+        None if creds.token.is_some() => Some(Arc::new(
+            format!(
+                "Bearer {}",
+                creds.token.as_deref().unwrap_or_default().trim()
+            )
+            .parse()
+            .map_err(|_| anyhow!("the agents' token is not a valid header"))?,
+        )),
         Some(p) => {
             let t = String::from_utf8(read(p, "token file")?)
                 .with_context(|| format!("{} is not text", p.display()))?;
@@ -214,10 +291,11 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// A unix or TCP stream.
+/// A unix or TCP stream, or one a [`Dialer`] opened.
 pub enum Io {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream),
+    Dialed(Dialed),
 }
 
 impl tokio::io::AsyncRead for Io {
@@ -229,6 +307,7 @@ impl tokio::io::AsyncRead for Io {
         match self.get_mut() {
             Io::Unix(s) => std::pin::Pin::new(s).poll_read(cx, buf),
             Io::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Io::Dialed(s) => std::pin::Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -242,6 +321,7 @@ impl tokio::io::AsyncWrite for Io {
         match self.get_mut() {
             Io::Unix(s) => std::pin::Pin::new(s).poll_write(cx, buf),
             Io::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Io::Dialed(s) => std::pin::Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -252,6 +332,7 @@ impl tokio::io::AsyncWrite for Io {
         match self.get_mut() {
             Io::Unix(s) => std::pin::Pin::new(s).poll_flush(cx),
             Io::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Io::Dialed(s) => std::pin::Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -262,6 +343,7 @@ impl tokio::io::AsyncWrite for Io {
         match self.get_mut() {
             Io::Unix(s) => std::pin::Pin::new(s).poll_shutdown(cx),
             Io::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Io::Dialed(s) => std::pin::Pin::new(s).poll_shutdown(cx),
         }
     }
 }

@@ -31,7 +31,7 @@ use crate::{
         Events, StartInfo, TraceEvent, TraceOptions,
     },
 };
-pub use connect::{AgentSpec, Credentials, Endpoint};
+pub use connect::{AgentSpec, Credentials, Dialer, Endpoint};
 
 /// The agents of a session, as a file (`--agents-config`; the lab writes one).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +39,9 @@ pub struct AgentsConfig {
     pub agents: Vec<AgentSpec>,
     #[serde(default)]
     pub credentials: Credentials,
+    /// Opens the streams of port-forward endpoints (`kubectl podtrace`; not in the file).
+    #[serde(skip)]
+    pub dialer: Option<Dialer>,
 }
 
 impl AgentsConfig {
@@ -125,9 +128,11 @@ impl Fleet {
                 .map(|spec| {
                     let spec = spec.clone();
                     let creds = cfg.credentials.clone();
+                    let dialer = cfg.dialer.clone();
                     tokio::spawn(async move {
                         let r = async {
-                            let mut client = connect::connect(&spec, &creds).await?;
+                            let mut client =
+                                connect::connect(&spec, &creds, dialer.as_ref()).await?;
                             let info = tokio::time::timeout(
                                 connect::CONNECT_TIMEOUT,
                                 client.info(pb::InfoRequest {}),
