@@ -155,3 +155,70 @@ impl Resolved {
         }
     }
 }
+
+/// Destinations no path leads to, refused before anything is resolved or attached (one line,
+/// exit 2): the unspecified address, loopback, the limited broadcast address, multicast.
+pub fn refuse_destination(dst: Ipv4Addr) -> Result<()> {
+    let why = if dst.is_unspecified() {
+        "the unspecified address"
+    } else if dst.is_loopback() {
+        "a loopback address (a pod's packets to it never leave the pod)"
+    } else if dst.is_broadcast() {
+        "the limited broadcast address (it is delivered on the pod's own link, not routed)"
+    } else if dst.is_multicast() {
+        "a multicast address (podtrace follows unicast paths)"
+    } else {
+        return Ok(());
+    };
+    anyhow::bail!(
+        "--dst {dst} is {why}: there is no path to follow; give the unicast address of a pod, a Service or a host"
+    )
+}
+
+/// A `--dst` that is the broadcast address of a subnet of the pod or of its node (a directed
+/// broadcast is delivered on that link, never along a path): one line, exit 2.
+pub fn refuse_directed_broadcast(topo: &crate::topology::Topology, dst: Ipv4Addr) -> Result<()> {
+    for ns in [&topo.pod.netns, &topo.pod.node_netns] {
+        let Some(snap) = topo.namespaces.cached(std::path::Path::new(ns)) else {
+            continue;
+        };
+        for a in &snap.addrs {
+            if a.prefix == 0 || a.prefix >= 31 {
+                continue;
+            }
+            let mask = u32::MAX << (32 - u32::from(a.prefix));
+            let bcast = (u32::from(a.ip) & mask) | !mask;
+            if u32::from(dst) == bcast {
+                anyhow::bail!(
+                    "--dst {dst} is the broadcast address of {}/{} (on {}): a broadcast is delivered on that link, not along a path; give the unicast address of a pod, a Service or a host",
+                    Ipv4Addr::from(u32::from(a.ip) & mask),
+                    a.prefix,
+                    if ns == &topo.pod.netns { topo.pod.name.as_str() } else { topo.pod.node.as_str() }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_without_a_path_are_refused_in_one_line() {
+        for (dst, says) in [
+            ("0.0.0.0", "unspecified"),
+            ("127.0.0.1", "loopback"),
+            ("255.255.255.255", "limited broadcast"),
+            ("224.0.0.1", "multicast"),
+        ] {
+            let e = refuse_destination(dst.parse().unwrap()).unwrap_err();
+            let line = format!("{e:#}");
+            assert!(line.contains(says) && !line.contains('\n'), "{line}");
+        }
+        for ok in ["10.244.1.5", "10.96.0.10", "192.0.2.1"] {
+            refuse_destination(ok.parse().unwrap()).unwrap();
+        }
+    }
+}

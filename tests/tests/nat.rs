@@ -292,6 +292,40 @@ fn hairpin_to_itself_and_its_own_address() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("is pod-a2's own address"), "{err}");
+
+    // Addresses no path leads to: one line each, exit 2, for follow and capture alike.
+    for (dst, says) in [
+        ("255.255.255.255", "limited broadcast"),
+        ("10.244.0.255", "broadcast address of 10.244.0.0/24"),
+        ("224.0.0.1", "multicast"),
+        ("127.0.0.1", "loopback"),
+    ] {
+        for cmd in ["follow", "capture"] {
+            let mut args = vec![cmd, "pod-a2", "--dst", dst, "-c", "1"];
+            if cmd == "capture" {
+                args.extend(["-w", "/nonexistent-dir/never.pcapng"]);
+            }
+            let out = lab.podtrace(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{cmd} {dst}: {err}");
+            assert_eq!(err.lines().count(), 1, "{cmd} {dst}: {err}");
+            assert!(err.contains(says), "{cmd} {dst}: {err}");
+        }
+    }
+
+    // The pod's node's own address is delivered there, before POSTROUTING: no masquerade.
+    let out = lab.podtrace(&["topo", "pod-a2", "--dst", "10.30.180.56", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = lab.podtrace(&[
+        "follow",
+        "pod-a2",
+        "--dst",
+        "10.30.180.56",
+        "--duration",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("masquerade"), "{err}");
 }
 
 #[test]

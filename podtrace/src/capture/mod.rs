@@ -130,6 +130,9 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
         .ok_or_else(|| anyhow!("capture needs -w FILE"))?;
     // With --dst, the path through whatever the node rewrites it to (a Service's backends,
     // a masquerade): the translated packets are captured too.
+    if let Some(dst) = args.dst {
+        front::refuse_destination(dst)?;
+    }
     let (path, nat_plan) = match args.dst {
         Some(dst) => front::resolve_nat(&pod_args, &args.remote, dst, None, None)?,
         None => (front::resolve(&pod_args, &args.remote, None)?, None),
@@ -138,6 +141,9 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
     let pod_ip = topo
         .pod_ip
         .ok_or_else(|| anyhow!("pod {} has no IPv4 address", topo.pod.name))?;
+    if let Some(dst) = args.dst {
+        front::refuse_directed_broadcast(topo, dst)?;
+    }
     if args.dst == Some(pod_ip) {
         bail!(
             "{pod_ip} is {}'s own address: its packets to itself never leave it (the kernel delivers them over lo), so no hop sees them",

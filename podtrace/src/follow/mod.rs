@@ -180,12 +180,14 @@ pub struct NodeStart {
 
 pub fn run(args: FollowArgs) -> Result<ExitCode> {
     let entered = Instant::now();
+    front::refuse_destination(args.dst)?;
     let (path, nat_plan) =
         front::resolve_nat(&args.pod, &args.remote, args.dst, args.port, args.proto)?;
     let topo = &path.topo;
     let pod_ip = topo
         .pod_ip
         .ok_or_else(|| anyhow::anyhow!("pod {} has no IPv4 address", topo.pod.name))?;
+    front::refuse_directed_broadcast(topo, args.dst)?;
     if pod_ip == args.dst {
         bail!(
             "{} is {}'s own address: its packets to itself never leave it (the kernel delivers them over lo), so there is no path to follow; follow a Service it backs, or another pod",

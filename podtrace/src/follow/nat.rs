@@ -503,7 +503,7 @@ impl Conversations {
                 candidates.iter().any(|c| c.0 == o.conv && c.1 == o.dir)
                     && o.proto == f.proto
                     && o.ip_id == f.ip_id
-                    && o.seq == super::correlate::invariant_seq(f)
+                    && o.seq == invariant_seq(f)
                     && o.flags == f.flags
                     && ts.saturating_sub(o.last_ts) < SAME_PACKET_NS
             })
@@ -594,6 +594,15 @@ impl Conversations {
         for c in due {
             self.ask(c, now);
         }
+    }
+}
+
+/// The sequence number NAT leaves alone: TCP's, or ICMP echo's sequence without its
+/// identifier (a masquerade may rewrite the identifier as it rewrites ports).
+pub fn invariant_seq(f: &Flow) -> u32 {
+    match f.proto {
+        1 => f.seq & 0xffff,
+        _ => f.seq,
     }
 }
 

@@ -242,6 +242,9 @@ pub fn plan(
     let mut notes = Vec::new();
     match rw {
         Rewrite::None => Ok(None),
+        // Packets to the node's own addresses are delivered there (PREROUTING → INPUT) and
+        // never reach POSTROUTING, where the masquerade rule is.
+        Rewrite::Masquerade { .. } if node_ips.contains(&dst) => Ok(None),
         Rewrite::Masquerade { rule, to_source } => {
             let dest = chain.by_ip(dst);
             let topo = topology::resolve(loc, Some(dst), dest.as_ref(), chain)?;
