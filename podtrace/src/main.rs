@@ -68,6 +68,14 @@ fn main() -> ExitCode {
     // Installed as `kubectl-podtrace` (kubectl runs it for `kubectl podtrace …`), or run as
     // `podtrace kubectl …`: the kubectl front end.
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // The guard of a podtrace's clsact filters (started by it, not by users).
+    if argv
+        .get(1)
+        .is_some_and(|a| a == podtrace::probes::clsact::GUARD_ARG)
+    {
+        return podtrace::probes::clsact::guard_main(&argv[2..]);
+    }
+    podtrace::probes::clsact::enable_guards();
     let plugin = argv
         .first()
         .is_some_and(|a| podtrace::kubectl::invoked_as_plugin(a));

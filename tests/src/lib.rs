@@ -755,3 +755,26 @@ pub fn roles(topo: &serde_json::Value) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+/// The names of the tc programs on an interface of a namespace, both directions: TCX programs
+/// and clsact bpf filters (podtrace's are `hop_ingress` and `hop_egress`, by either means).
+pub fn tc_programs_in(netns: &Path, ifname: &str) -> String {
+    use aya::programs::{tc::TcAttachType, SchedClassifier};
+    let (mut names, ifindex) = podtrace::netns::run_in(Some(netns), || {
+        let mut names = Vec::new();
+        for t in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let (_, progs) = SchedClassifier::query_tcx(ifname, t)?;
+            for p in progs {
+                names.push(String::from_utf8_lossy(p.name()).into_owned());
+            }
+        }
+        Ok((names, nix::net::if_::if_nametoindex(ifname)?))
+    })
+    .unwrap_or_else(|e| panic!("{ifname} in {}: {e:#}", netns.display()));
+    for ingress in [true, false] {
+        let filters = podtrace::probes::clsact::list_filters(Some(netns), ifindex, ingress)
+            .unwrap_or_else(|e| panic!("tc filters of {ifname}: {e:#}"));
+        names.extend(filters.into_iter().filter_map(|f| f.bpf_name));
+    }
+    names.join(" ")
+}

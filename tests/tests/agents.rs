@@ -69,20 +69,9 @@ fn steps(summary: &Value, key: &str) -> Vec<String> {
         .collect()
 }
 
-/// The TCX programs on an interface of a lab namespace.
+/// The tc programs (TCX or clsact) on an interface of a lab namespace, both directions.
 fn tc_programs(lab: &Lab, ns: &str, ifname: &str) -> String {
-    use aya::programs::{tc::TcAttachType, SchedClassifier};
-    podtrace::netns::run_in(Some(&lab.netns(ns)), || {
-        let mut names = Vec::new();
-        for t in [TcAttachType::Ingress, TcAttachType::Egress] {
-            let (_, progs) = SchedClassifier::query_tcx(ifname, t)?;
-            for p in progs {
-                names.push(String::from_utf8_lossy(p.name()).into_owned());
-            }
-        }
-        Ok(names.join(" "))
-    })
-    .unwrap()
+    podtrace_tests::tc_programs_in(&lab.netns(ns), ifname)
 }
 
 fn agent_pid(lab: &Lab, node: &str) -> i32 {
@@ -230,7 +219,7 @@ fn an_agent_lost_mid_run_is_named_and_nothing_is_claimed() {
     let lab = Lab::up_with_agents("aglost", "flannel");
     let run = follow(&lab, &["--duration", "20"]);
     ping(&lab, 1);
-    // node-b's agent dies: its probes go with it (TCX links die with their process).
+    // node-b's agent dies: its probes go with it (its guard removes the clsact filters).
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent_pid(&lab, "node-b")),
         nix::sys::signal::Signal::SIGKILL,

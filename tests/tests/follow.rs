@@ -313,20 +313,9 @@ fn a_tc_program_attached_before_keeps_seeing_its_packets() {
     assert_eq!((uplink.egress, uplink.ingress), (3, 3), "after follow");
 }
 
-/// Names of the TCX programs on an interface of a lab namespace (both directions).
+/// The tc programs (TCX or clsact) on an interface of a lab namespace, both directions.
 fn tc_programs(lab: &Lab, ns: &str, ifname: &str) -> String {
-    use aya::programs::{tc::TcAttachType, SchedClassifier};
-    podtrace::netns::run_in(Some(&lab.netns(ns)), || {
-        let mut names = Vec::new();
-        for t in [TcAttachType::Ingress, TcAttachType::Egress] {
-            let (_, progs) = SchedClassifier::query_tcx(ifname, t)?;
-            for p in progs {
-                names.push(String::from_utf8_lossy(p.name()).into_owned());
-            }
-        }
-        Ok(names.join(" "))
-    })
-    .unwrap()
+    podtrace_tests::tc_programs_in(&lab.netns(ns), ifname)
 }
 
 #[test]
@@ -339,9 +328,14 @@ fn nothing_stays_attached_after_sigkill() {
     );
     let pid = run.pid();
     run.signal(nix::sys::signal::Signal::SIGKILL);
+    // Its guard (which shares its stderr) removes the filters and says so.
+    let said = format!("podtrace pid {pid} left behind when it was killed");
+    wait_until(10, "the guard to say it cleaned up", || {
+        run.stderr().contains(&said)
+    });
     let (code, _, _) = run.wait(10);
     assert_eq!(code, None, "killed by a signal");
-    // The kernel releases a dead process's links as its files close.
+    // The guard removes a killed podtrace's clsact filters (TCX links would go as its files close).
     for (ns, ifname) in [
         ("pod-a1", "eth0"),
         ("node-a", "cni0"),
@@ -366,6 +360,84 @@ fn nothing_stays_attached_after_sigkill() {
         })
         .unwrap_or_default();
     assert!(pins.is_empty(), "{pins:?}");
+    // And the record of its filters.
+    let records: Vec<String> = std::fs::read_dir(podtrace::probes::clsact::STATE_DIR)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("{pid}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(records.is_empty(), "{records:?}");
+}
+
+/// The ready line's `tc` field.
+fn tc_of(run: &mut Running) -> String {
+    run.wait_lines(10, |lines| {
+        lines.iter().any(|l| l.contains("\"type\":\"ready\""))
+    });
+    let ready = json_lines(&run.seen)
+        .into_iter()
+        .find(|o| o["type"] == "ready")
+        .unwrap();
+    ready["tc"].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn a_hook_with_tcx_programs_gets_tcx_links_and_sigkill_leaves_nothing() {
+    use podtrace::probes::{FilterSpec, HopTarget, Probes, TcMode};
+    let lab = Lab::up("ftcx", "flannel");
+    // By default: clsact filters.
+    let mut run = follow(&lab, "pod-a1", "10.244.1.5", &[]);
+    assert_eq!(tc_of(&mut run), "clsact");
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    let _ = finish(run);
+    // PODTRACE_TC=tcx asks for TCX links.
+    let mut args = vec!["follow", "pod-a1", "--dst", "10.244.1.5", "--json", "--lab"];
+    args.push(&lab.prefix);
+    let mut run = Running::start_with_env(&args, &[("PODTRACE_TC", "tcx")]);
+    assert_eq!(tc_of(&mut run), "tcx");
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    let _ = finish(run);
+    // A TCX program already on cni0 (as Cilium's would be): podtrace goes first in that
+    // chain, with TCX links, for the whole session.
+    let mut other = Probes::load().unwrap();
+    other.set_tc_mode(TcMode::Tcx).unwrap();
+    other
+        .set_filter(FilterSpec {
+            emit: false,
+            ..FilterSpec::default()
+        })
+        .unwrap();
+    other
+        .attach_hop(&HopTarget {
+            netns: Some(lab.netns("node-a")),
+            ifname: "cni0".into(),
+            hop_id: 0,
+        })
+        .unwrap();
+    let mut run = follow(&lab, "pod-a1", "10.244.1.5", &[]);
+    assert_eq!(tc_of(&mut run), "tcx");
+    assert_eq!(
+        tc_programs(&lab, "node-a", "cni0")
+            .matches("hop_ingress")
+            .count(),
+        2
+    );
+    assert!(tc_programs(&lab, "pod-a1", "eth0").contains("hop_ingress"));
+    // SIGKILL: the kernel closes the links with the process's files.
+    run.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = run.wait(10);
+    wait_until(10, "the killed podtrace's TCX links to go", || {
+        !tc_programs(&lab, "pod-a1", "eth0").contains("hop_")
+            && tc_programs(&lab, "node-a", "cni0")
+                .matches("hop_ingress")
+                .count()
+                == 1
+    });
+    drop(other);
+    assert!(!tc_programs(&lab, "node-a", "cni0").contains("hop_"));
 }
 
 #[test]

@@ -26,20 +26,9 @@ fn scratch(tag: &str) -> Scratch {
     Scratch(p)
 }
 
-/// Names of the TCX programs on an interface of a lab namespace (both directions).
+/// The tc programs (TCX or clsact) on an interface of a lab namespace, both directions.
 fn tc_programs(lab: &Lab, ns: &str, ifname: &str) -> String {
-    use aya::programs::{tc::TcAttachType, SchedClassifier};
-    podtrace::netns::run_in(Some(&lab.netns(ns)), || {
-        let mut names = Vec::new();
-        for t in [TcAttachType::Ingress, TcAttachType::Egress] {
-            let (_, progs) = SchedClassifier::query_tcx(ifname, t)?;
-            for p in progs {
-                names.push(String::from_utf8_lossy(p.name()).into_owned());
-            }
-        }
-        Ok(names.join(" "))
-    })
-    .unwrap()
+    podtrace_tests::tc_programs_in(&lab.netns(ns), ifname)
 }
 
 fn nothing_attached(lab: &Lab) {

@@ -1,8 +1,6 @@
 //! Just enough of a BTF reader to find kernel structure member offsets and enum names in
 //! /sys/kernel/btf/vmlinux, so the tracing programs can read `sk_buff`, `net_device` and
 //! `net` on whatever kernel build they run on, and drop reasons can be shown by name.
-use std::collections::HashMap;
-
 use anyhow::{anyhow, bail, Context as _, Result};
 
 const BTF_MAGIC: u16 = 0xeb9f;
@@ -69,7 +67,17 @@ pub struct Btf {
     strings: Vec<u8>,
     /// Index 0 is the void type.
     types: Vec<Type>,
-    by_name: HashMap<String, Vec<u32>>,
+    /// (hash of the name, type id) of every named type, sorted: a lookup is a binary search,
+    /// and building it allocates nothing per name (a map of owned names cost most of the
+    /// parse, ~40 ms of podtrace's start).
+    by_name: Vec<(u64, u32)>,
+}
+
+/// FNV-1a of a name's bytes.
+fn name_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 fn u32_at(data: &[u8], off: usize) -> Result<u32> {
@@ -194,8 +202,9 @@ impl Btf {
         let mut btf = Btf {
             strings,
             types,
-            by_name: HashMap::new(),
+            by_name: Vec::new(),
         };
+        let mut by_name = Vec::with_capacity(btf.types.len());
         for (id, ty) in btf.types.iter().enumerate() {
             let name = match ty {
                 Type::Composite { name, .. }
@@ -205,11 +214,34 @@ impl Btf {
                 _ => continue,
             };
             if name != 0 {
-                let n = btf.str_at(name).to_owned();
-                btf.by_name.entry(n).or_default().push(id as u32);
+                by_name.push((name_hash(btf.str_at(name).as_bytes()), id as u32));
             }
         }
+        by_name.sort_unstable();
+        btf.by_name = by_name;
         Ok(btf)
+    }
+
+    /// The ids of the types called `name`, in id order.
+    fn named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = u32> + 'a {
+        let h = name_hash(name.as_bytes());
+        let start = self.by_name.partition_point(|(x, _)| *x < h);
+        self.by_name[start..]
+            .iter()
+            .take_while(move |(x, _)| *x == h)
+            .map(|(_, id)| *id)
+            .filter(move |id| {
+                let n = match self.types.get(*id as usize) {
+                    Some(
+                        Type::Composite { name, .. }
+                        | Type::Enum { name, .. }
+                        | Type::Alias { name, .. }
+                        | Type::Func { name, .. },
+                    ) => *name,
+                    _ => return false,
+                };
+                self.str_at(n) == name
+            })
     }
 
     fn str_at(&self, off: u32) -> &str {
@@ -229,8 +261,8 @@ impl Btf {
     }
 
     fn composite(&self, name: &str) -> Result<&[Member]> {
-        for id in self.by_name.get(name).into_iter().flatten() {
-            if let Some(Type::Composite { members, .. }) = self.types.get(*id as usize) {
+        for id in self.named(name) {
+            if let Some(Type::Composite { members, .. }) = self.types.get(id as usize) {
                 if !members.is_empty() {
                     return Ok(members);
                 }
@@ -277,8 +309,8 @@ impl Btf {
     /// kernel has it.
     pub fn tracepoint_args(&self, name: &str) -> Option<u32> {
         let typedef = format!("btf_trace_{name}");
-        for id in self.by_name.get(&typedef).into_iter().flatten() {
-            if let Some(Type::Alias { target, .. }) = self.types.get(*id as usize) {
+        for id in self.named(&typedef) {
+            if let Some(Type::Alias { target, .. }) = self.types.get(id as usize) {
                 let ptr = self.resolve_alias(*target);
                 if let Some(Type::Ptr { target }) = self.types.get(ptr as usize) {
                     let proto = self.resolve_alias(*target);
@@ -293,8 +325,8 @@ impl Btf {
 
     /// The number of parameters of kernel function `name`, if BTF describes it.
     pub fn function_params(&self, name: &str) -> Option<u32> {
-        for id in self.by_name.get(name).into_iter().flatten() {
-            if let Some(Type::Func { proto, .. }) = self.types.get(*id as usize) {
+        for id in self.named(name) {
+            if let Some(Type::Func { proto, .. }) = self.types.get(id as usize) {
                 if let Some(Type::FuncProto { params }) = self.types.get(*proto as usize) {
                     return Some(*params);
                 }
@@ -305,8 +337,8 @@ impl Btf {
 
     /// The values of enum `name` with their names.
     pub fn enum_values(&self, name: &str) -> Result<Vec<(String, i64)>> {
-        for id in self.by_name.get(name).into_iter().flatten() {
-            if let Some(Type::Enum { values, .. }) = self.types.get(*id as usize) {
+        for id in self.named(name) {
+            if let Some(Type::Enum { values, .. }) = self.types.get(id as usize) {
                 return Ok(values
                     .iter()
                     .map(|(n, v)| (self.str_at(*n).to_owned(), *v))

@@ -1,5 +1,8 @@
-//! tc hop probes on kernels without TCX (before 6.6): filters on a clsact qdisc, which live
-//! on when their owner dies (unlike TCX links), side by side with a CNI's own filters.
+//! tc hop probes as filters on a clsact qdisc: on kernels without TCX (before 6.6), and on
+//! newer ones wherever no TCX program is on the hook, because a clsact filter is put in place
+//! at once while every TCX link waits for an RCU grace period under the RTNL lock (~15 ms
+//! each here, one after another: 20 of them were most of podtrace's start). Unlike TCX links
+//! they live on when their owner dies, so each owner has a guard process (below).
 //!
 //! The rules podtrace keeps there:
 //! - Its filters run before the ones already there: priority 1, the first the kernel runs. A
@@ -9,8 +12,13 @@
 //!   non-bpf filter holding priority 1 makes that impossible, and podtrace then says so.
 //! - It deletes a clsact qdisc only if it created it and nothing else is attached to it.
 //! - It removes exactly its own filters (by priority, handle and program id) on exit.
-//! - It records them in /run/podtrace/tc/PID.json while they exist; a later run removes those
-//!   of a podtrace that is gone (SIGKILL) and says so.
+//! - It records them in /run/podtrace/tc/PID-N.json before it attaches them, for as long as
+//!   they exist.
+//! - A guard, podtrace itself run as `podtrace __clsact-guard` in a process group of its own,
+//!   waits on a pipe from its owner: when the owner dies without saying goodbye (SIGKILL, a
+//!   crash), the guard removes what the owner left, says so on stderr, and exits. Only when
+//!   both are killed at once (a whole cgroup) do filters outlive them, until the next podtrace
+//!   removes them and says so.
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -195,20 +203,18 @@ pub fn has_clsact(ns: Option<&Path>, ifindex: u32) -> Result<bool> {
     })
 }
 
-/// Adds a clsact qdisc; `Ok(false)` when one is there already.
-pub fn add_clsact(ns: Option<&Path>, ifname: &str) -> Result<bool> {
-    let ifname = ifname.to_owned();
-    netns::run_in(ns, move || {
-        match aya::programs::tc::qdisc_add_clsact(&ifname) {
-            Ok(()) => Ok(true),
-            Err(aya::programs::tc::TcError::NetlinkError(e))
-                if e.raw_os_error() == Some(libc::EEXIST) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(anyhow!("adding a clsact qdisc to {ifname}: {e}")),
+/// Adds a clsact qdisc to an interface of the calling thread's namespace; `Ok(false)` when
+/// one is there already.
+pub fn add_clsact(ifname: &str) -> Result<bool> {
+    match aya::programs::tc::qdisc_add_clsact(ifname) {
+        Ok(()) => Ok(true),
+        Err(aya::programs::tc::TcError::NetlinkError(e))
+            if e.raw_os_error() == Some(libc::EEXIST) =>
+        {
+            Ok(false)
         }
-    })
+        Err(e) => Err(anyhow!("adding a clsact qdisc to {ifname}: {e}")),
+    }
 }
 
 /// Deletes the interface's clsact qdisc.
@@ -284,6 +290,21 @@ fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Whether the process that started at `start` still runs: a zombie (or one on its way out,
+/// its files closed) does not.
+fn alive(pid: u32, start: u64) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(rest) = stat.rfind(')').and_then(|i| stat.get(i + 2..)) else {
+        return false;
+    };
+    let mut fields = rest.split_whitespace();
+    let state = fields.next().unwrap_or("X");
+    let started: Option<u64> = fields.nth(18).and_then(|t| t.parse().ok());
+    started == Some(start) && !matches!(state, "Z" | "X" | "x")
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct StateFile {
     pid: u32,
@@ -291,23 +312,33 @@ struct StateFile {
     filters: Vec<OwnedFilter>,
 }
 
-/// This process's record of the filters it owns.
+/// One owner's record of the filters it owns (a process may hold several: an agent has one
+/// per session), and its guard.
 pub struct State {
     path: PathBuf,
     file: StateFile,
+    guard: Option<Guard>,
 }
 
 impl State {
     pub fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let pid = std::process::id();
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Self {
-            path: Path::new(STATE_DIR).join(format!("{pid}.json")),
+            path: Path::new(STATE_DIR).join(format!("{pid}-{n}.json")),
             file: StateFile {
                 pid,
                 start_time: start_time(pid).unwrap_or(0),
                 filters: Vec::new(),
             },
+            guard: None,
         }
+    }
+
+    /// Where the record is.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     fn save(&self) -> Result<()> {
@@ -326,17 +357,129 @@ impl State {
         fs::rename(&tmp, &self.path).with_context(|| format!("writing {}", self.path.display()))
     }
 
-    /// Records a filter (before anything else can go wrong with it).
-    pub fn add(&mut self, f: OwnedFilter) -> Result<()> {
-        self.file.filters.push(f);
-        self.save()
+    /// Records filters about to be attached (handle 0 until known: the program id and name
+    /// identify them), and starts the guard on the first.
+    pub fn add(&mut self, filters: &[OwnedFilter]) -> Result<()> {
+        self.file.filters.extend_from_slice(filters);
+        self.save()?;
+        if self.guard.is_none() && !self.file.filters.is_empty() {
+            self.guard = Guard::spawn();
+        }
+        Ok(())
     }
 
-    /// Forgets a filter that was removed.
-    pub fn remove(&mut self, f: &OwnedFilter) {
-        self.file.filters.retain(|x| x != f);
+    /// Replaces records: what was attached (with its handle) or not attached after all.
+    pub fn update(&mut self, old: &[OwnedFilter], new: &[OwnedFilter]) {
+        self.file.filters.retain(|x| !old.contains(x));
+        self.file.filters.extend_from_slice(new);
         let _ = self.save();
     }
+
+    /// Forgets filters that were removed.
+    pub fn remove(&mut self, gone: &[OwnedFilter]) {
+        self.file.filters.retain(|x| !gone.contains(x));
+        let _ = self.save();
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        // Whatever could not be removed stays recorded for a later run; the guard is told
+        // goodbye (it must not clean up after a living owner) and reaped.
+        if let Some(g) = self.guard.take() {
+            g.dismiss();
+        }
+    }
+}
+
+/// Whether this process may start guards: it is the podtrace binary (`main` says so), not a
+/// program using the library, which cannot be re-executed as a guard.
+static GUARDS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The argument that makes podtrace a guard.
+pub const GUARD_ARG: &str = "__clsact-guard";
+
+/// Called by podtrace's `main`: owners of clsact filters get a guard process.
+pub fn enable_guards() {
+    GUARDS.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The owner's end of a guard.
+struct Guard {
+    child: std::process::Child,
+}
+
+impl Guard {
+    /// podtrace again, as a guard of this process. `None` (and a line on stderr) when it
+    /// cannot start: the filters are still removed on exit, and by a later run after SIGKILL.
+    fn spawn() -> Option<Guard> {
+        use std::os::unix::process::CommandExt as _;
+        if !GUARDS.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let pid = std::process::id();
+        let spawned = std::process::Command::new("/proc/self/exe")
+            .arg0("podtrace")
+            .arg(GUARD_ARG)
+            .arg(pid.to_string())
+            .arg(start_time(pid).unwrap_or(0).to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            // Out of the terminal's foreground group: Ctrl-C is for the owner alone.
+            .process_group(0)
+            .spawn();
+        match spawned {
+            Ok(child) => Some(Guard { child }),
+            Err(e) => {
+                eprintln!("podtrace: no guard for the tc filters ({e}): after a SIGKILL, the next podtrace removes them");
+                None
+            }
+        }
+    }
+
+    /// Tells the guard the owner is done (its filters are removed or recorded), and reaps it.
+    fn dismiss(mut self) {
+        use std::io::Write as _;
+        if let Some(mut stdin) = self.child.stdin.take() {
+            let _ = stdin.write_all(b"bye\n");
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// The guard's side (`podtrace __clsact-guard PID START`): waits for its owner's goodbye;
+/// when the pipe closes without one, waits for the owner to be gone, removes what it left
+/// and says so. Exit code 0 either way.
+pub fn guard_main(args: &[std::ffi::OsString]) -> std::process::ExitCode {
+    use std::io::Read as _;
+    // SAFETY: setting signal dispositions to SIG_IGN before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let arg = |i: usize| -> Option<u64> { args.get(i)?.to_str()?.parse().ok() };
+    let (Some(pid), Some(start)) = (arg(0), arg(1)) else {
+        eprintln!("podtrace: {GUARD_ARG} PID START");
+        return std::process::ExitCode::from(2);
+    };
+    let mut said = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut said);
+    if said.starts_with(b"bye") {
+        return std::process::ExitCode::SUCCESS;
+    }
+    // The pipe closes as the owner's files do, before it is a zombie: wait for that.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while alive(pid as u32, start) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    match cleanup_stale() {
+        Ok(Some(line)) => eprintln!("podtrace: {line}"),
+        Ok(None) => {}
+        Err(e) => eprintln!("podtrace: cleaning up after podtrace pid {pid}: {e:#}"),
+    }
+    std::process::ExitCode::SUCCESS
 }
 
 impl Default for State {
@@ -367,8 +510,8 @@ pub fn cleanup_stale() -> Result<Option<String>> {
         let Ok(state) = serde_json::from_str::<StateFile>(&text) else {
             continue;
         };
-        if state.pid == me || start_time(state.pid).is_some_and(|t| t == state.start_time) {
-            continue; // alive
+        if state.pid == me || alive(state.pid, state.start_time) {
+            continue;
         }
         // Claim it: one cleaner per file, even with several podtraces starting at once.
         let claimed = path.with_extension(format!("claimed-{me}"));
@@ -389,13 +532,15 @@ pub fn cleanup_stale() -> Result<Option<String>> {
             let Ok(list) = list_filters(ns, f.ifindex, f.ingress) else {
                 continue;
             };
-            let ours = list.iter().any(|x| {
-                x.priority == f.priority
-                    && x.handle == f.handle
+            // Recorded before it was attached (handle 0): the program id and name find it.
+            let ours = list.iter().find(|x| {
+                (f.handle == 0 || (x.priority == f.priority && x.handle == f.handle))
                     && x.bpf_name.as_deref() == Some(f.program.as_str())
                     && x.bpf_id == Some(f.prog_id)
             });
-            if ours && delete_filter(ns, f.ifindex, f.ingress, f.priority, f.handle).is_ok() {
+            if ours.is_some_and(|x| {
+                delete_filter(ns, f.ifindex, f.ingress, x.priority, x.handle).is_ok()
+            }) {
                 removed += 1;
                 let w = f.where_();
                 if !places.contains(&w) {
@@ -466,7 +611,26 @@ mod tests {
 
     #[test]
     fn start_time_of_this_process() {
-        assert!(start_time(std::process::id()).is_some());
+        let me = std::process::id();
+        let t = start_time(me).unwrap();
+        assert!(alive(me, t));
+        assert!(!alive(me, t + 1), "another process with a reused pid");
         assert!(start_time(u32::MAX).is_none());
+        assert!(!alive(u32::MAX, 0));
+    }
+
+    #[test]
+    fn a_zombie_is_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let t = start_time(pid).unwrap();
+        // Not reaped yet: a zombie once it has exited.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while alive(pid, t) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!alive(pid, t));
+        assert!(start_time(pid).is_some(), "still listed until reaped");
+        child.wait().unwrap();
     }
 }

@@ -27,8 +27,8 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        links::LinkOrder,
-        tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, TcAttachType},
+        links::{Link as _, LinkOrder},
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType},
         BtfTracePoint, KProbe, SchedClassifier,
     },
     util::KernelVersion,
@@ -73,13 +73,64 @@ impl TcMode {
     }
 }
 
-/// How tc hop probes are attached on this kernel: TCX from 6.6 on, clsact before.
+/// Whether this kernel has TCX (6.6).
+pub fn tcx_supported() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// The mechanism a session uses unless a hook says otherwise: `PODTRACE_TC` (`tcx` or
+/// `clsact`) when set, else clsact (see [`choose_tc_mode`]).
 pub fn tc_mode() -> TcMode {
-    if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
-        TcMode::Tcx
-    } else {
-        TcMode::Clsact
+    match std::env::var("PODTRACE_TC").as_deref() {
+        Ok("tcx") if tcx_supported() => TcMode::Tcx,
+        _ => TcMode::Clsact,
     }
+}
+
+/// How a session's hop probes are attached. clsact filters, unless
+/// - `PODTRACE_TC=tcx` asks for TCX links (kernel ≥ 6.6), or
+/// - a hook already runs TCX programs (Cilium ≥ 1.15 attaches there): the kernel runs TCX
+///   programs before any clsact filter, and one of them may redirect the packet, so podtrace
+///   goes first in that chain too.
+///
+/// clsact by default because it is quick: a clsact filter is in place at once, while each
+/// TCX link waits for an RCU grace period under the RTNL lock, one after another (20 links,
+/// ~15 ms each on the bench machine). The price, filters that outlive a killed owner, is paid
+/// by the guard process ([`clsact`]).
+pub fn choose_tc_mode(targets: &[HopTarget]) -> Result<TcMode> {
+    if !tcx_supported() {
+        return Ok(TcMode::Clsact);
+    }
+    match std::env::var("PODTRACE_TC").as_deref() {
+        Ok("tcx") => return Ok(TcMode::Tcx),
+        Ok("clsact") => return Ok(TcMode::Clsact),
+        Ok(other) => bail!("PODTRACE_TC={other}: use tcx or clsact"),
+        Err(_) => {}
+    }
+    let mut namespaces: Vec<Option<&Path>> = Vec::new();
+    for t in targets {
+        if !namespaces.contains(&t.netns.as_deref()) {
+            namespaces.push(t.netns.as_deref());
+        }
+    }
+    for ns in namespaces {
+        let names: Vec<&str> = targets
+            .iter()
+            .filter(|t| t.netns.as_deref() == ns)
+            .map(|t| t.ifname.as_str())
+            .collect();
+        let busy = netns::run_in(ns, || {
+            Ok(names.iter().any(|n| {
+                [TcAttachType::Ingress, TcAttachType::Egress]
+                    .into_iter()
+                    .any(|t| SchedClassifier::query_tcx(n, t).is_ok_and(|(_, p)| !p.is_empty()))
+            }))
+        })?;
+        if busy {
+            return Ok(TcMode::Tcx);
+        }
+    }
+    Ok(TcMode::Clsact)
 }
 
 /// An interface to put hop probes on.
@@ -313,9 +364,106 @@ struct NsPrograms {
 
 struct NlAttachment {
     ns_index: usize,
-    program: &'static str,
-    link: SchedClassifierLinkId,
+    link: NsLink,
     owned: clsact::OwnedFilter,
+}
+
+/// A clsact filter's link, detached only from inside its namespace: aya would detach a
+/// dropped link by interface index and priority in whatever namespace the dropping thread is
+/// in, so a link dropped anywhere else is forgotten instead (the filter stays recorded).
+struct NsLink(Option<SchedClassifierLink>);
+
+impl NsLink {
+    /// Detaches the filter; call inside its namespace.
+    fn detach(mut self) -> Result<()> {
+        match self.0.take() {
+            Some(l) => Ok(l.detach()?),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for NsLink {
+    fn drop(&mut self) {
+        if let Some(l) = self.0.take() {
+            std::mem::forget(l);
+        }
+    }
+}
+
+/// Attaches both hop programs of one interface, from a thread inside its namespace. clsact
+/// filters are pushed to `attached` as they are placed.
+fn attach_one(
+    p: &mut NsPrograms,
+    mode: TcMode,
+    t: &HopTarget,
+    ifindex: u32,
+    ino: u64,
+    attached: &mut Vec<(NsLink, clsact::OwnedFilter)>,
+) -> Result<()> {
+    let ifname = t.ifname.as_str();
+    let qdisc_created = match mode {
+        TcMode::Tcx => false,
+        TcMode::Clsact => clsact::add_clsact(ifname).with_context(|| where_(t))?,
+    };
+    for (name, attach_type, ingress) in [
+        (PROG_INGRESS, TcAttachType::Ingress, true),
+        (PROG_EGRESS, TcAttachType::Egress, false),
+    ] {
+        let options = match mode {
+            TcMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::first()),
+            TcMode::Clsact => {
+                // On a qdisc podtrace just added there is nothing to look at.
+                let existing = if qdisc_created {
+                    Vec::new()
+                } else {
+                    clsact::list_filters(None, ifindex, ingress)
+                        .with_context(|| format!("listing the tc filters of {}", where_(t)))?
+                };
+                let (priority, warning) = clsact::choose_priority(&existing);
+                if let Some(w) = warning {
+                    eprintln!("podtrace: {}: {w}", where_(t));
+                }
+                TcAttachOptions::Netlink(NlOptions {
+                    priority,
+                    ..NlOptions::default()
+                })
+            }
+        };
+        let prog: &mut SchedClassifier = p
+            .bpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("eBPF program {name} missing"))?
+            .try_into()?;
+        let prog_id = prog.info()?.id();
+        let id = prog
+            .attach_with_options(ifname, attach_type, options)
+            .with_context(|| format!("attaching {name} to {}", where_(t)))?;
+        if mode == TcMode::Clsact {
+            let link = NsLink(Some(prog.take_link(id)?));
+            let nl = link.0.as_ref().map(|l| (l.priority(), l.handle()));
+            let (priority, handle) = match nl {
+                Some((Ok(p), Ok(h))) => (p, u32::from(h)),
+                _ => bail!("attached {name} to {} but aya lost its filter", where_(t)),
+            };
+            attached.push((
+                link,
+                clsact::OwnedFilter {
+                    netns: t.netns.clone(),
+                    netns_ino: ino,
+                    ifname: ifname.to_owned(),
+                    ifindex,
+                    ingress,
+                    priority,
+                    handle,
+                    prog_id,
+                    program: name.to_owned(),
+                    qdisc_created,
+                },
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The identity podtrace gives a network namespace: its inode number, the `net->ns.inum` the
@@ -342,9 +490,73 @@ pub struct Probes {
     btf: Option<aya::Btf>,
     /// What the kernel offers for the kernel-side evidence, from the same BTF.
     facts: hooks::KernelFacts,
+    /// The kernel-side probes to verify while the hop probes load ([`Probes::prepare_kernel_hooks`]).
+    hook_plan: Option<(Option<hooks::Mechanism>, Vec<hooks::Evidence>)>,
     /// The hop programs carry packet bytes and check a capture expression (from the filter
     /// set before the first hop is attached: the copies are loaded with it).
     capture: bool,
+}
+
+/// Makes `EbpfLoader::new()` cheap on the calling thread, which must be a thread of
+/// podtrace's own that ends after loading: aya's constructor parses the kernel's BTF
+/// (/sys/kernel/btf/vmlinux, ~25 ms and tens of MiB) every time, although podtrace hands each
+/// loader the copy it parsed once. The thread gets a mount namespace of its own (its
+/// filesystem attributes unshared first, as the kernel requires) in which that file reads as
+/// empty, so aya's parse fails at once and is ignored. Nothing outside the thread sees it. If
+/// it cannot be done, loading is only slower.
+fn cheap_loaders_on_this_thread() {
+    use nix::{
+        mount::{mount, MsFlags},
+        sched::{unshare, CloneFlags},
+    };
+    let done = unshare(CloneFlags::CLONE_FS | CloneFlags::CLONE_NEWNS).is_ok()
+        && mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .is_ok()
+        && mount(
+            Some("/dev/null"),
+            "/sys/kernel/btf/vmlinux",
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .is_ok();
+    log::debug!("cheap eBPF loaders on this thread: {done}");
+}
+
+/// Loads (verifies) the programs of the first choice for each kind of kernel-side evidence,
+/// so that attaching them later is quick. A failure is left for the attach to report.
+fn preload_kernel_hooks(
+    bpf: &mut Ebpf,
+    btf: &aya::Btf,
+    facts: &hooks::KernelFacts,
+    forced: Option<hooks::Mechanism>,
+    wanted: &[hooks::Evidence],
+) {
+    for evidence in wanted {
+        let (variants, _) = hooks::plan(facts, *evidence, forced);
+        let Some(v) = variants.first() else { continue };
+        for (name, target) in v.programs {
+            let Some(prog) = bpf.program_mut(name) else {
+                continue;
+            };
+            let _ = match v.mechanism {
+                hooks::Mechanism::TpBtf => <&mut BtfTracePoint>::try_from(prog)
+                    .ok()
+                    .filter(|p| p.fd().is_err())
+                    .map(|p| p.load(target, btf).is_ok()),
+                hooks::Mechanism::Kprobe => <&mut KProbe>::try_from(prog)
+                    .ok()
+                    .filter(|p| p.fd().is_err())
+                    .map(|p| p.load().is_ok()),
+            };
+        }
+    }
 }
 
 /// Namespaces whose program copies load at the same time, at most.
@@ -497,17 +709,35 @@ impl Probes {
             Ok(None) => {}
             Err(e) => eprintln!("podtrace: cleaning up after a killed podtrace: {e:#}"),
         }
-        let kbtf = btf::Btf::from_sys_fs()?;
-        let offsets = kernel_offsets(&kbtf)?;
-        let reasons = DropReasons::from_btf(&kbtf);
-        let facts = hooks::KernelFacts::detect(&kbtf);
-        drop(kbtf);
-        let abtf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
-        let bpf = EbpfLoader::new()
-            .btf(Some(&abtf))
-            .map_max_entries("EVENTS", ring_bytes)
-            .load(EBPF_OBJECT)
-            .context("loading podtrace's eBPF object")?;
+        // aya's parse of the kernel's BTF and the object's load beside podtrace's own parse
+        // (offsets, drop reasons, what the kernel offers): each takes tens of milliseconds.
+        let (loaded, own) = std::thread::scope(|s| {
+            let loader = s.spawn(|| -> Result<(aya::Btf, Ebpf)> {
+                let abtf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+                cheap_loaders_on_this_thread();
+                let bpf = EbpfLoader::new()
+                    .btf(Some(&abtf))
+                    .map_max_entries("EVENTS", ring_bytes)
+                    .load(EBPF_OBJECT)
+                    .context("loading podtrace's eBPF object")?;
+                Ok((abtf, bpf))
+            });
+            let own = (|| -> Result<_> {
+                let kbtf = btf::Btf::from_sys_fs()?;
+                let offsets = kernel_offsets(&kbtf)?;
+                Ok((
+                    offsets,
+                    DropReasons::from_btf(&kbtf),
+                    hooks::KernelFacts::detect(&kbtf),
+                ))
+            })();
+            let loaded = loader
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("loading the eBPF object panicked")));
+            (loaded, own)
+        });
+        let (offsets, reasons, facts) = own?;
+        let (abtf, bpf) = loaded?;
         let mut probes = Self {
             bpf,
             per_ns: Vec::new(),
@@ -518,20 +748,12 @@ impl Probes {
             hops: Vec::new(),
             btf: Some(abtf),
             facts,
+            hook_plan: None,
             capture: false,
         };
         let mut off: Array<_, KernelOffsets> = Array::try_from(probes.map_mut("OFFSETS")?)?;
         off.set(0, offsets, 0)?;
         Ok(probes)
-    }
-
-    /// The index in `per_ns` of the copy serving `ns`, loading it on first use.
-    fn ns_programs(&mut self, ns: Option<&Path>) -> Result<usize> {
-        if let Some(i) = self.per_ns.iter().position(|p| p.netns.as_deref() == ns) {
-            return Ok(i);
-        }
-        self.load_ns_programs(&[ns.map(Path::to_path_buf)])?;
-        Ok(self.per_ns.len() - 1)
     }
 
     /// Loads the copies of the tc programs for namespaces that have none yet, in parallel
@@ -564,6 +786,9 @@ impl Probes {
         });
         // As many loaders as CPUs, at most 4 (the verifier is CPU-bound; each loader holds a
         // parsed copy of the object, ~20 MiB, while it works).
+        let hook_plan = self.hook_plan.take();
+        let main_bpf = &mut self.bpf;
+        let facts = &self.facts;
         let loaded: Result<Vec<NsPrograms>> = pinned.and_then(|()| {
             let btf = self.btf.as_ref().ok_or_else(|| anyhow!("probes settled"))?;
             let dir = &dir;
@@ -576,17 +801,25 @@ impl Probes {
                 .min(MAX_LOADERS)
                 .min(wanted.len());
             std::thread::scope(|s| {
+                // The kernel-side probes the session will want are verified meanwhile.
+                if let Some((forced, wanted)) = hook_plan {
+                    s.spawn(move || preload_kernel_hooks(main_bpf, btf, facts, forced, &wanted));
+                }
                 for _ in 0..workers {
-                    s.spawn(|| loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(ns) = wanted.get(i) else { break };
-                        let r =
-                            load_copy(ns.as_deref(), dir, btf, capture).with_context(|| match ns {
-                                Some(p) => format!("network namespace {}", p.display()),
-                                None => "this network namespace".to_owned(),
-                            });
-                        if let Ok(mut slot) = slots[i].lock() {
-                            *slot = Some(r);
+                    s.spawn(|| {
+                        cheap_loaders_on_this_thread();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(ns) = wanted.get(i) else { break };
+                            let r = load_copy(ns.as_deref(), dir, btf, capture).with_context(
+                                || match ns {
+                                    Some(p) => format!("network namespace {}", p.display()),
+                                    None => "this network namespace".to_owned(),
+                                },
+                            );
+                            if let Ok(mut slot) = slots[i].lock() {
+                                *slot = Some(r);
+                            }
                         }
                     });
                 }
@@ -606,26 +839,22 @@ impl Probes {
         Ok(())
     }
 
-    /// Puts the hop probes on every target (see [`Probes::attach_hop`]), faster: the copies
-    /// of the programs for new namespaces load in parallel and, with TCX, each namespace's
-    /// attachments are made from a thread of its own (every TCX attach waits for an RCU grace
-    /// period; in parallel they wait together). With clsact, one after another.
+    /// Puts the hop probes on every target (see [`Probes::attach_hop`]): the copies of the
+    /// programs for new namespaces load in parallel, and each namespace's attachments are
+    /// made from a thread of its own. How: [`choose_tc_mode`].
     pub fn attach_hops(&mut self, targets: &[HopTarget]) -> Result<TcMode> {
-        let mode = tc_mode();
-        if mode == TcMode::Clsact {
-            for t in targets {
-                self.attach_hop(t)?;
-                crate::signals::check()?;
-            }
-            return Ok(mode);
-        }
         if let Some(t) = targets.iter().find(|t| t.hop_id >= podtrace_abi::MAX_HOPS) {
             bail!("hop id {} out of range", t.hop_id);
         }
+        let mode = match self.tc_mode {
+            // One session, one mechanism.
+            Some(m) => m,
+            None => choose_tc_mode(targets)?,
+        };
         let namespaces: Vec<Option<PathBuf>> = targets.iter().map(|t| t.netns.clone()).collect();
         self.load_ns_programs(&namespaces)?;
         // Interfaces by name inside their namespaces, and the hop ids the probes report.
-        let mut by_ns: Vec<(usize, Vec<&HopTarget>)> = Vec::new();
+        let mut by_ns: Vec<(usize, Vec<(&HopTarget, u32)>)> = Vec::new();
         for t in targets {
             let i = self
                 .per_ns
@@ -633,14 +862,14 @@ impl Probes {
                 .position(|p| p.netns == t.netns)
                 .ok_or_else(|| anyhow!("no programs for {}", where_(t)))?;
             match by_ns.iter_mut().find(|(j, _)| *j == i) {
-                Some((_, list)) => list.push(t),
-                None => by_ns.push((i, vec![t])),
+                Some((_, list)) => list.push((t, 0)),
+                None => by_ns.push((i, vec![(t, 0)])),
             }
         }
-        for (i, list) in &by_ns {
+        for (i, list) in &mut by_ns {
             let ns = self.per_ns[*i].netns.clone();
             let ino = self.per_ns[*i].ino;
-            let names: Vec<String> = list.iter().map(|t| t.ifname.clone()).collect();
+            let names: Vec<String> = list.iter().map(|(t, _)| t.ifname.clone()).collect();
             let ifindexes = netns::run_in(ns.as_deref(), || {
                 names
                     .iter()
@@ -650,9 +879,10 @@ impl Probes {
                     })
                     .collect::<Result<Vec<u32>>>()
             })
-            .with_context(|| where_(list[0]))?;
+            .with_context(|| where_(list[0].0))?;
             let mut hops: BpfHashMap<_, HopKey, u32> = BpfHashMap::try_from(self.map_mut("HOPS")?)?;
-            for (t, ifindex) in list.iter().zip(ifindexes) {
+            for ((t, slot), ifindex) in list.iter_mut().zip(ifindexes) {
+                *slot = ifindex;
                 hops.insert(
                     HopKey {
                         netns_ino: ino,
@@ -665,7 +895,37 @@ impl Probes {
             }
         }
         crate::signals::check()?;
-        let jobs: Vec<(&mut NsPrograms, Vec<&HopTarget>)> = self
+        // clsact: every filter is recorded (and the guard started) before any is attached.
+        let mut planned: Vec<clsact::OwnedFilter> = Vec::new();
+        if mode == TcMode::Clsact {
+            for (i, list) in &by_ns {
+                let p = &mut self.per_ns[*i];
+                for (t, ifindex) in list {
+                    for (name, ingress) in [(PROG_INGRESS, true), (PROG_EGRESS, false)] {
+                        let prog: &mut SchedClassifier = p
+                            .bpf
+                            .program_mut(name)
+                            .ok_or_else(|| anyhow!("eBPF program {name} missing"))?
+                            .try_into()?;
+                        planned.push(clsact::OwnedFilter {
+                            netns: t.netns.clone(),
+                            netns_ino: p.ino,
+                            ifname: t.ifname.clone(),
+                            ifindex: *ifindex,
+                            ingress,
+                            priority: 0,
+                            handle: 0,
+                            prog_id: prog.info()?.id(),
+                            program: name.to_owned(),
+                            qdisc_created: false,
+                        });
+                    }
+                }
+            }
+            self.clsact_state.add(&planned)?;
+        }
+        type Job<'a, 'b> = (&'a mut NsPrograms, Vec<(&'b HopTarget, u32)>);
+        let jobs: Vec<Job> = self
             .per_ns
             .iter_mut()
             .enumerate()
@@ -674,50 +934,62 @@ impl Probes {
                 Some((p, list))
             })
             .collect();
-        let results: Vec<Result<()>> = std::thread::scope(|s| {
+        type Attached = Vec<(NsLink, clsact::OwnedFilter)>;
+        let results: Vec<(Attached, Result<()>)> = std::thread::scope(|s| {
             let workers: Vec<_> = jobs
                 .into_iter()
                 .map(|(p, list)| {
-                    s.spawn(move || -> Result<()> {
+                    s.spawn(move || -> (Attached, Result<()>) {
                         let ns = p.netns.clone();
-                        netns::run_in(ns.as_deref(), || {
-                            for t in &list {
-                                for (name, attach_type) in [
-                                    (PROG_INGRESS, TcAttachType::Ingress),
-                                    (PROG_EGRESS, TcAttachType::Egress),
-                                ] {
-                                    let prog: &mut SchedClassifier = p
-                                        .bpf
-                                        .program_mut(name)
-                                        .ok_or_else(|| anyhow!("eBPF program {name} missing"))?
-                                        .try_into()?;
-                                    prog.attach_with_options(
-                                        &t.ifname,
-                                        attach_type,
-                                        TcAttachOptions::TcxOrder(LinkOrder::first()),
-                                    )
-                                    .with_context(|| {
-                                        format!("attaching {name} to {}", where_(t))
-                                    })?;
-                                }
+                        let ino = p.ino;
+                        let mut attached: Attached = Vec::new();
+                        let result = netns::run_in(ns.as_deref(), || {
+                            for (t, ifindex) in &list {
+                                attach_one(p, mode, t, *ifindex, ino, &mut attached)?;
                             }
                             Ok(())
-                        })
+                        });
+                        (attached, result)
                     })
                 })
                 .collect();
             workers
                 .into_iter()
                 .map(|w| {
-                    w.join()
-                        .map_err(|_| anyhow!("an attaching thread panicked"))?
+                    w.join().unwrap_or_else(|_| {
+                        (Vec::new(), Err(anyhow!("an attaching thread panicked")))
+                    })
                 })
                 .collect()
         });
-        for r in results {
-            r?;
+        let mut first_err = None;
+        let mut placed = Vec::new();
+        for (attached, result) in results {
+            for (link, owned) in attached {
+                let ns_index = self
+                    .per_ns
+                    .iter()
+                    .position(|p| p.netns == owned.netns)
+                    .unwrap_or(0);
+                placed.push(owned.clone());
+                self.nl_links.push(NlAttachment {
+                    ns_index,
+                    link,
+                    owned,
+                });
+            }
+            if let Err(e) = result {
+                first_err.get_or_insert(e);
+            }
+        }
+        if mode == TcMode::Clsact {
+            // What was placed, with its priority and handle; what was not, forgotten.
+            self.clsact_state.update(&planned, &placed);
         }
         self.tc_mode = Some(mode);
+        if let Some(e) = first_err {
+            return Err(e);
+        }
         self.hops.extend(targets.iter().cloned());
         Ok(mode)
     }
@@ -734,12 +1006,31 @@ impl Probes {
             .ok_or_else(|| anyhow!("eBPF map {name} missing from the object"))
     }
 
-    fn classifier(&mut self, ns_index: usize, name: &str) -> Result<&mut SchedClassifier> {
-        let prog = self.per_ns[ns_index]
-            .bpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("eBPF program {name} missing from the object"))?;
-        Ok(prog.try_into()?)
+    /// Says which kernel-side probes [`Probes::attach_kernel_hooks`] will be asked for, so
+    /// that they are verified while the hop probes load (on other CPUs).
+    pub fn prepare_kernel_hooks(
+        &mut self,
+        forced: Option<hooks::Mechanism>,
+        wanted: &[hooks::Evidence],
+    ) {
+        self.hook_plan = Some((forced, wanted.to_vec()));
+    }
+
+    /// Chooses how the hop probes will be attached, instead of [`choose_tc_mode`]; only
+    /// before the first one.
+    pub fn set_tc_mode(&mut self, mode: TcMode) -> Result<()> {
+        if mode == TcMode::Tcx && !tcx_supported() {
+            bail!("this kernel has no TCX (6.6 or newer)");
+        }
+        match self.tc_mode {
+            Some(m) if m != mode => {
+                bail!("the hop probes are attached with {} already", m.as_str())
+            }
+            _ => {
+                self.tc_mode = Some(mode);
+                Ok(())
+            }
+        }
     }
 
     /// How the hop probes are attached (`None` before the first one).
@@ -769,107 +1060,26 @@ impl Probes {
     /// Puts the ingress and egress hop probes on an interface. The interface is found by name
     /// inside its namespace; a missing one is an error naming it.
     pub fn attach_hop(&mut self, target: &HopTarget) -> Result<TcMode> {
-        if target.hop_id >= podtrace_abi::MAX_HOPS {
-            bail!("hop id {} out of range", target.hop_id);
-        }
-        let ns = target.netns.as_deref();
-        let ns_index = self.ns_programs(ns).with_context(|| where_(target))?;
-        let ino = self.per_ns[ns_index].ino;
-        let ifname = target.ifname.as_str();
-        let ifindex = netns::run_in(ns, || {
-            nix::net::if_::if_nametoindex(ifname)
-                .with_context(|| format!("interface {ifname} not found"))
-        })
-        .with_context(|| where_(target))?;
-        let mut hops: BpfHashMap<_, HopKey, u32> = BpfHashMap::try_from(self.map_mut("HOPS")?)?;
-        hops.insert(
-            HopKey {
-                netns_ino: ino,
-                ifindex,
-                _pad: 0,
-            },
-            target.hop_id,
-            0,
-        )?;
-        let mode = tc_mode();
-        let qdisc_created = match mode {
-            TcMode::Tcx => false,
-            TcMode::Clsact => clsact::add_clsact(ns, ifname).with_context(|| where_(target))?,
-        };
-        for (name, attach_type, ingress) in [
-            (PROG_INGRESS, TcAttachType::Ingress, true),
-            (PROG_EGRESS, TcAttachType::Egress, false),
-        ] {
-            let options = match mode {
-                TcMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::first()),
-                TcMode::Clsact => {
-                    let existing = clsact::list_filters(ns, ifindex, ingress)
-                        .with_context(|| format!("listing the tc filters of {}", where_(target)))?;
-                    let (priority, warning) = clsact::choose_priority(&existing);
-                    if let Some(w) = warning {
-                        eprintln!("podtrace: {}: {w}", where_(target));
-                    }
-                    TcAttachOptions::Netlink(NlOptions {
-                        priority,
-                        ..NlOptions::default()
-                    })
-                }
-            };
-            let prog = self.classifier(ns_index, name)?;
-            let prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
-            let link = netns::run_in(ns, || {
-                Ok(prog.attach_with_options(ifname, attach_type, options)?)
-            })
-            .with_context(|| format!("attaching {name} to {}", where_(target)))?;
-            if mode == TcMode::Clsact {
-                // Which filter the kernel made of it: ours is the one running our program.
-                let placed = clsact::list_filters(ns, ifindex, ingress)
-                    .ok()
-                    .and_then(|l| l.into_iter().find(|f| f.bpf_id == Some(prog_id)));
-                let Some(placed) = placed else {
-                    let _ = netns::run_in(ns, || Ok(prog.detach(link)?));
-                    bail!(
-                        "attached {name} to {} but cannot find its filter",
-                        where_(target)
-                    );
-                };
-                let (priority, handle) = (placed.priority, placed.handle);
-                let owned = clsact::OwnedFilter {
-                    netns: target.netns.clone(),
-                    netns_ino: ino,
-                    ifname: ifname.to_owned(),
-                    ifindex,
-                    ingress,
-                    priority,
-                    handle,
-                    prog_id,
-                    program: name.to_owned(),
-                    qdisc_created,
-                };
-                self.clsact_state.add(owned.clone())?;
-                self.nl_links.push(NlAttachment {
-                    ns_index,
-                    program: name,
-                    link,
-                    owned,
-                });
-            }
-        }
-        self.tc_mode = Some(mode);
-        self.hops.push(target.clone());
-        Ok(mode)
+        self.attach_hops(std::slice::from_ref(target))
     }
 
     /// Once everything is attached: lets go of what only loading needed (the kernel's
     /// parsed BTF, tens of MiB) and hands the freed memory back to the system (the loader
     /// threads' allocator arenas keep it otherwise). Loading more afterwards fails.
     pub fn settle(&mut self) {
-        self.btf = None;
-        #[cfg(target_env = "gnu")]
-        // SAFETY: glibc's malloc_trim only releases free memory.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        // Off the start's critical path (freeing the parsed BTF and trimming take
+        // milliseconds).
+        let btf = self.btf.take();
+        let _ = std::thread::Builder::new()
+            .name("podtrace-trim".into())
+            .spawn(move || {
+                drop(btf);
+                #[cfg(target_env = "gnu")]
+                // SAFETY: glibc's malloc_trim only releases free memory.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
+            });
     }
 
     /// The hops attached so far.
@@ -931,8 +1141,10 @@ impl Probes {
                     .ok_or_else(|| anyhow!("eBPF program {name} missing"))?
                     .try_into()?;
                 let btf = self.btf.as_ref().ok_or_else(|| anyhow!("probes settled"))?;
-                prog.load(tracepoint, btf)
-                    .with_context(|| format!("loading tp_btf {tracepoint}"))?;
+                if prog.fd().is_err() {
+                    prog.load(tracepoint, btf)
+                        .with_context(|| format!("loading tp_btf {tracepoint}"))?;
+                }
                 prog.attach()
                     .with_context(|| format!("attaching tp_btf {tracepoint}"))?;
                 Ok(())
@@ -1090,24 +1302,45 @@ impl HopTarget {
 impl Drop for Probes {
     fn drop(&mut self) {
         // clsact filters outlive us unless removed, and must be removed from inside their
-        // namespace (netlink acts on the caller's namespace).
-        let mut qdiscs: Vec<(Option<PathBuf>, u32)> = Vec::new();
+        // namespace (netlink acts on the caller's namespace): one thread per namespace, then
+        // the clsact qdiscs podtrace added, unless something else is on them now.
+        let mut by_ns: Vec<(Option<PathBuf>, Vec<NlAttachment>)> = Vec::new();
         for att in std::mem::take(&mut self.nl_links) {
-            let ns = self.per_ns[att.ns_index].netns.clone();
-            let Ok(prog) = self.classifier(att.ns_index, att.program) else {
-                continue;
-            };
-            if netns::run_in(ns.as_deref(), || Ok(prog.detach(att.link)?)).is_ok() {
-                self.clsact_state.remove(&att.owned);
-            }
-            if att.owned.qdisc_created && !qdiscs.contains(&(ns.clone(), att.owned.ifindex)) {
-                qdiscs.push((ns, att.owned.ifindex));
+            let ns = self.per_ns.get(att.ns_index).and_then(|p| p.netns.clone());
+            match by_ns.iter_mut().find(|(n, _)| *n == ns) {
+                Some((_, list)) => list.push(att),
+                None => by_ns.push((ns, vec![att])),
             }
         }
-        // The clsact qdiscs podtrace added, unless something else is on them now.
-        for (ns, ifindex) in qdiscs {
-            let _ = clsact::remove_qdisc_if_unused(ns.as_deref(), ifindex);
-        }
+        let removed: Vec<clsact::OwnedFilter> = std::thread::scope(|s| {
+            let workers: Vec<_> = by_ns
+                .into_iter()
+                .map(|(ns, list)| {
+                    s.spawn(move || {
+                        let mut removed = Vec::new();
+                        let mut qdiscs: Vec<u32> = Vec::new();
+                        for att in list {
+                            let owned = att.owned;
+                            if netns::run_in(ns.as_deref(), move || att.link.detach()).is_ok() {
+                                if owned.qdisc_created && !qdiscs.contains(&owned.ifindex) {
+                                    qdiscs.push(owned.ifindex);
+                                }
+                                removed.push(owned);
+                            }
+                        }
+                        for ifindex in qdiscs {
+                            let _ = clsact::remove_qdisc_if_unused(ns.as_deref(), ifindex);
+                        }
+                        removed
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap_or_default())
+                .collect()
+        });
+        self.clsact_state.remove(&removed);
         // Closing a TCX link waits for an RCU grace period too: close each namespace's
         // links on a thread of its own.
         let copies = std::mem::take(&mut self.per_ns);

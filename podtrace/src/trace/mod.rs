@@ -147,6 +147,7 @@ impl Engine {
                 hop_id: hop.id,
             })
             .collect();
+        probes.prepare_kernel_hooks(opts.mechanism, &opts.evidence);
         probes.attach_hops(&targets).map_err(|e| {
             // Name the hop as the plan does when the error names its interface.
             match plan

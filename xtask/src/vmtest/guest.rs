@@ -810,18 +810,61 @@ impl Guest<'_> {
                 Ok(json!({"filters_while_running": attached}))
             });
         }
-        self.step("clsact-SIGKILL-then-clean-up", |_| {
+        self.step("clsact-SIGKILL-guard", |_| {
+            // The guard (podtrace __clsact-guard, a child of its own group) removes what a
+            // killed podtrace left, at once.
             let bg = start_and_wait_follow()?;
             let pid = bg.child.id();
+            if guard_of(pid).is_none() {
+                bail!("no guard process beside podtrace {pid}");
+            }
+            bg.signal(libc::SIGKILL)?;
+            let out = bg.finish(Duration::from_secs(60))?;
+            if out.signal != Some(libc::SIGKILL) {
+                bail!("not killed: {}", out.brief());
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let left = podtrace_tc_state()?;
+                if left.is_empty() {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!("the guard left: {left:?}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if cni_filter(&node_a, &veth)?.is_none() {
+                bail!("the CNI's filter is gone");
+            }
+            Ok(Value::Null)
+        });
+        self.step("clsact-SIGKILL-both-then-clean-up", |_| {
+            // Owner and guard killed together (a whole cgroup): the next run cleans up.
+            let bg = start_and_wait_follow()?;
+            let pid = bg.child.id();
+            let guard = guard_of(pid).ok_or_else(|| anyhow!("no guard beside {pid}"))?;
+            // SAFETY: plain syscall.
+            unsafe { libc::kill(guard as i32, libc::SIGKILL) };
+            std::thread::sleep(Duration::from_millis(200));
             bg.signal(libc::SIGKILL)?;
             let out = bg.finish(Duration::from_secs(60))?;
             if out.signal != Some(libc::SIGKILL) {
                 bail!("not killed: {}", out.brief());
             }
             let left = podtrace_tc_state()?;
-            let record = Path::new("/run/podtrace/tc").join(format!("{pid}.json"));
-            if left.is_empty() || !record.exists() {
-                bail!("a killed podtrace should leave its filters and their record ({left:?})");
+            let record = fs::read_dir("/run/podtrace/tc")?
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pid}-")))
+                });
+            let Some(record) = record else {
+                bail!("a killed podtrace and guard should leave a record ({left:?})");
+            };
+            if left.len() < 2 {
+                bail!("a killed podtrace and guard should leave their filters ({left:?})");
             }
             // The next run cleans up, says so, and works.
             let mut bg = Bg::start(
@@ -863,6 +906,22 @@ impl Guest<'_> {
         });
         let _ = tc(&node_a, &["qdisc", "del", "dev", &veth, "clsact"]);
     }
+}
+
+/// The pid of the clsact guard podtrace `pid` started, if there is one.
+fn guard_of(pid: u32) -> Option<u32> {
+    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let child: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = fs::read_to_string(e.path().join("stat")).ok()?;
+        let ppid: u32 = stat[stat.rfind(')')? + 2..]
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+        (ppid == pid && String::from_utf8_lossy(&cmdline).contains("__clsact-guard"))
+            .then_some(child)
+    })
 }
 
 /// Starts `follow` (without a count) and waits until it is ready.
