@@ -563,12 +563,13 @@ fn preload_kernel_hooks(
 const MAX_LOADERS: usize = 4;
 
 /// Loads one namespace's copy of the tc programs: its `NETNS_INO`, the shared maps from their
-/// pins in `dir`, the kernel's BTF parsed once.
-fn load_copy(ns: Option<&Path>, dir: &Path, btf: &aya::Btf, capture: bool) -> Result<NsPrograms> {
+/// pins in `dir`.
+fn load_copy(ns: Option<&Path>, dir: &Path, capture: bool) -> Result<NsPrograms> {
     let ino = netns_id(ns)?;
     let capture = u8::from(capture);
     let mut loader = EbpfLoader::new();
-    loader.btf(Some(btf));
+    // No CO-RE relocations in the object: no kernel BTF needed.
+    loader.btf(None);
     loader.override_global("NETNS_INO", &ino, true);
     loader.override_global("CAPTURE_MODE", &capture, true);
     for name in SHARED_MAPS {
@@ -711,17 +712,19 @@ impl Probes {
         }
         // aya's parse of the kernel's BTF and the object's load beside podtrace's own parse
         // (offsets, drop reasons, what the kernel offers): each takes tens of milliseconds.
-        let (loaded, own) = std::thread::scope(|s| {
-            let loader = s.spawn(|| -> Result<(aya::Btf, Ebpf)> {
-                let abtf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        // The object needs no kernel BTF to load (it has no CO-RE relocations: the offsets
+        // come from podtrace's own parse, in OFFSETS), so it loads while aya parses the BTF
+        // the tp_btf probes need.
+        let (loaded, abtf, own) = std::thread::scope(|s| {
+            let loader = s.spawn(|| -> Result<Ebpf> {
                 cheap_loaders_on_this_thread();
-                let bpf = EbpfLoader::new()
-                    .btf(Some(&abtf))
+                EbpfLoader::new()
+                    .btf(None)
                     .map_max_entries("EVENTS", ring_bytes)
                     .load(EBPF_OBJECT)
-                    .context("loading podtrace's eBPF object")?;
-                Ok((abtf, bpf))
+                    .context("loading podtrace's eBPF object")
             });
+            let abtf = s.spawn(|| aya::Btf::from_sys_fs().context("reading the kernel's BTF"));
             let own = (|| -> Result<_> {
                 let kbtf = btf::Btf::from_sys_fs()?;
                 let offsets = kernel_offsets(&kbtf)?;
@@ -734,10 +737,14 @@ impl Probes {
             let loaded = loader
                 .join()
                 .unwrap_or_else(|_| Err(anyhow!("loading the eBPF object panicked")));
-            (loaded, own)
+            let abtf = abtf
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("parsing the kernel's BTF panicked")));
+            (loaded, abtf, own)
         });
         let (offsets, reasons, facts) = own?;
-        let (abtf, bpf) = loaded?;
+        let bpf = loaded?;
+        let abtf = abtf?;
         let mut probes = Self {
             bpf,
             per_ns: Vec::new(),
@@ -790,7 +797,7 @@ impl Probes {
         let main_bpf = &mut self.bpf;
         let facts = &self.facts;
         let loaded: Result<Vec<NsPrograms>> = pinned.and_then(|()| {
-            let btf = self.btf.as_ref().ok_or_else(|| anyhow!("probes settled"))?;
+            let btf = self.btf.as_ref();
             let dir = &dir;
             let capture = self.capture;
             let next = std::sync::atomic::AtomicUsize::new(0);
@@ -802,7 +809,7 @@ impl Probes {
                 .min(wanted.len());
             std::thread::scope(|s| {
                 // The kernel-side probes the session will want are verified meanwhile.
-                if let Some((forced, wanted)) = hook_plan {
+                if let (Some((forced, wanted)), Some(btf)) = (hook_plan, btf) {
                     s.spawn(move || preload_kernel_hooks(main_bpf, btf, facts, forced, &wanted));
                 }
                 for _ in 0..workers {
@@ -811,12 +818,11 @@ impl Probes {
                         loop {
                             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let Some(ns) = wanted.get(i) else { break };
-                            let r = load_copy(ns.as_deref(), dir, btf, capture).with_context(
-                                || match ns {
+                            let r =
+                                load_copy(ns.as_deref(), dir, capture).with_context(|| match ns {
                                     Some(p) => format!("network namespace {}", p.display()),
                                     None => "this network namespace".to_owned(),
-                                },
-                            );
+                                });
                             if let Ok(mut slot) = slots[i].lock() {
                                 *slot = Some(r);
                             }
@@ -1065,7 +1071,8 @@ impl Probes {
 
     /// Once everything is attached: lets go of what only loading needed (the kernel's
     /// parsed BTF, tens of MiB) and hands the freed memory back to the system (the loader
-    /// threads' allocator arenas keep it otherwise). Loading more afterwards fails.
+    /// threads' allocator arenas keep it otherwise). Kernel-side probes cannot be loaded
+    /// afterwards (hop probes still can).
     pub fn settle(&mut self) {
         // Off the start's critical path (freeing the parsed BTF and trimming take
         // milliseconds).
@@ -1423,6 +1430,40 @@ mod tests {
             .join(" or ");
         let k = kernel_part(&format!("tcp and ({many})"));
         assert_eq!((k.nports, k.nprotos), (0, 1));
+    }
+
+    /// The loaders get no kernel BTF ([`load_copy`], [`Probes::load_with_ring`]): the object
+    /// must have no CO-RE relocations (its `.BTF.ext` says how many bytes of them it holds).
+    #[test]
+    fn the_object_has_no_core_relocations() {
+        let data = EBPF_OBJECT;
+        if data.is_empty() {
+            return; // built with PODTRACE_SKIP_EBPF
+        }
+        let u16_at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]) as usize;
+        let u32_at = |o: usize| u32::from_le_bytes(data[o..o + 4].try_into().unwrap()) as usize;
+        let u64_at = |o: usize| u64::from_le_bytes(data[o..o + 8].try_into().unwrap()) as usize;
+        let (shoff, shentsize, shnum, shstrndx) =
+            (u64_at(0x28), u16_at(0x3a), u16_at(0x3c), u16_at(0x3e));
+        let section = |i: usize| {
+            let h = shoff + i * shentsize;
+            (u32_at(h), u64_at(h + 0x18), u64_at(h + 0x20))
+        };
+        let (_, names, _) = section(shstrndx);
+        let ext = (0..shnum)
+            .map(section)
+            .find(|(name, _, _)| data[names + name..].starts_with(b".BTF.ext\0"))
+            .expect("a .BTF.ext section");
+        let at = ext.1;
+        let hdr_len = u32_at(at + 4);
+        assert!(hdr_len >= 32, "no CO-RE fields in this .BTF.ext header");
+        // btf_ext_header: magic, version, flags, hdr_len, func_info off/len, line_info
+        // off/len, core_relo_off, core_relo_len.
+        assert_eq!(
+            u32_at(at + 28),
+            0,
+            "CO-RE relocations: give the loaders the kernel's BTF"
+        );
     }
 
     #[test]
