@@ -125,6 +125,13 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
 /// Runs the agent; `make_chain(lab, runtime_endpoint)` gives the resolvers it finds pods with
 /// (the command line's: lab registry, CRI, pid, netns).
 pub fn run(args: AgentArgs, make_chain: MakeChain) -> Result<ExitCode> {
+    // clsact filters a killed agent (or any podtrace) left together with its guard (a whole
+    // container killed): removed now, not at the next session.
+    match crate::probes::clsact::cleanup_stale() {
+        Ok(Some(line)) => eprintln!("podtrace agent: {line}"),
+        Ok(None) => {}
+        Err(e) => eprintln!("podtrace agent: cleaning up after a killed podtrace: {e:#}"),
+    }
     let listens: Vec<Listen> = if args.listen.is_empty() {
         vec![Listen::Unix(PathBuf::from(DEFAULT_SOCKET))]
     } else {
