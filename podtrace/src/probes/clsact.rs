@@ -1,8 +1,8 @@
 //! tc hop probes as filters on a clsact qdisc: on kernels without TCX (before 6.6), and on
-//! newer ones wherever no TCX program is on the hook, because a clsact filter is put in place
-//! at once while every TCX link waits for an RCU grace period under the RTNL lock (~15 ms
-//! each here, one after another: 20 of them were most of podtrace's start). Unlike TCX links
-//! they live on when their owner dies, so each owner has a guard process (below).
+//! newer ones with `PODTRACE_TC=clsact` (a clsact filter is put in place at once, while every
+//! TCX link waits for an RCU grace period under the RTNL lock, ~15 ms each here, one after
+//! another). Unlike TCX links they live on when their owner dies, so each owner has a guard
+//! process (below).
 //!
 //! The rules podtrace keeps there:
 //! - Its filters run before the ones already there: priority 1, the first the kernel runs. A

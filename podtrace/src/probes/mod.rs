@@ -3,10 +3,11 @@
 //! read what they counted and emitted.
 //!
 //! Attachment rules: tc programs go through TCX links (kernel ≥ 6.6) placed first in the
-//! chain, so a CNI's own programs keep running after ours; older kernels get a clsact filter
-//! that runs first too ([`clsact`] has the rules). Both are detached when [`Probes`] is
+//! chain, so a CNI's own programs keep running after ours; older kernels (or
+//! `PODTRACE_TC=clsact`) get a clsact filter that runs first too ([`clsact`] has the rules). Both are detached when [`Probes`] is
 //! dropped (TCX links die with their fd, even on SIGKILL; clsact filters are removed
-//! explicitly inside their namespace, and a later run removes those of a killed podtrace).
+//! explicitly inside their namespace, by the owner's guard process when it was killed, or by
+//! a later run when both were).
 //!
 //! Kernel floor: 5.8 (the BPF ring buffer), with BTF (`/sys/kernel/btf/vmlinux`,
 //! CONFIG_DEBUG_INFO_BTF: tp_btf programs and the structure offsets the tracing programs
