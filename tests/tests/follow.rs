@@ -7,9 +7,14 @@ use podtrace_tests::{json_lines, podtrace_bin, wait_until, Killed, Lab, Running}
 use serde_json::Value;
 
 fn follow(lab: &Lab, pod: &str, dst: &str, extra: &[&str]) -> Running {
+    follow_env(lab, pod, dst, extra, &[])
+}
+
+/// [`follow`] with environment variables for podtrace.
+fn follow_env(lab: &Lab, pod: &str, dst: &str, extra: &[&str], env: &[(&str, &str)]) -> Running {
     let mut args = vec!["follow", pod, "--dst", dst, "--json", "--lab", &lab.prefix];
     args.extend_from_slice(extra);
-    Running::start(&args)
+    Running::start_with_env(&args, env)
 }
 
 fn finish(run: Running) -> (Option<i32>, Vec<Value>, Value) {
@@ -322,16 +327,13 @@ fn tc_programs(lab: &Lab, ns: &str, ifname: &str) -> String {
 fn nothing_stays_attached_after_sigkill() {
     let lab = Lab::up("fkil", "flannel");
     // clsact filters: they outlive their owner, and its guard removes them.
-    let args = [
-        "follow",
+    let run = follow_env(
+        &lab,
         "pod-a1",
-        "--dst",
         "10.244.1.5",
-        "--json",
-        "--lab",
-        &lab.prefix,
-    ];
-    let run = Running::start_with_env(&args, &[("PODTRACE_TC", "clsact")]);
+        &[],
+        &[("PODTRACE_TC", "clsact")],
+    );
     assert!(
         tc_programs(&lab, "node-a", "cni0").contains("hop_ingress"),
         "attached while running"
@@ -398,17 +400,14 @@ fn tc_of(run: &mut Running) -> String {
 fn tcx_by_default_clsact_on_request_and_sigkill_leaves_nothing() {
     use podtrace::probes::{FilterSpec, HopTarget, Probes, TcMode};
     let lab = Lab::up("ftcx", "flannel");
-    let args = [
-        "follow",
-        "pod-a1",
-        "--dst",
-        "10.244.1.5",
-        "--json",
-        "--lab",
-        &lab.prefix,
-    ];
     // PODTRACE_TC=clsact asks for clsact filters.
-    let mut run = Running::start_with_env(&args, &[("PODTRACE_TC", "clsact")]);
+    let mut run = follow_env(
+        &lab,
+        "pod-a1",
+        "10.244.1.5",
+        &[],
+        &[("PODTRACE_TC", "clsact")],
+    );
     assert_eq!(tc_of(&mut run), "clsact");
     run.signal(nix::sys::signal::Signal::SIGTERM);
     let _ = finish(run);
