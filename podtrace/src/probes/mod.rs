@@ -99,7 +99,7 @@ pub fn tc_mode() -> TcMode {
 /// creates and then deletes a clsact qdisc on a node's bridge changed what the kernel
 /// reported there in one of the NAT tests (a packet waiting for ARP dropped as QUEUE_PURGE
 /// rather than NEIGH_FAILED), which is not understood yet.
-pub fn choose_tc_mode(_targets: &[HopTarget]) -> Result<TcMode> {
+pub fn choose_tc_mode() -> Result<TcMode> {
     match std::env::var("PODTRACE_TC").as_deref() {
         Ok("tcx") if !tcx_supported() => {
             bail!("PODTRACE_TC=tcx: this kernel has no TCX (6.6 or newer)")
@@ -833,7 +833,7 @@ impl Probes {
         let mode = match self.tc_mode {
             // One session, one mechanism.
             Some(m) => m,
-            None => choose_tc_mode(targets)?,
+            None => choose_tc_mode()?,
         };
         let namespaces: Vec<Option<PathBuf>> = targets.iter().map(|t| t.netns.clone()).collect();
         self.load_ns_programs(&namespaces)?;
