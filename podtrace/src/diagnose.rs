@@ -193,6 +193,19 @@ pub fn hint(reason: &str, ev: &Evidence) -> String {
                 "{what} for {ip} on {place}: its neighbour entry is {state} (`ip neigh show {ip}` on {owner}) — is the host at {ip} up, its interface, its pod?"
             )
         }
+        // On a hop (not in the destination's socket layer, see `after_delivery`): the packet
+        // waited in a queue the kernel threw away whole, most often its next hop's ARP queue,
+        // flushed when the interface lost its carrier or went down or its neighbours were
+        // flushed (a carrier change reaches the neighbour table up to a second late).
+        "QUEUE_PURGE" => {
+            let nh = match &ev.neighbour {
+                Some((ip, s)) => format!(" (next hop {ip}, neighbour {s})"),
+                None => String::new(),
+            };
+            format!(
+                "it waited on {place}, most likely for an ARP answer{nh}, and the kernel threw the queue away: the interface lost its carrier or went down (every port of a bridge down?), or its neighbour entries were flushed — check `ip link show` and `ip neigh` on {owner}"
+            )
+        }
         "NO_TX_TARGET" | "VXLAN_VNI_NOT_FOUND" | "VXLAN_INVALID_HDR" | "VXLAN_ENTRY_EXISTS" => {
             let nh = ev
                 .neighbour
@@ -306,6 +319,16 @@ mod tests {
         let h = hint("IP_RPFILTER", &ev);
         assert!(h.contains("net.ipv4.conf.flannel.1.rp_filter=1"), "{h}");
         assert!(h.contains("dev eth0"), "{h}");
+
+        let mut ev = Evidence::at("node-b/cni0");
+        ev.neighbour = Some((ip("10.244.1.5"), "INCOMPLETE".into()));
+        let h = hint("QUEUE_PURGE", &ev);
+        assert!(
+            h.contains("on node-b/cni0")
+                && h.contains("next hop 10.244.1.5")
+                && h.contains("carrier"),
+            "{h}"
+        );
 
         let h = hint("NO_TX_TARGET", &Evidence::at("node-a/flannel.1"));
         assert!(h.contains("bridge fdb show dev flannel.1"), "{h}");

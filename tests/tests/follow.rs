@@ -326,14 +326,8 @@ fn tc_programs(lab: &Lab, ns: &str, ifname: &str) -> String {
 #[test]
 fn nothing_stays_attached_after_sigkill() {
     let lab = Lab::up("fkil", "flannel");
-    // clsact filters: they outlive their owner, and its guard removes them.
-    let run = follow_env(
-        &lab,
-        "pod-a1",
-        "10.244.1.5",
-        &[],
-        &[("PODTRACE_TC", "clsact")],
-    );
+    // clsact filters (the default): they outlive their owner, and its guard removes them.
+    let run = follow(&lab, "pod-a1", "10.244.1.5", &[]);
     assert!(
         tc_programs(&lab, "node-a", "cni0").contains("hop_ingress"),
         "attached while running"
@@ -397,21 +391,21 @@ fn tc_of(run: &mut Running) -> String {
 }
 
 #[test]
-fn tcx_by_default_clsact_on_request_and_sigkill_leaves_nothing() {
+fn a_hook_with_tcx_programs_gets_tcx_links_and_sigkill_leaves_nothing() {
     use podtrace::probes::{FilterSpec, HopTarget, Probes, TcMode};
     let lab = Lab::up("ftcx", "flannel");
-    // PODTRACE_TC=clsact asks for clsact filters.
-    let mut run = follow_env(
-        &lab,
-        "pod-a1",
-        "10.244.1.5",
-        &[],
-        &[("PODTRACE_TC", "clsact")],
-    );
+    // By default: clsact filters.
+    let mut run = follow(&lab, "pod-a1", "10.244.1.5", &[]);
     assert_eq!(tc_of(&mut run), "clsact");
     run.signal(nix::sys::signal::Signal::SIGTERM);
     let _ = finish(run);
-    // Another TCX program already on cni0 (as Cilium's would be).
+    // PODTRACE_TC=tcx asks for TCX links.
+    let mut run = follow_env(&lab, "pod-a1", "10.244.1.5", &[], &[("PODTRACE_TC", "tcx")]);
+    assert_eq!(tc_of(&mut run), "tcx");
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    let _ = finish(run);
+    // Another TCX program already on cni0 (as Cilium's would be): podtrace goes first in
+    // that chain, with TCX links, for the whole session.
     let mut other = Probes::load().unwrap();
     other.set_tc_mode(TcMode::Tcx).unwrap();
     other
@@ -427,7 +421,6 @@ fn tcx_by_default_clsact_on_request_and_sigkill_leaves_nothing() {
             hop_id: 0,
         })
         .unwrap();
-    // By default on this kernel: TCX links, first in the chain.
     let mut run = follow(&lab, "pod-a1", "10.244.1.5", &[]);
     assert_eq!(tc_of(&mut run), "tcx");
     assert_eq!(

@@ -473,6 +473,19 @@ fn a_backend_that_refuses_and_backends_that_are_down() {
         let out = lab.exec(pod, &["ip", "link", "set", "eth0", "down"]);
         assert!(out.status.success(), "{out:?}");
     }
+    // node-b's bridge has no port left up. The kernel tells the neighbour table that its
+    // carrier is gone only when the link-watch work runs (up to a second later), and then
+    // throws away what waits there for ARP (QUEUE_PURGE): wait for that before following.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = lab.exec("node-b", &["ip", "-o", "link", "show", "dev", "cni0"]);
+        assert!(out.status.success(), "{out:?}");
+        if String::from_utf8_lossy(&out.stdout).contains(" state DOWN ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node-b/cni0 still up: {out:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for node in ["node-a", "node-b"] {
         let out = lab.exec(node, &["ip", "neigh", "flush", "dev", "cni0"]);
         assert!(out.status.success(), "{out:?}");

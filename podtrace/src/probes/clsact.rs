@@ -1,7 +1,7 @@
-//! tc hop probes as filters on a clsact qdisc: on kernels without TCX (before 6.6), and on
-//! newer ones with `PODTRACE_TC=clsact` (a clsact filter is put in place at once, while every
-//! TCX link waits for an RCU grace period under the RTNL lock, ~15 ms each here, one after
-//! another). Unlike TCX links they live on when their owner dies, so each owner has a guard
+//! tc hop probes as filters on a clsact qdisc: the default (see `choose_tc_mode`), and the
+//! only way before 6.6 (no TCX). A clsact filter is put in place at once, while every TCX
+//! link waits for an RCU grace period under the RTNL lock, ~15 ms each here, one after
+//! another. Unlike TCX links they live on when their owner dies, so each owner has a guard
 //! process (below).
 //!
 //! The rules podtrace keeps there:

@@ -79,36 +79,62 @@ pub fn tcx_supported() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
-/// The mechanism a session uses: `PODTRACE_TC` (`tcx` or `clsact`) when set, else TCX links
-/// where the kernel has them (see [`choose_tc_mode`]).
+/// The mechanism a session uses unless a hook says otherwise: `PODTRACE_TC=tcx` on a kernel
+/// with TCX, else clsact (see [`choose_tc_mode`]).
 pub fn tc_mode() -> TcMode {
     match std::env::var("PODTRACE_TC").as_deref() {
-        Ok("clsact") => TcMode::Clsact,
-        _ if tcx_supported() => TcMode::Tcx,
+        Ok("tcx") if tcx_supported() => TcMode::Tcx,
         _ => TcMode::Clsact,
     }
 }
 
-/// How a session's hop probes are attached: TCX links placed first (kernel ≥ 6.6), clsact
-/// filters before 6.6, or what `PODTRACE_TC` (`tcx` or `clsact`) asks for.
+/// How a session's hop probes are attached. clsact filters, unless
+/// - `PODTRACE_TC=tcx` asks for TCX links (kernel ≥ 6.6), or
+/// - a hook already runs TCX programs (Cilium ≥ 1.15 attaches there): the kernel runs TCX
+///   programs before any clsact filter, and one of them may redirect or drop the packet, so
+///   podtrace goes first in that chain too, with TCX links.
 ///
-/// clsact starts much faster (a filter is in place at once, while each TCX link waits for an
-/// RCU grace period under the RTNL lock, one after another: 20 links take ~300 ms on the
-/// bench machine), and its filters outlive a killed owner only until the guard process
-/// ([`clsact`]) removes them. It is not the default on TCX kernels because a session that
-/// creates and then deletes a clsact qdisc on a node's bridge changed what the kernel
-/// reported there in one of the NAT tests (a packet waiting for ARP dropped as QUEUE_PURGE
-/// rather than NEIGH_FAILED), which is not understood yet.
-pub fn choose_tc_mode() -> Result<TcMode> {
+/// clsact by default because it is quick: a clsact filter is in place at once, while each
+/// TCX link waits for an RCU grace period under the RTNL lock, one after another (20 links,
+/// ~15 ms each on the bench machine). The price, filters that outlive a killed owner, is paid
+/// by the guard process ([`clsact`]). Creating or deleting the clsact qdisc changes nothing
+/// else a packet sees (a NAT test once suggested otherwise: it raced the kernel's
+/// link-watch, see `a_backend_that_refuses_and_backends_that_are_down`).
+pub fn choose_tc_mode(targets: &[HopTarget]) -> Result<TcMode> {
     match std::env::var("PODTRACE_TC").as_deref() {
         Ok("tcx") if !tcx_supported() => {
             bail!("PODTRACE_TC=tcx: this kernel has no TCX (6.6 or newer)")
         }
-        Ok("tcx") => Ok(TcMode::Tcx),
-        Ok("clsact") => Ok(TcMode::Clsact),
+        Ok("tcx") => return Ok(TcMode::Tcx),
+        Ok("clsact") => return Ok(TcMode::Clsact),
         Ok(other) => bail!("PODTRACE_TC={other}: use tcx or clsact"),
-        Err(_) => Ok(tc_mode()),
+        Err(_) if !tcx_supported() => return Ok(TcMode::Clsact),
+        Err(_) => {}
     }
+    let mut namespaces: Vec<Option<&Path>> = Vec::new();
+    for t in targets {
+        if !namespaces.contains(&t.netns.as_deref()) {
+            namespaces.push(t.netns.as_deref());
+        }
+    }
+    for ns in namespaces {
+        let names: Vec<&str> = targets
+            .iter()
+            .filter(|t| t.netns.as_deref() == ns)
+            .map(|t| t.ifname.as_str())
+            .collect();
+        let busy = netns::run_in(ns, || {
+            Ok(names.iter().any(|n| {
+                [TcAttachType::Ingress, TcAttachType::Egress]
+                    .into_iter()
+                    .any(|t| SchedClassifier::query_tcx(n, t).is_ok_and(|(_, p)| !p.is_empty()))
+            }))
+        })?;
+        if busy {
+            return Ok(TcMode::Tcx);
+        }
+    }
+    Ok(TcMode::Clsact)
 }
 
 /// An interface to put hop probes on.
@@ -833,7 +859,7 @@ impl Probes {
         let mode = match self.tc_mode {
             // One session, one mechanism.
             Some(m) => m,
-            None => choose_tc_mode()?,
+            None => choose_tc_mode(targets)?,
         };
         let namespaces: Vec<Option<PathBuf>> = targets.iter().map(|t| t.netns.clone()).collect();
         self.load_ns_programs(&namespaces)?;
