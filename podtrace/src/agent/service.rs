@@ -333,8 +333,12 @@ impl pb::agent_server::Agent for AgentService {
 
 impl AgentService {
     fn forget(&self, id: &str) {
-        if let Ok(mut s) = self.sessions.lock() {
-            s.remove(id);
+        let last = match self.sessions.lock() {
+            Ok(mut s) => s.remove(id).is_some() && s.is_empty(),
+            Err(_) => false,
+        };
+        if last {
+            super::resident::settle();
         }
     }
 

@@ -46,6 +46,8 @@ pub struct Rest {
     pub programs_after: usize,
     /// VmHWM at the end (the sessions included), in kB.
     pub hwm_end_kb: u64,
+    /// VmRSS a second after the sessions ended, in kB.
+    pub rss_end_kb: u64,
 }
 
 /// A start through the agents, in milliseconds.
@@ -95,6 +97,7 @@ impl Agents {
                 "bpf_programs_held": r.programs,
                 "bpf_programs_held_after_sessions": r.programs_after,
                 "hwm_kb_after_sessions": r.hwm_end_kb,
+                "rss_kb_after_sessions": r.rss_end_kb,
             })).collect::<Vec<_>>(),
             "follow_through_agents": self.variants.iter().map(|v| {
                 let per_node = |f: &dyn Fn(&(String, f64, f64)) -> f64, node: &str| {
@@ -319,6 +322,7 @@ pub fn measure(ctx: &Ctx, runs: usize) -> Result<Agents> {
             programs: bpfstats::snapshot(*pid).len(),
             programs_after: 0,
             hwm_end_kb: 0,
+            rss_end_kb: 0,
         })
         .collect();
     for r in &rest {
@@ -393,6 +397,11 @@ pub fn measure(ctx: &Ctx, runs: usize) -> Result<Agents> {
             proc::sleep(Duration::from_millis(50))?;
         }
         r.hwm_end_kb = status_kb(*pid, "VmHWM:").unwrap_or(0);
+    }
+    // At rest again: a second after the sessions ended.
+    proc::sleep(Duration::from_secs(1))?;
+    for (r, (_, _, pid)) in rest.iter_mut().zip(&all) {
+        r.rss_end_kb = status_kb(*pid, "VmRSS:").unwrap_or(0);
     }
     for a in running {
         a.stop()?;

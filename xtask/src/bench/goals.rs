@@ -363,6 +363,7 @@ mod tests {
                 programs: 0,
                 programs_after: 0,
                 hwm_end_kb: 0,
+                rss_end_kb: 0,
             }],
             variants: vec![crate::bench::agents::Variant {
                 kind: crate::bench::agents::TLS,

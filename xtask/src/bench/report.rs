@@ -252,7 +252,7 @@ impl Results {
         let g = &self.agents;
         let _ = writeln!(
             s,
-            "\n## Node agents\n\nOn a lab of their own (`lab up --prefix {} --agents`), so that the other sections run without agents: the lab's agents (\"{}\": TCP with mutual TLS on each node's underlay address, reached from the `ext` host's namespace), and one `podtrace agent --node NODE --listen unix:PATH --lab PREFIX` per node started in the node's namespace (\"{}\"). At rest: VmRSS a second after they listened, before any session; eBPF programs: those the agent holds an fd of (a program's or a link's).\n\n| agent | listening on | RSS at rest | peak RSS at rest | eBPF programs at rest | after the sessions | peak RSS after the sessions |\n|---|---|---:|---:|---:|---:|---:|",
+            "\n## Node agents\n\nOn a lab of their own (`lab up --prefix {} --agents`), so that the other sections run without agents: the lab's agents (\"{}\": TCP with mutual TLS on each node's underlay address, reached from the `ext` host's namespace), and one `podtrace agent --node NODE --listen unix:PATH --lab PREFIX` per node started in the node's namespace (\"{}\"). At rest: VmRSS a second after they listened, before any session; eBPF programs: those the agent holds an fd of (a program's or a link's).\n\n| agent | listening on | RSS at rest | peak RSS at rest | eBPF programs at rest | after the sessions | peak RSS after the sessions | RSS a second after the sessions |\n|---|---|---:|---:|---:|---:|---:|---:|",
             g.prefix,
             super::agents::TLS,
             super::agents::UNIX
@@ -260,14 +260,15 @@ impl Results {
         for r in &g.rest {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.node,
                 r.kind,
                 mib(r.rss_kb),
                 mib(r.hwm_kb),
                 r.programs,
                 r.programs_after,
-                mib(r.hwm_end_kb)
+                mib(r.hwm_end_kb),
+                mib(r.rss_end_kb)
             );
         }
         let _ = writeln!(
