@@ -38,6 +38,7 @@ pub mod privilege;
 pub mod probes;
 pub mod random;
 pub mod remote;
+pub mod resident;
 pub mod services;
 pub mod signals;
 pub mod topology;

@@ -6,13 +6,11 @@
 //! - [`wire`]: the generated code, the API version, payloads.
 //! - [`boundary`]: which namespaces are this node's.
 //! - [`service`]: the service itself, its limits and sessions.
-//! - [`resident`]: keeping an agent at rest small.
 //!
 //! It only observes: it changes nothing but its own probes. It listens on a unix socket
 //! (0600, root) by default; TCP only with authentication (mutual TLS or a token file). A client
 //! that goes away ends its session, and SIGTERM detaches everything before the agent exits.
 pub mod boundary;
-pub mod resident;
 pub mod service;
 pub mod wire;
 
@@ -127,7 +125,7 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>> {
 /// Runs the agent; `make_chain(lab, runtime_endpoint)` gives the resolvers it finds pods with
 /// (the command line's: lab registry, CRI, pid, netns).
 pub fn run(args: AgentArgs, make_chain: MakeChain) -> Result<ExitCode> {
-    resident::one_heap();
+    crate::resident::one_heap();
     // clsact filters a killed agent (or any podtrace) left together with its guard (a whole
     // container killed): removed now, not at the next session.
     match crate::probes::clsact::cleanup_stale() {
@@ -297,7 +295,7 @@ async fn serve(
     // At rest from here: the servers' tasks have started; what start-up touched can go.
     tokio::spawn(async {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        resident::settle();
+        crate::resident::settle();
     });
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;

@@ -338,7 +338,7 @@ impl AgentService {
             Err(_) => false,
         };
         if last {
-            super::resident::settle();
+            crate::resident::settle();
         }
     }
 

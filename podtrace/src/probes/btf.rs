@@ -87,13 +87,40 @@ fn u32_at(data: &[u8], off: usize) -> Result<u32> {
     Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
+/// The running kernel's BTF blob.
+pub fn read_sys_fs() -> Result<Vec<u8>> {
+    let path = "/sys/kernel/btf/vmlinux";
+    std::fs::read(path)
+        .with_context(|| format!("reading {path} (podtrace needs a kernel with BTF)"))
+}
+
+/// How many types the type section holds (stops at the first malformed entry: the parse
+/// that follows says what is wrong).
+fn count_types(tdata: &[u8]) -> usize {
+    let mut n = 0;
+    let mut off = 0usize;
+    while off + 12 <= tdata.len() {
+        let Ok(info) = u32_at(tdata, off + 4) else {
+            break;
+        };
+        let vlen = (info & 0xffff) as usize;
+        off += 12
+            + match (info >> 24) & 0x1f {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                KIND_ARRAY => 12,
+                KIND_STRUCT | KIND_UNION | KIND_ENUM64 | KIND_DATASEC => 12 * vlen,
+                KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
+                _ => 0,
+            };
+        n += 1;
+    }
+    n
+}
+
 impl Btf {
     /// The running kernel's BTF.
     pub fn from_sys_fs() -> Result<Self> {
-        let path = "/sys/kernel/btf/vmlinux";
-        let data = std::fs::read(path)
-            .with_context(|| format!("reading {path} (podtrace needs a kernel with BTF)"))?;
-        Self::parse(&data)
+        Self::parse(&read_sys_fs()?)
     }
 
     /// Parses a little-endian BTF blob.
@@ -115,7 +142,8 @@ impl Btf {
             .get(types_start..types_start + type_len)
             .ok_or_else(|| anyhow!("BTF type section out of bounds"))?;
 
-        let mut types = vec![Type::Other];
+        let mut types = Vec::with_capacity(1 + count_types(tdata));
+        types.push(Type::Other);
         let mut off = 0usize;
         while off < tdata.len() {
             let name = u32_at(tdata, off)?;
@@ -468,6 +496,27 @@ mod tests {
         assert_eq!(btf.tracepoint_args("nope"), None);
         assert_eq!(btf.function_params("fn"), Some(3));
         assert_eq!(btf.function_params("outer"), None);
+    }
+
+    /// The type section of a blob (header fields as `parse` reads them).
+    fn type_section(data: &[u8]) -> &[u8] {
+        let hdr_len = u32_at(data, 4).unwrap() as usize;
+        let start = hdr_len + u32_at(data, 8).unwrap() as usize;
+        &data[start..start + u32_at(data, 12).unwrap() as usize]
+    }
+
+    #[test]
+    fn the_count_before_the_parse_is_the_parse_s() {
+        let blob = sample();
+        let btf = Btf::parse(&blob).unwrap();
+        assert_eq!(count_types(type_section(&blob)) + 1, btf.types.len());
+        if let Ok(vmlinux) = read_sys_fs() {
+            let btf = Btf::parse(&vmlinux).unwrap();
+            assert_eq!(count_types(type_section(&vmlinux)) + 1, btf.types.len());
+            assert_eq!(btf.types.capacity(), btf.types.len());
+        }
+        // A truncated section: counted up to where it ends.
+        assert!(count_types(&type_section(&blob)[..13]) <= 1);
     }
 
     #[test]

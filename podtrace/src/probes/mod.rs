@@ -47,10 +47,21 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// The event ring buffer when only packet headers travel (4 MiB).
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
-/// The event ring buffer for capture sessions, whose records carry packets (16 MiB: room for
-/// bursts of GSO-sized records; a larger one did not reduce loss under sustained load in
-/// `cargo xtask bench`, and costs its size in resident memory).
-pub const CAPTURE_RING_BYTES: u32 = 16 << 20;
+/// The event ring buffer for capture sessions whose records carry whole packets (8 MiB: 128
+/// records of a 64 KiB GSO packet, thousands of MTU-sized ones). Under sustained overload
+/// its size does not change the loss (the reader's pace does: 16 and 32 MiB lost as much in
+/// `cargo xtask bench`), and it costs twice its size in resident memory (the kernel maps its
+/// pages twice). Headers only (`-s` ≤ 2048) use [`DEFAULT_RING_BYTES`].
+pub const CAPTURE_RING_BYTES: u32 = 8 << 20;
+
+/// The event ring buffer for a session that captures `snaplen` bytes of each packet (`None`:
+/// no packet bytes).
+pub fn ring_bytes(snaplen: Option<u32>) -> u32 {
+    match snaplen {
+        Some(s) if s == 0 || s > 2048 => CAPTURE_RING_BYTES,
+        _ => DEFAULT_RING_BYTES,
+    }
+}
 
 /// The oldest kernel podtrace runs on: the BPF ring buffer came in 5.8.
 pub const MIN_KERNEL: (u32, u32) = (5, 8);
@@ -719,6 +730,11 @@ impl Probes {
         // The object needs no kernel BTF to load (it has no CO-RE relocations: the offsets
         // come from podtrace's own parse, in OFFSETS), so it loads while aya parses the BTF
         // the tp_btf probes need.
+        // Loading is when a session's memory peaks (the kernel's BTF, parsed twice): what
+        // start-up mapped of the binary goes first.
+        crate::resident::unmap_clean_file_pages();
+        // Read once: both parses work from the same bytes (5–6 MiB, not twice that).
+        let vmlinux = btf::read_sys_fs()?;
         let (loaded, abtf, own) = std::thread::scope(|s| {
             let loader = s.spawn(|| -> Result<Ebpf> {
                 cheap_loaders_on_this_thread();
@@ -728,9 +744,12 @@ impl Probes {
                     .load(EBPF_OBJECT)
                     .context("loading podtrace's eBPF object")
             });
-            let abtf = s.spawn(|| aya::Btf::from_sys_fs().context("reading the kernel's BTF"));
+            let abtf = s.spawn(|| {
+                aya::Btf::parse(&vmlinux, aya::Endianness::default())
+                    .context("parsing the kernel's BTF")
+            });
             let own = (|| -> Result<_> {
-                let kbtf = btf::Btf::from_sys_fs()?;
+                let kbtf = btf::Btf::parse(&vmlinux)?;
                 let offsets = kernel_offsets(&kbtf)?;
                 Ok((
                     offsets,
@@ -1077,20 +1096,17 @@ impl Probes {
     /// parsed BTF, tens of MiB) and hands the freed memory back to the system (the loader
     /// threads' allocator arenas keep it otherwise). Kernel-side probes cannot be loaded
     /// afterwards (hop probes still can).
-    pub fn settle(&mut self) {
+    pub fn settle(&mut self) -> Option<std::thread::JoinHandle<()>> {
         // Off the start's critical path (freeing the parsed BTF and trimming take
         // milliseconds).
         let btf = self.btf.take();
-        let _ = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("podtrace-trim".into())
             .spawn(move || {
                 drop(btf);
-                #[cfg(target_env = "gnu")]
-                // SAFETY: glibc's malloc_trim only releases free memory.
-                unsafe {
-                    libc::malloc_trim(0);
-                }
-            });
+                crate::resident::settle();
+            })
+            .ok()
     }
 
     /// The hops attached so far.
@@ -1238,11 +1254,15 @@ impl Probes {
 
     /// Takes the event ring buffer (once); read it with [`read_event`].
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self
-            .bpf
+        Ok(RingBuf::try_from(self.take_events_map()?)?)
+    }
+
+    /// Takes the event ring buffer's map (once) without mapping it into memory yet: make it a
+    /// `RingBuf` where it will be read. The kernel fills it from the moment the probes run.
+    pub fn take_events_map(&mut self) -> Result<aya::maps::Map> {
+        self.bpf
             .take_map("EVENTS")
-            .ok_or_else(|| anyhow!("the event ring buffer was taken already"))?;
-        Ok(RingBuf::try_from(map)?)
+            .ok_or_else(|| anyhow!("the event ring buffer was taken already"))
     }
 }
 
@@ -1366,6 +1386,16 @@ impl Drop for Probes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_packets_get_the_larger_ring() {
+        assert_eq!(ring_bytes(None), DEFAULT_RING_BYTES);
+        assert_eq!(ring_bytes(Some(128)), DEFAULT_RING_BYTES);
+        assert_eq!(ring_bytes(Some(2048)), DEFAULT_RING_BYTES);
+        assert_eq!(ring_bytes(Some(2049)), CAPTURE_RING_BYTES);
+        assert_eq!(ring_bytes(Some(MAX_SNAPLEN)), CAPTURE_RING_BYTES);
+        assert_eq!(ring_bytes(Some(0)), CAPTURE_RING_BYTES);
+    }
 
     #[test]
     fn the_kernel_floor_is_said_in_one_line() {

@@ -105,10 +105,7 @@ impl Engine {
     pub fn start(plan: &Plan, opts: &TraceOptions) -> Result<(Engine, Events)> {
         plan.validate()?;
         let t0 = Instant::now();
-        let ring_bytes = match opts.snaplen {
-            Some(_) => crate::probes::CAPTURE_RING_BYTES,
-            None => crate::probes::DEFAULT_RING_BYTES,
-        };
+        let ring_bytes = crate::probes::ring_bytes(opts.snaplen);
         let mut probes = Probes::load_with_ring(ring_bytes)?;
         let load_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
@@ -162,14 +159,14 @@ impl Engine {
         })?;
         crate::signals::check()?;
         let hooks = probes.attach_kernel_hooks(opts.mechanism, &opts.evidence)?;
-        probes.settle();
+        let settled = probes.settle();
         let tc_mode = probes.tc_mode();
         let decoder = decode::Decoder::new(
             &cookies,
             plan.hops.iter().map(|h| h.id),
             probes.drop_reasons().all().map(|(v, n)| (v, n.to_owned())),
         );
-        let ring = probes.take_events()?;
+        let ring = probes.take_events_map()?;
         let nat_flows = probes.nat_flows()?;
         let counters = probes.counter_reader()?;
         let attach_ms = t1.elapsed().as_secs_f64() * 1e3;
@@ -179,7 +176,15 @@ impl Engine {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("podtrace-events".into())
-                .spawn(move || read_loop(ring, counters, decoder, tx, stop))
+                .spawn(move || {
+                    // The ring counts twice its size once mapped: map it after the start's
+                    // memory is handed back (see `resident`), off the start's path.
+                    if let Some(h) = settled {
+                        let _ = h.join();
+                    }
+                    let ring = RingBuf::try_from(ring).context("mapping the event ring")?;
+                    read_loop(ring, counters, decoder, tx, stop)
+                })
                 .context("starting the event reader")?
         };
         Ok((

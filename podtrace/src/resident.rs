@@ -1,18 +1,22 @@
-//! What an agent at rest keeps resident. Nearly all of it is file pages: the kernel maps a
+//! What a long-running podtrace keeps resident. Much of it is file pages: the kernel maps a
 //! file's pages around each one a process touches (`fault_around_bytes`, 64 KiB), so the
-//! scattered code an agent runs once (arguments, TLS set-up, the runtime; a session's
-//! resolving, loading and attaching) leaves ~10 MiB of the 30 MiB binary mapped, which it
-//! does not use while it waits. A session also grows the heap.
+//! scattered code run once (arguments, TLS set-up, the runtime; resolving, loading and
+//! attaching) leaves ~10 MiB of the 30 MiB binary mapped, which a session that waits for
+//! packets does not use. The heap grows while the kernel's BTF is parsed.
+//!
+//! [`settle`] unmaps the clean file pages (they stay in the page cache, shared with every
+//! other podtrace process, and come back on the next touch as minor faults) and gives the
+//! heap's free memory back. A session unmaps the file pages before it loads its probes (the
+//! code that resolved the path is done; loading is when memory peaks, with the parsed BTF),
+//! and settles once everything is attached, before it maps its event ring buffer (which
+//! counts twice its size: the kernel maps its pages twice, so that a record that wraps
+//! around reads as one). An agent settles when it starts listening and whenever its last
+//! session ends.
 //!
 //! glibc gives each thread that allocates an arena of its own, and a session's threads (the
-//! loaders, the blocking pool) leave their arenas fragmented: ~3 MiB more per session that no
-//! trim returns, measured over 12 sessions. [`one_heap`] keeps the agent on one arena (its
-//! threads rarely allocate at the same time); with it, an agent is back to ~7 MiB after
-//! every session.
-//!
-//! [`settle`], when the agent starts listening and whenever its last session ends, unmaps the
-//! clean file pages (they stay in the page cache, shared with every other podtrace process,
-//! and come back on the next touch as minor faults) and gives the heap's free memory back.
+//! loaders, the blocking pool) leave their arenas fragmented: an agent kept ~3 MiB more per
+//! session that no trim returned (43 MiB after 12 sessions). [`one_heap`] keeps the agent on
+//! one arena (its threads rarely allocate at the same time): ~7 MiB after any number.
 use std::fs;
 
 /// The mappings that hold only a file's bytes: private, not writable, no page of their own
@@ -49,18 +53,28 @@ fn clean_file_mappings(smaps: &str) -> Vec<(usize, usize)> {
     out
 }
 
-/// One malloc arena for the whole agent (see the module); call before any thread starts.
+/// One malloc arena for the whole process (see the module); call before any thread starts.
 pub fn one_heap() {
     #[cfg(target_env = "gnu")]
-    // SAFETY: plain C library call, before the agent's threads exist.
+    // SAFETY: plain C library call, before the process's threads exist.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
-/// Lets go of what the agent does not use at rest (see the module). Best effort: a kernel or
-/// a C library that refuses changes nothing but the agent's resident size.
+/// Lets go of the clean file pages and the heap's free memory (see the module). Best
+/// effort: a kernel or a C library that refuses changes nothing but the resident size.
 pub fn settle() {
+    unmap_clean_file_pages();
+    #[cfg(target_env = "gnu")]
+    // SAFETY: plain C library call.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Unmaps the clean file pages (see the module); ~0.2 ms. Best effort.
+pub fn unmap_clean_file_pages() {
     if let Ok(smaps) = fs::read_to_string("/proc/self/smaps") {
         for (start, end) in clean_file_mappings(&smaps) {
             // SAFETY: whole private mappings of files that are not writable and hold no page
@@ -70,11 +84,6 @@ pub fn settle() {
                 libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
             }
         }
-    }
-    #[cfg(target_env = "gnu")]
-    // SAFETY: plain C library call.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 
