@@ -7,8 +7,9 @@
 //!    the cross-node `follow` through them, start → live ([`agents`]).
 //! 3. Data-path overhead: iperf3 TCP pod-a1 → pod-b1 with nothing, two idle `follow`s,
 //!    `podtrace capture` on every hop (whole packets and `-s 128`), and one tcpdump per hop,
-//!    in interleaved rounds; ratios per round against that round's baseline; the kernel's
-//!    own cost of each podtrace program ([`overhead`], [`bpfstats`]).
+//!    in interleaved rounds; ratios per round against that round's baseline; then the
+//!    kernel's own cost of each podtrace program, from more runs with its statistics on
+//!    (they slow every program run) ([`overhead`], [`bpfstats`]).
 //! 4. Lossless capture rate: a stepped UDP rate sweep for podtrace and tcpdump ([`sweep`]).
 //! 5. Peak RSS of the capturing processes (from all of the above), and the goals met or not
 //!    ([`goals`]).
@@ -287,7 +288,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let attach = attach::measure(&ctx, attach_runs)?;
     let agents = agents::measure(&ctx, agent_runs)?;
-    let overhead = overhead::measure(&ctx, tcp_runs, tcp_seconds)?;
+    // The programs' own cost: two more runs of each podtrace configuration (one in --quick).
+    let stats_runs = if q { 1 } else { 2 };
+    let overhead = overhead::measure(&ctx, tcp_runs, stats_runs, tcp_seconds)?;
     let sweep = sweep::measure(&ctx, step_seconds)?;
     let hops = ctx.hops.clone();
     let loadavg_end = machine::loadavg();

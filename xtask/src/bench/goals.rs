@@ -294,6 +294,7 @@ mod tests {
         let o = overhead::Results {
             seconds: 10,
             stats_via: None,
+            stats_runs: Vec::new(),
             runs: vec![
                 (
                     Config::Baseline,

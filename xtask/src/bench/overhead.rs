@@ -144,7 +144,12 @@ pub struct Results {
     pub seconds: u32,
     /// How the kernel's run-time statistics were turned on.
     pub stats_via: Option<&'static str>,
+    /// The interleaved rounds, the kernel's statistics off.
     pub runs: Vec<(Config, Vec<Run>)>,
+    /// The podtrace configurations again, the kernel's statistics on: where the programs' own
+    /// cost comes from (the statistics slow every program run, so the throughput figures
+    /// come from `runs`).
+    pub stats_runs: Vec<(Config, Vec<Run>)>,
 }
 
 impl Results {
@@ -154,6 +159,20 @@ impl Results {
             .find(|(k, _)| *k == c)
             .map(|(_, r)| r.as_slice())
             .unwrap_or_default()
+    }
+
+    /// The runs with the kernel's statistics on.
+    pub fn stats_runs(&self, c: Config) -> &[Run] {
+        self.stats_runs
+            .iter()
+            .find(|(k, _)| *k == c)
+            .map(|(_, r)| r.as_slice())
+            .unwrap_or_default()
+    }
+
+    /// A figure of the runs with the kernel's statistics on: min/median/max.
+    fn bpf_stat(&self, c: Config, f: impl Fn(&Run) -> Option<f64>) -> Option<Stat> {
+        Stat::of(&self.stats_runs(c).iter().filter_map(f).collect::<Vec<_>>())
     }
 
     pub fn gbps(&self, c: Config) -> Option<Stat> {
@@ -217,19 +236,19 @@ impl Results {
 
     /// ns per run of a hook's programs, over the runs.
     pub fn bpf_ns(&self, c: Config, group: &str) -> Option<Stat> {
-        self.stat(c, |r| r.bpf.as_ref()?.get(group)?.ns_per_run())
+        self.bpf_stat(c, |r| r.bpf.as_ref()?.get(group)?.ns_per_run())
     }
 
     /// CPU time of a hook's programs (all copies) per second of traffic, in ms, over the runs.
     pub fn bpf_cpu_ms_per_s(&self, c: Config, group: &str) -> Option<Stat> {
-        self.stat(c, |r| {
+        self.bpf_stat(c, |r| {
             Some(r.bpf.as_ref()?.get(group)?.run_time_ns as f64 / 1e6 / r.window_s.max(1e-9))
         })
     }
 
     /// CPU time of all its programs per second of traffic, in ms, over the runs.
     pub fn bpf_total_cpu_ms_per_s(&self, c: Config) -> Option<Stat> {
-        self.stat(c, |r| {
+        self.bpf_stat(c, |r| {
             let b = r.bpf.as_ref()?;
             Some(b.values().map(|x| x.run_time_ns as f64).sum::<f64>() / 1e6 / r.window_s.max(1e-9))
         })
@@ -237,7 +256,7 @@ impl Results {
 
     /// Runs per second of a hook's programs, over the runs.
     pub fn bpf_rate(&self, c: Config, group: &str) -> Option<Stat> {
-        self.stat(c, |r| {
+        self.bpf_stat(c, |r| {
             Some(r.bpf.as_ref()?.get(group)?.run_cnt as f64 / r.window_s.max(1e-9))
         })
     }
@@ -290,7 +309,8 @@ impl Results {
                 }
                 v["tool_cpu_s_total"] = json!(st(self.stat(*c, Run::total_cpu_s), 3));
                 v["tool_cpu_s_per_10s_of_traffic"] = json!(st(self.stat(*c, Run::cpu_per_10s), 3));
-                let bpf_runs: Vec<_> = runs
+                let bpf_runs: Vec<_> = self
+                    .stats_runs(*c)
                     .iter()
                     .filter_map(|r| Some((r.bpf.as_ref()?, r.window_s)))
                     .collect();
@@ -306,6 +326,16 @@ impl Results {
             "from": POD, "to": PEER, "dst": DST_IP,
             "seconds": self.seconds,
             "rounds": self.runs(Config::Baseline).len(),
+            "stats_rounds": self.stats_runs.iter().map(|(_, r)| r.len()).max().unwrap_or(0),
+            "stats_runs": self.stats_runs.iter().map(|(c, runs)| (c.key().to_string(), runs.iter().map(|r| json!({
+                "gbps": (r.gbps * 1000.0).round() / 1000.0,
+                "window_s": round3(r.window_s),
+                "bpf": r.bpf.as_ref().map(|b| b.iter().map(|(g, c)| (g.to_string(), json!({
+                    "programs": c.names, "copies": c.copies,
+                    "run_time_ns": c.run_time_ns, "run_cnt": c.run_cnt,
+                    "ns_per_run": c.ns_per_run().map(|x| (x * 10.0).round() / 10.0),
+                }))).collect::<serde_json::Map<_, _>>()),
+            })).collect::<Vec<_>>().into())).collect::<serde_json::Map<_, _>>(),
             "bpf_stats_via": self.stats_via,
             "ratios": "each run over the baseline run of its own round, then min/median/max",
             "configs": configs,
@@ -450,7 +480,7 @@ fn iperf(ctx: &Ctx, seconds: u32) -> Result<(f64, u64)> {
     bail!("{}", last_err.unwrap_or_default())
 }
 
-pub fn measure(ctx: &Ctx, rounds: usize, seconds: u32) -> Result<Results> {
+pub fn measure(ctx: &Ctx, rounds: usize, stats_rounds: usize, seconds: u32) -> Result<Results> {
     eprintln!("bench: data-path overhead, iperf3 TCP {POD} → {PEER}, {rounds} × {seconds} s per configuration");
     let mut server = ctx.lab.spawn_in(
         "iperf3 server",
@@ -473,90 +503,15 @@ pub fn measure(ctx: &Ctx, rounds: usize, seconds: u32) -> Result<Results> {
         seconds,
         stats_via: None,
         runs: Config::ALL.iter().map(|c| (*c, Vec::new())).collect(),
+        stats_runs: Vec::new(),
     };
     for round in 1..=rounds {
         for c in Config::ALL {
-            ctx.scratch.clear()?;
-            let attached = attach(ctx, c).with_context(|| format!("starting {}", c.key()))?;
-            // Let the tools settle after their start.
-            proc::sleep(Duration::from_millis(300))?;
-            let pids = attached.pids();
-            let cpu = |pids: &[i32]| pids.iter().filter_map(|p| proc::cpu_s(*p)).sum::<f64>();
-            // The kernel's per-program counters, on only while a podtrace configuration runs.
-            let stats = if c.is_podtrace() {
-                Some(bpfstats::StatsGuard::enable()?)
-            } else {
-                None
-            };
-            if let Some(g) = &stats {
-                results.stats_via = Some(g.how());
-            }
-            let bpf_before = stats
-                .as_ref()
-                .and(pids.first())
-                .map(|p| bpfstats::snapshot(*p));
-            let cpu_before = cpu(&pids);
-            let t0 = Instant::now();
-            let (gbps, retransmits) = iperf(ctx, seconds)?;
-            let window_s = t0.elapsed().as_secs_f64();
-            let cpu_after = cpu(&pids);
-            let bpf = bpf_before
-                .zip(pids.first())
-                .map(|(b, p)| bpfstats::diff(&b, &bpfstats::snapshot(*p)));
-            drop(stats);
-            let mut run = Run {
-                gbps,
-                retransmits,
-                steady_cpu_s: (!pids.is_empty()).then_some(cpu_after - cpu_before),
-                window_s,
-                bpf,
-                ..Run::default()
-            };
-            detach(attached, &mut run).with_context(|| format!("stopping {}", c.key()))?;
-            let extra = match (&run.capture, &run.follow) {
-                (Some(r), _) => format!(
-                    ", captured {} lost {}, rss {} MiB, cpu {:.1} s",
-                    r.captured,
-                    r.lost,
-                    r.rss_kb / 1024,
-                    r.cpu_s
-                ),
-                (_, Some(f)) => format!(
-                    ", {} hops probed, {} packets, {} lost, rss {} MiB",
-                    f.hops.len(),
-                    f.packets,
-                    f.lost,
-                    f.rss_kb / 1024
-                ),
-                _ => String::new(),
-            };
             let base = results
                 .runs(Config::Baseline)
                 .get(round - 1)
                 .map(|b| b.gbps);
-            eprintln!(
-                "bench:   round {round} {:<26} {:6.2} Gbit/s ({:.3}× this round's baseline){extra}{}{}",
-                c.key(),
-                gbps,
-                base.map_or(1.0, |b| run.gbps / b),
-                run.cpu_per_10s()
-                    .map(|x| format!(", {x:.2} s CPU per 10 s of traffic"))
-                    .unwrap_or_default(),
-                run.bpf
-                    .as_ref()
-                    .map(|b| b
-                        .iter()
-                        .map(|(g, c)| format!(
-                            " {g} {}",
-                            c.ns_per_run()
-                                .map(|x| format!("{x:.0} ns×{}", c.run_cnt))
-                                .unwrap_or_else(|| "0 runs".into())
-                        ))
-                        .collect::<Vec<_>>()
-                        .join(","))
-                    .map(|s| format!(";{s}"))
-                    .unwrap_or_default()
-            );
+            let (run, _) = one_run(ctx, c, seconds, false, &format!("round {round}"), base)?;
             results
                 .runs
                 .iter_mut()
@@ -566,7 +521,107 @@ pub fn measure(ctx: &Ctx, rounds: usize, seconds: u32) -> Result<Results> {
                 .push(run);
         }
     }
+    // The programs' own cost, from runs of their own: the statistics slow every program run.
+    for round in 1..=stats_rounds {
+        for c in Config::ALL.into_iter().filter(|c| c.is_podtrace()) {
+            let (run, via) = one_run(ctx, c, seconds, true, &format!("stats {round}"), None)?;
+            results.stats_via = via;
+            match results.stats_runs.iter_mut().find(|(k, _)| *k == c) {
+                Some((_, runs)) => runs.push(run),
+                None => results.stats_runs.push((c, vec![run])),
+            }
+        }
+    }
     ctx.scratch.clear()?;
     drop(server);
     Ok(results)
+}
+
+/// One configuration's iperf3 run: attach the tool, run the traffic (with the kernel's
+/// per-program statistics on when `stats`), detach, and say how it went (`label`: the round;
+/// `base`: that round's baseline, for the ratio shown), and how the statistics were turned on.
+fn one_run(
+    ctx: &Ctx,
+    c: Config,
+    seconds: u32,
+    stats: bool,
+    label: &str,
+    base: Option<f64>,
+) -> Result<(Run, Option<&'static str>)> {
+    ctx.scratch.clear()?;
+    let attached = attach(ctx, c).with_context(|| format!("starting {}", c.key()))?;
+    // Let the tools settle after their start.
+    proc::sleep(Duration::from_millis(300))?;
+    let pids = attached.pids();
+    let cpu = |pids: &[i32]| pids.iter().filter_map(|p| proc::cpu_s(*p)).sum::<f64>();
+    let guard = if stats {
+        Some(bpfstats::StatsGuard::enable()?)
+    } else {
+        None
+    };
+    let via = guard.as_ref().map(|g| g.how());
+    let bpf_before = guard
+        .as_ref()
+        .and(pids.first())
+        .map(|p| bpfstats::snapshot(*p));
+    let cpu_before = cpu(&pids);
+    let t0 = Instant::now();
+    let (gbps, retransmits) = iperf(ctx, seconds)?;
+    let window_s = t0.elapsed().as_secs_f64();
+    let cpu_after = cpu(&pids);
+    let bpf = bpf_before
+        .zip(pids.first())
+        .map(|(b, p)| bpfstats::diff(&b, &bpfstats::snapshot(*p)));
+    drop(guard);
+    let mut run = Run {
+        gbps,
+        retransmits,
+        steady_cpu_s: (!pids.is_empty()).then_some(cpu_after - cpu_before),
+        window_s,
+        bpf,
+        ..Run::default()
+    };
+    detach(attached, &mut run).with_context(|| format!("stopping {}", c.key()))?;
+    let extra = match (&run.capture, &run.follow) {
+        (Some(r), _) => format!(
+            ", captured {} lost {}, rss {} MiB, cpu {:.1} s",
+            r.captured,
+            r.lost,
+            r.rss_kb / 1024,
+            r.cpu_s
+        ),
+        (_, Some(f)) => format!(
+            ", {} hops probed, {} packets, {} lost, rss {} MiB",
+            f.hops.len(),
+            f.packets,
+            f.lost,
+            f.rss_kb / 1024
+        ),
+        _ => String::new(),
+    };
+    eprintln!(
+        "bench:   {label} {:<26} {:6.2} Gbit/s{}{extra}{}{}",
+        c.key(),
+        gbps,
+        base.map(|b| format!(" ({:.3}× this round's baseline)", run.gbps / b))
+            .unwrap_or_default(),
+        run.cpu_per_10s()
+            .map(|x| format!(", {x:.2} s CPU per 10 s of traffic"))
+            .unwrap_or_default(),
+        run.bpf
+            .as_ref()
+            .map(|b| b
+                .iter()
+                .map(|(g, c)| format!(
+                    " {g} {}",
+                    c.ns_per_run()
+                        .map(|x| format!("{x:.0} ns×{}", c.run_cnt))
+                        .unwrap_or_else(|| "0 runs".into())
+                ))
+                .collect::<Vec<_>>()
+                .join(","))
+            .map(|s| format!(";{s}"))
+            .unwrap_or_default()
+    );
+    Ok((run, via))
 }

@@ -293,10 +293,11 @@ impl Results {
         let o = &self.overhead;
         let _ = writeln!(
             s,
-            "\n## Data-path overhead\n\niperf3 TCP {POD} → {PEER}, {} s per run, {} rounds; each round runs every configuration once, in this order (interleaved, so drift hits all alike). Figures: min / **median** / max over the runs; × baseline: each run over its own round's baseline, then min / median / max. Captured/lost: all hops together (podtrace: \"packets written\" / \"lost before reaching the writer\"; tcpdump: \"packets captured\" / \"dropped by kernel\", summed over its {} processes). Tool CPU during traffic: user + system seconds of the tool's processes while iperf3 ran (/proc/PID/stat, 10 ms ticks), per 10 s; total: over the tool's whole life, start and stop included (`wait4`). Capture files on tmpfs. The kernel's per-program statistics are on during the podtrace configurations only (they add two clock reads to each program run; turned on with {}).\n",
+            "\n## Data-path overhead\n\niperf3 TCP {POD} → {PEER}, {} s per run, {} rounds; each round runs every configuration once, in this order (interleaved, so drift hits all alike). Figures: min / **median** / max over the runs; × baseline: each run over its own round's baseline, then min / median / max. Captured/lost: all hops together (podtrace: \"packets written\" / \"lost before reaching the writer\"; tcpdump: \"packets captured\" / \"dropped by kernel\", summed over its {} processes). Tool CPU during traffic: user + system seconds of the tool's processes while iperf3 ran (/proc/PID/stat, 10 ms ticks), per 10 s; total: over the tool's whole life, start and stop included (`wait4`). Capture files on tmpfs. The kernel's per-program statistics are off in these runs (they add two clock reads to each program run); the programs' own cost below comes from {} more runs of each podtrace configuration with them on (turned on with {}).\n",
             o.seconds,
             o.runs(Config::Baseline).len(),
             self.hops.len(),
+            o.stats_runs.iter().map(|(_, r)| r.len()).max().unwrap_or(0),
             o.stats_via.unwrap_or("–")
         );
         let _ = writeln!(
@@ -383,7 +384,7 @@ impl Results {
         // The programs' own cost.
         let _ = writeln!(
             s,
-            "\n## eBPF programs' own cost\n\nFrom the kernel's run-time statistics: for the programs the podtrace process holds (all their copies together), the growth of `run_time_ns` / `run_cnt` over the iperf3 run → ns per run (min / **median** / max over the runs), runs per second (median), and the CPU time the programs took per second of traffic (median; 1000 ms/s = one core; the **all** row: min / median / max). Hooks: hop = the tc programs on the hops; drop = kfree_skb; FIB = fib_table_lookup; xmit = the device transmit hook (tracepoint or kprobe).\n"
+            "\n## eBPF programs' own cost\n\nFrom the kernel's run-time statistics: for the programs the podtrace process holds (all their copies together), the growth of `run_time_ns` / `run_cnt` over the iperf3 run → ns per run (min / **median** / max over the runs with the statistics on), runs per second (median), and the CPU time the programs took per second of traffic (median; 1000 ms/s = one core; the **all** row: min / median / max). Hooks: hop = the tc programs on the hops; drop = kfree_skb; FIB = fib_table_lookup; xmit = the device transmit hook (tracepoint or kprobe).\n"
         );
         let _ = writeln!(
             s,
@@ -393,7 +394,7 @@ impl Results {
             for grp in bpfstats::GROUPS {
                 let Some(ns) = o.bpf_ns(c, grp) else {
                     let seen = o
-                        .runs(c)
+                        .stats_runs(c)
                         .iter()
                         .any(|r| r.bpf.as_ref().is_some_and(|b| b.contains_key(grp)));
                     if seen {
@@ -402,7 +403,7 @@ impl Results {
                     continue;
                 };
                 let (names, copies) = o
-                    .runs(c)
+                    .stats_runs(c)
                     .iter()
                     .filter_map(|r| r.bpf.as_ref()?.get(grp))
                     .map(|x| (x.names.join(", "), x.copies))
