@@ -6,11 +6,10 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use byteorder::{ByteOrder, NativeEndian};
-use pcap_file::pcap::{PcapHeader, PcapPacket};
-use pcap_file::pcapng::blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption};
+use pcap_file::pcap::PcapHeader;
 use pcap_file::pcapng::blocks::interface_description::{
     InterfaceDescriptionBlock, InterfaceDescriptionOption,
 };
@@ -90,6 +89,103 @@ impl Direction {
         }
     }
 }
+
+/// A packet record's bytes before and after the packet's: a pcapng Enhanced Packet Block
+/// (interface, nanosecond timestamp, lengths; padding; the direction in `epb_flags`; the
+/// block's length again) or a classic pcap record header (nanosecond timestamps), as
+/// pcap-file writes them (a unit test holds them to its bytes).
+struct RecordFrame {
+    head: [u8; 28],
+    head_len: usize,
+    tail: [u8; 20],
+    tail_len: usize,
+    packet_len: usize,
+}
+
+impl RecordFrame {
+    /// `None`: a classic pcap timestamp past 2106.
+    fn new(
+        format: CaptureFormat,
+        hop: usize,
+        direction: Direction,
+        ts_ns: u64,
+        orig_len: u32,
+        captured: usize,
+    ) -> Option<Self> {
+        let mut f = RecordFrame {
+            head: [0; 28],
+            head_len: 0,
+            tail: [0; 20],
+            tail_len: 0,
+            packet_len: captured,
+        };
+        match format {
+            CaptureFormat::PcapNg => {
+                let pad = (4 - captured % 4) % 4;
+                let flags = direction.epb_flags();
+                let opts = if flags.is_some() { 12 } else { 0 };
+                let block_len = (12 + 20 + captured + pad + opts) as u32;
+                for (i, v) in [
+                    ENHANCED_PACKET_BLOCK,
+                    block_len,
+                    hop as u32,
+                    (ts_ns >> 32) as u32,
+                    ts_ns as u32,
+                    captured as u32,
+                    orig_len,
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    NativeEndian::write_u32(&mut f.head[i * 4..], v);
+                }
+                f.head_len = 28;
+                f.tail_len = pad;
+                if let Some(flags) = flags {
+                    // epb_flags (code 2, 4 bytes), then opt_endofopt.
+                    NativeEndian::write_u16(&mut f.tail[pad..], 2);
+                    NativeEndian::write_u16(&mut f.tail[pad + 2..], 4);
+                    NativeEndian::write_u32(&mut f.tail[pad + 4..], flags);
+                    f.tail_len += 12;
+                }
+                NativeEndian::write_u32(&mut f.tail[f.tail_len..], block_len);
+                f.tail_len += 4;
+            }
+            CaptureFormat::Pcap => {
+                let secs = u32::try_from(ts_ns / 1_000_000_000).ok()?;
+                for (i, v) in [
+                    secs,
+                    (ts_ns % 1_000_000_000) as u32,
+                    captured as u32,
+                    orig_len,
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    NativeEndian::write_u32(&mut f.head[i * 4..], v);
+                }
+                f.head_len = 16;
+            }
+        }
+        Some(f)
+    }
+
+    fn head(&self) -> &[u8] {
+        &self.head[..self.head_len]
+    }
+
+    fn tail(&self) -> &[u8] {
+        &self.tail[..self.tail_len]
+    }
+
+    /// The whole record's length.
+    fn len(&self) -> usize {
+        self.head_len + self.packet_len + self.tail_len
+    }
+}
+
+/// The pcapng block type of an Enhanced Packet Block.
+const ENHANCED_PACKET_BLOCK: u32 = 6;
 
 /// One hop of the capture: an interface in a network namespace. Becomes one pcapng
 /// Interface Description Block.
@@ -249,7 +345,14 @@ impl OpenFile {
     }
 
     fn push(&mut self, bytes: &[u8], packet_of: Option<usize>) {
-        self.buf.extend_from_slice(bytes);
+        self.push_parts(&[bytes], packet_of);
+    }
+
+    /// Appends one record made of `parts`.
+    fn push_parts(&mut self, parts: &[&[u8]], packet_of: Option<usize>) {
+        for part in parts {
+            self.buf.extend_from_slice(part);
+        }
         self.records.push(Record {
             end: self.buf.len(),
             packet_of,
@@ -551,50 +654,25 @@ impl CaptureWriter {
         let data_len = u32::try_from(data.len()).unwrap_or(u32::MAX);
         let orig_len = orig_len.max(data_len);
         let frame = &data[..captured];
-        self.scratch.clear();
-        let encoded = match self.format {
-            CaptureFormat::PcapNg => {
-                let epb = EnhancedPacketBlock {
-                    interface_id: hop as u32,
-                    timestamp: Duration::from_nanos(ts_ns),
-                    original_len: orig_len,
-                    data: Cow::Borrowed(frame),
-                    options: direction
-                        .epb_flags()
-                        .map(EnhancedPacketOption::Flags)
-                        .into_iter()
-                        .collect(),
-                };
-                Block::EnhancedPacket(epb)
-                    .write_to::<NativeEndian, _>(&mut self.scratch)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            }
-            CaptureFormat::Pcap => PcapPacket::new(Duration::from_nanos(ts_ns), orig_len, frame)
-                .write_to::<_, NativeEndian>(
-                    &mut self.scratch,
-                    TsResolution::NanoSecond,
-                    self.snaplen,
-                )
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-        };
-        if let Err(detail) = encoded {
+        // The record's bytes around the packet's; the packet goes into the file's buffer
+        // straight from `data` (one copy, not two).
+        let Some(record) = RecordFrame::new(self.format, hop, direction, ts_ns, orig_len, captured)
+        else {
             return Err(CaptureError::Encode {
                 path: self
                     .current
                     .as_ref()
                     .map(|c| c.path.clone())
                     .unwrap_or_default(),
-                detail,
+                detail: "the timestamp does not fit the classic pcap format (after 2106)".into(),
             });
-        }
+        };
         self.rotate_if_due(ts_ns)?;
-        if self.exceeds_limit(self.scratch.len() as u64) {
+        if self.exceeds_limit(record.len() as u64) {
             self.rotate(ts_ns, false)?;
         }
         let cur = self.current.as_mut().expect("checked by check_usable");
-        cur.push(&self.scratch, Some(hop));
+        cur.push_parts(&[record.head(), frame, record.tail()], Some(hop));
         cur.last_ns = cur.last_ns.max(ts_ns);
         self.stats.packets_written += 1;
         self.stats.packets_per_hop[hop] += 1;

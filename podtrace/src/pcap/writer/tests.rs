@@ -1787,3 +1787,46 @@ fn regression_snaplen_is_capped_at_the_readers_maximum() {
         }
     }
 }
+
+/// The records `write` frames by hand are byte for byte what pcap-file writes: every padding,
+/// both directions and none, both formats.
+#[test]
+fn hand_framed_records_are_pcap_file_s() {
+    use pcap_file::pcap::PcapPacket;
+    use pcap_file::pcapng::blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption};
+    let ts = T0 + 123_456_789;
+    for len in [0usize, 1, 2, 3, 4, 5, 60, 1514, 65_535] {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+        for direction in [Direction::Inbound, Direction::Outbound, Direction::Unknown] {
+            let f = RecordFrame::new(CaptureFormat::PcapNg, 3, direction, ts, 70_000, len).unwrap();
+            let mine = [f.head(), &data, f.tail()].concat();
+            assert_eq!(mine.len(), f.len());
+            let epb = EnhancedPacketBlock {
+                interface_id: 3,
+                timestamp: Duration::from_nanos(ts),
+                original_len: 70_000,
+                data: std::borrow::Cow::Borrowed(&data),
+                options: direction
+                    .epb_flags()
+                    .map(EnhancedPacketOption::Flags)
+                    .into_iter()
+                    .collect(),
+            };
+            let mut theirs = Vec::new();
+            Block::EnhancedPacket(epb)
+                .write_to::<NativeEndian, _>(&mut theirs)
+                .unwrap();
+            assert_eq!(mine, theirs, "pcapng, {len} bytes, {direction:?}");
+        }
+        let f =
+            RecordFrame::new(CaptureFormat::Pcap, 3, Direction::Inbound, ts, 70_000, len).unwrap();
+        let mine = [f.head(), &data, f.tail()].concat();
+        let mut theirs = Vec::new();
+        PcapPacket::new(Duration::from_nanos(ts), 70_000, &data)
+            .write_to::<_, NativeEndian>(&mut theirs, TsResolution::NanoSecond, 65_535)
+            .unwrap();
+        assert_eq!(mine, theirs, "pcap, {len} bytes");
+    }
+    // Classic pcap counts seconds in 32 bits.
+    assert!(RecordFrame::new(CaptureFormat::Pcap, 0, Direction::Unknown, u64::MAX, 1, 0).is_none());
+}
