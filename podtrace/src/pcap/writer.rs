@@ -125,7 +125,7 @@ impl RecordFrame {
                 let flags = direction.epb_flags();
                 let opts = if flags.is_some() { 12 } else { 0 };
                 let block_len = (12 + 20 + captured + pad + opts) as u32;
-                for (i, v) in [
+                f.put_head(&[
                     ENHANCED_PACKET_BLOCK,
                     block_len,
                     hop as u32,
@@ -133,13 +133,7 @@ impl RecordFrame {
                     ts_ns as u32,
                     captured as u32,
                     orig_len,
-                ]
-                .into_iter()
-                .enumerate()
-                {
-                    NativeEndian::write_u32(&mut f.head[i * 4..], v);
-                }
-                f.head_len = 28;
+                ]);
                 f.tail_len = pad;
                 if let Some(flags) = flags {
                     // epb_flags (code 2, 4 bytes), then opt_endofopt.
@@ -153,21 +147,23 @@ impl RecordFrame {
             }
             CaptureFormat::Pcap => {
                 let secs = u32::try_from(ts_ns / 1_000_000_000).ok()?;
-                for (i, v) in [
+                f.put_head(&[
                     secs,
                     (ts_ns % 1_000_000_000) as u32,
                     captured as u32,
                     orig_len,
-                ]
-                .into_iter()
-                .enumerate()
-                {
-                    NativeEndian::write_u32(&mut f.head[i * 4..], v);
-                }
-                f.head_len = 16;
+                ]);
             }
         }
         Some(f)
+    }
+
+    /// The head: these words, in the file's byte order.
+    fn put_head(&mut self, words: &[u32]) {
+        for (i, w) in words.iter().enumerate() {
+            NativeEndian::write_u32(&mut self.head[i * 4..], *w);
+        }
+        self.head_len = words.len() * 4;
     }
 
     fn head(&self) -> &[u8] {

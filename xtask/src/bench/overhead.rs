@@ -154,20 +154,12 @@ pub struct Results {
 
 impl Results {
     pub fn runs(&self, c: Config) -> &[Run] {
-        self.runs
-            .iter()
-            .find(|(k, _)| *k == c)
-            .map(|(_, r)| r.as_slice())
-            .unwrap_or_default()
+        of(&self.runs, c)
     }
 
     /// The runs with the kernel's statistics on.
     pub fn stats_runs(&self, c: Config) -> &[Run] {
-        self.stats_runs
-            .iter()
-            .find(|(k, _)| *k == c)
-            .map(|(_, r)| r.as_slice())
-            .unwrap_or_default()
+        of(&self.stats_runs, c)
     }
 
     /// A figure of the runs with the kernel's statistics on: min/median/max.
@@ -341,6 +333,14 @@ impl Results {
             "configs": configs,
         })
     }
+}
+
+/// A configuration's runs in a list of them.
+fn of(list: &[(Config, Vec<Run>)], c: Config) -> &[Run] {
+    list.iter()
+        .find(|(k, _)| *k == c)
+        .map(|(_, r)| r.as_slice())
+        .unwrap_or_default()
 }
 
 fn round3(x: f64) -> f64 {
