@@ -94,6 +94,17 @@ pub fn read_sys_fs() -> Result<Vec<u8>> {
         .with_context(|| format!("reading {path} (podtrace needs a kernel with BTF)"))
 }
 
+/// The bytes a type entry of `kind` with `vlen` members has after its 12-byte header.
+fn extra_len(kind: u32, vlen: usize) -> usize {
+    match kind {
+        KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+        KIND_ARRAY => 12,
+        KIND_STRUCT | KIND_UNION | KIND_ENUM64 | KIND_DATASEC => 12 * vlen,
+        KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
+        _ => 0,
+    }
+}
+
 /// How many types the type section holds (stops at the first malformed entry: the parse
 /// that follows says what is wrong).
 fn count_types(tdata: &[u8]) -> usize {
@@ -103,15 +114,7 @@ fn count_types(tdata: &[u8]) -> usize {
         let Ok(info) = u32_at(tdata, off + 4) else {
             break;
         };
-        let vlen = (info & 0xffff) as usize;
-        off += 12
-            + match (info >> 24) & 0x1f {
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
-                KIND_ARRAY => 12,
-                KIND_STRUCT | KIND_UNION | KIND_ENUM64 | KIND_DATASEC => 12 * vlen,
-                KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
-                _ => 0,
-            };
+        off += 12 + extra_len((info >> 24) & 0x1f, (info & 0xffff) as usize);
         n += 1;
     }
     n
@@ -149,15 +152,12 @@ impl Btf {
             let name = u32_at(tdata, off)?;
             let info = u32_at(tdata, off + 4)?;
             let size_or_type = u32_at(tdata, off + 8)?;
-            off += 12;
+            let body = off + 12;
             let vlen = (info & 0xffff) as usize;
             let kind = (info >> 24) & 0x1f;
             let kind_flag = info >> 31 == 1;
             let ty = match kind {
-                KIND_INT => {
-                    off += 4;
-                    Type::Other
-                }
+                KIND_INT => Type::Other,
                 KIND_PTR => Type::Ptr {
                     target: size_or_type,
                 },
@@ -166,40 +166,37 @@ impl Btf {
                     proto: size_or_type,
                 },
                 KIND_FWD | KIND_FLOAT => Type::Other,
-                KIND_ARRAY => {
-                    off += 12;
-                    Type::Other
-                }
+                KIND_ARRAY => Type::Other,
                 KIND_STRUCT | KIND_UNION => {
                     let mut members = Vec::with_capacity(vlen);
-                    for _ in 0..vlen {
-                        let raw = u32_at(tdata, off + 8)?;
+                    for i in 0..vlen {
+                        let m = body + 12 * i;
+                        let raw = u32_at(tdata, m + 8)?;
                         members.push(Member {
-                            name: u32_at(tdata, off)?,
-                            type_id: u32_at(tdata, off + 4)?,
+                            name: u32_at(tdata, m)?,
+                            type_id: u32_at(tdata, m + 4)?,
                             bit_offset: if kind_flag { raw & 0x00ff_ffff } else { raw },
                         });
-                        off += 12;
                     }
                     Type::Composite { name, members }
                 }
                 KIND_ENUM => {
                     let mut values = Vec::with_capacity(vlen);
-                    for _ in 0..vlen {
-                        let v = u32_at(tdata, off + 4)?;
+                    for i in 0..vlen {
+                        let e = body + 8 * i;
+                        let v = u32_at(tdata, e + 4)?;
                         let v = if kind_flag { v as i32 as i64 } else { v as i64 };
-                        values.push((u32_at(tdata, off)?, v));
-                        off += 8;
+                        values.push((u32_at(tdata, e)?, v));
                     }
                     Type::Enum { name, values }
                 }
                 KIND_ENUM64 => {
                     let mut values = Vec::with_capacity(vlen);
-                    for _ in 0..vlen {
-                        let lo = u32_at(tdata, off + 4)? as u64;
-                        let hi = u32_at(tdata, off + 8)? as u64;
-                        values.push((u32_at(tdata, off)?, ((hi << 32) | lo) as i64));
-                        off += 12;
+                    for i in 0..vlen {
+                        let e = body + 12 * i;
+                        let lo = u32_at(tdata, e + 4)? as u64;
+                        let hi = u32_at(tdata, e + 8)? as u64;
+                        values.push((u32_at(tdata, e)?, ((hi << 32) | lo) as i64));
                     }
                     Type::Enum { name, values }
                 }
@@ -209,22 +206,13 @@ impl Btf {
                         target: size_or_type,
                     }
                 }
-                KIND_FUNC_PROTO => {
-                    off += 8 * vlen;
-                    Type::FuncProto {
-                        params: vlen as u32,
-                    }
-                }
-                KIND_VAR | KIND_DECL_TAG => {
-                    off += 4;
-                    Type::Other
-                }
-                KIND_DATASEC => {
-                    off += 12 * vlen;
-                    Type::Other
-                }
+                KIND_FUNC_PROTO => Type::FuncProto {
+                    params: vlen as u32,
+                },
+                KIND_VAR | KIND_DECL_TAG | KIND_DATASEC => Type::Other,
                 other => bail!("unknown BTF kind {other}"),
             };
+            off = body + extra_len(kind, vlen);
             types.push(ty);
         }
         let mut btf = Btf {

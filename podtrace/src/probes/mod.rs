@@ -93,10 +93,7 @@ pub fn tcx_supported() -> bool {
 /// The mechanism a session uses unless a hook says otherwise: `PODTRACE_TC=tcx` on a kernel
 /// with TCX, else clsact (see [`choose_tc_mode`]).
 pub fn tc_mode() -> TcMode {
-    match std::env::var("PODTRACE_TC").as_deref() {
-        Ok("tcx") if tcx_supported() => TcMode::Tcx,
-        _ => TcMode::Clsact,
-    }
+    choose_tc_mode(&[]).unwrap_or(TcMode::Clsact)
 }
 
 /// How a session's hop probes are attached. clsact filters, unless
