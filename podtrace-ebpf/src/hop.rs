@@ -12,7 +12,7 @@ use podtrace_abi::{
 };
 
 use crate::{
-    maps::{bump, bump_hop, emit, filter, hop_id, seen_pair, wake_flags, EVENTS},
+    maps::{bump, bump_hop, emit, filter, hop_emitted, hop_id, seen_pair, wake_flags, EVENTS},
     packet::{expression_may_match, parse_eth, Reader},
 };
 
@@ -82,6 +82,7 @@ fn track(ctx: &TcContext, dir: u8) {
     }
     // SAFETY: plain helper.
     let now = unsafe { bpf_ktime_get_ns() };
+    hop_emitted(now);
     if f.proto != 0 || f.port != 0 {
         seen_pair(flow.saddr, flow.daddr, now);
     }

@@ -59,8 +59,16 @@ unsafe fn skb_flow(
 ) -> Option<FlowInfo> {
     // SAFETY: probe reads.
     unsafe {
-        let head: *const u8 = read_at(skb, off.skb_head)?;
-        let nh: u16 = read_at(skb, off.skb_network_header)?;
+        // `network_header`, `mac_header`, `tail`, `end`, `head`: one read where the kernel
+        // lays them out so (every kernel podtrace supports), two elsewhere.
+        let (head, nh) = if off.skb_head == off.skb_network_header + 12 {
+            let w: [u8; 20] = read_at(skb, off.skb_network_header)?;
+            let head = u64::from_ne_bytes([w[12], w[13], w[14], w[15], w[16], w[17], w[18], w[19]]);
+            (head as *const u8, u16::from_ne_bytes([w[0], w[1]]))
+        } else {
+            let head: *const u8 = read_at(skb, off.skb_head)?;
+            (head, read_at::<u16>(skb, off.skb_network_header)?)
+        };
         if nh == u16::MAX {
             return None;
         }
@@ -209,6 +217,12 @@ pub fn kp_dev_hard_start_xmit(ctx: ProbeContext) -> u32 {
 #[inline(always)]
 unsafe fn on_xmit(skb: *const u8, dev: *const u8) -> Option<()> {
     let f = filter()?;
+    // An emitting session shows a transmit only with the record a hop probe opened: while
+    // no hop probe has emitted lately, no packet here can be one (count-only sessions count
+    // every transmit of the conversation).
+    if f.flags & FILTER_EMIT != 0 && !crate::maps::hop_lately() {
+        return None;
+    }
     let off = offsets()?;
     // SAFETY: probe reads.
     unsafe {
@@ -314,22 +328,36 @@ unsafe fn on_fib(tb_id: u32, flp: *const u8, nhc: *const u8, err: i32) -> Option
     let off = offsets()?;
     // SAFETY: probe reads.
     unsafe {
+        let proto: u8 = read_at(flp, off.flowi4_proto)?;
+        // `saddr`, `daddr` and the ports follow each other in `struct flowi4`: one read.
+        let (saddr, daddr, p) = if off.flowi4_daddr == off.flowi4_saddr + 4
+            && off.flowi4_ports == off.flowi4_saddr + 8
+        {
+            let [s, d, p]: [u32; 3] = read_at(flp, off.flowi4_saddr)?;
+            (s, d, Some(p.to_ne_bytes()))
+        } else {
+            let s = read_at(flp, off.flowi4_saddr)?;
+            let d = read_at(flp, off.flowi4_daddr)?;
+            let p = if proto == 6 || proto == 17 {
+                read_at::<[u8; 4]>(flp, off.flowi4_ports)
+            } else {
+                None
+            };
+            (s, d, p)
+        };
         let flow = FlowInfo {
-            saddr: read_at(flp, off.flowi4_saddr)?,
-            daddr: read_at(flp, off.flowi4_daddr)?,
-            proto: read_at(flp, off.flowi4_proto)?,
+            saddr,
+            daddr,
+            proto,
             ..FlowInfo::default()
         };
         // Route lookups carry no IP id; TCP/UDP ones carry ports.
-        let ports = if flow.proto == 6 || flow.proto == 17 {
-            read_at::<[u8; 4]>(flp, off.flowi4_ports).map(|p| {
-                (
-                    u16::from_be_bytes([p[2], p[3]]),
-                    u16::from_be_bytes([p[0], p[1]]),
-                )
-            })
-        } else {
-            None
+        let ports = match p {
+            Some(p) if proto == 6 || proto == 17 => Some((
+                u16::from_be_bytes([p[2], p[3]]),
+                u16::from_be_bytes([p[0], p[1]]),
+            )),
+            _ => None,
         };
         if !crate::packet::fib_match(f, flow.saddr, flow.daddr, flow.proto, ports) {
             return None;

@@ -57,6 +57,84 @@ struct L4Hdr {
     c: [u8; 4],
 }
 
+/// An IPv4 header and the 14 bytes after it (a TCP header up to its flags; UDP's and ICMP's
+/// 8): what the filter needs, in one read when the header has no options. 36 bytes with the
+/// padding that keeps the addresses aligned (the read needs 2 bytes more than it uses).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct IpHead {
+    ip: Ipv4Hdr,
+    l4: [u8; 14],
+}
+
+/// An Ethernet frame from the last 2 bytes of its source address on (so that the IPv4
+/// header is 4-byte aligned in the copy): its EtherType and an [`IpHead`].
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct EthHead {
+    _mac: [u8; 2],
+    ethertype: [u8; 2],
+    head: IpHead,
+}
+
+const _: () = assert!(
+    core::mem::size_of::<IpHead>() == 36
+        && core::mem::size_of::<EthHead>() == 40
+        && core::mem::offset_of!(EthHead, head) == 4
+);
+
+/// The IPv4 header of a packet and, when it has no options and the packet is long enough,
+/// the first 14 bytes of its L4 header (else they are read on demand).
+struct Head {
+    ip: Ipv4Hdr,
+    l4: Option<[u8; 14]>,
+}
+
+impl Head {
+    #[inline(always)]
+    fn of(h: IpHead) -> Head {
+        Head {
+            ip: h.ip,
+            l4: (h.ip.vihl & 0x0f == 5).then_some(h.l4),
+        }
+    }
+
+    /// Reads the IPv4 header at `l3`, and the L4 bytes after it when the packet has them.
+    #[inline(always)]
+    fn load<R: Reader>(r: &R, l3: usize) -> Option<Head> {
+        if let Some(h) = r.load::<IpHead>(l3) {
+            return Some(Head::of(h));
+        }
+        // Shorter than 36 bytes from `l3` (a UDP datagram of under 8 bytes, an ICMP echo).
+        Some(Head {
+            ip: r.load(l3)?,
+            l4: None,
+        })
+    }
+
+    /// The first 8 bytes of the L4 header of the packet at `l3`.
+    #[inline(always)]
+    fn l4<R: Reader>(&self, r: &R, l3: usize) -> Option<L4Hdr> {
+        match self.l4 {
+            Some(b) => Some(L4Hdr {
+                a: [b[0], b[1]],
+                b: [b[2], b[3]],
+                c: [b[4], b[5], b[6], b[7]],
+            }),
+            None => r.load(l3 + ((self.ip.vihl & 0x0f) as usize) * 4),
+        }
+    }
+
+    /// The TCP flags of the packet at `l3`.
+    #[inline(always)]
+    fn tcp_flags<R: Reader>(&self, r: &R, l3: usize) -> Option<u8> {
+        match self.l4 {
+            Some(b) => Some(b[13]),
+            None => r.load(l3 + ((self.ip.vihl & 0x0f) as usize) * 4 + 13),
+        }
+    }
+}
+
 #[inline(always)]
 fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
@@ -133,14 +211,28 @@ fn vxlan_port(f: &Filter, port: u16) -> bool {
     false
 }
 
-/// Parses the Ethernet frame at `offset` (tc programs: offset 0) if it carries a traced packet.
+/// Reads the Ethernet frame at `offset` from its EtherType on: `Some` head for IPv4.
 #[inline(always)]
-pub fn parse_eth<R: Reader>(r: &R, offset: usize, f: &Filter) -> Option<FlowInfo> {
+fn eth_head<R: Reader>(r: &R, offset: usize) -> Option<Head> {
+    // One read for the EtherType, the IPv4 header and the L4 bytes the filter needs.
+    if let Some(e) = r.load::<EthHead>(offset + 10) {
+        if be16(e.ethertype) != ETH_P_IP {
+            return None;
+        }
+        return Some(Head::of(e.head));
+    }
     let ethertype: [u8; 2] = r.load(offset + 12)?;
     if be16(ethertype) != ETH_P_IP {
         return None;
     }
-    parse_ipv4(r, offset + ETH_HLEN, f)
+    Head::load(r, offset + ETH_HLEN)
+}
+
+/// Parses the Ethernet frame at `offset` (tc programs: offset 0) if it carries a traced packet.
+#[inline(always)]
+pub fn parse_eth<R: Reader>(r: &R, offset: usize, f: &Filter) -> Option<FlowInfo> {
+    let head = eth_head(r, offset)?;
+    parse_head(r, offset + ETH_HLEN, &head, f)
 }
 
 /// Parses the IPv4 packet at `l3` if it (or, for VXLAN, the packet inside it) belongs to the
@@ -148,33 +240,34 @@ pub fn parse_eth<R: Reader>(r: &R, offset: usize, f: &Filter) -> Option<FlowInfo
 /// addresses.
 #[inline(always)]
 pub fn parse_ipv4<R: Reader>(r: &R, l3: usize, f: &Filter) -> Option<FlowInfo> {
-    let ip: Ipv4Hdr = r.load(l3)?;
+    let head = Head::load(r, l3)?;
+    parse_head(r, l3, &head, f)
+}
+
+#[inline(always)]
+fn parse_head<R: Reader>(r: &R, l3: usize, head: &Head, f: &Filter) -> Option<FlowInfo> {
+    let ip = &head.ip;
     if ip.vihl >> 4 != 4 {
         return None;
     }
-    if let Some(flow) = classify(r, l3, &ip, f) {
+    if let Some(flow) = classify(r, l3, head, f) {
         return Some(flow);
     }
     // Not ours on the outside: only VXLAN can still carry ours.
     if ip.proto != IPPROTO_UDP || be16(ip.frag) & 0x1fff != 0 {
         return None;
     }
-    let l4 = l3 + ((ip.vihl & 0x0f) as usize) * 4;
-    let udp: L4Hdr = r.load(l4)?;
+    let udp = head.l4(r, l3)?;
     if !vxlan_port(f, be16(udp.b)) {
         return None;
     }
+    let l4 = l3 + ((ip.vihl & 0x0f) as usize) * 4;
     let inner_eth = l4 + UDP_HLEN + VXLAN_HLEN;
-    let ethertype: [u8; 2] = r.load(inner_eth + 12)?;
-    if be16(ethertype) != ETH_P_IP {
+    let inner = eth_head(r, inner_eth)?;
+    if inner.ip.vihl >> 4 != 4 {
         return None;
     }
-    let inner_l3 = inner_eth + ETH_HLEN;
-    let inner: Ipv4Hdr = r.load(inner_l3)?;
-    if inner.vihl >> 4 != 4 {
-        return None;
-    }
-    let mut flow = classify(r, inner_l3, &inner, f)?;
+    let mut flow = classify(r, inner_eth + ETH_HLEN, &inner, f)?;
     flow.encap = 1;
     flow.outer_saddr = ip.saddr;
     flow.outer_daddr = ip.daddr;
@@ -185,27 +278,27 @@ pub fn parse_ipv4<R: Reader>(r: &R, l3: usize, f: &Filter) -> Option<FlowInfo> {
 /// the filter's protocol and port), as a translated form of it (`NAT_FLOWS`), or as an ICMP
 /// error about it.
 #[inline(always)]
-fn classify<R: Reader>(r: &R, l3: usize, ip: &Ipv4Hdr, f: &Filter) -> Option<FlowInfo> {
+fn classify<R: Reader>(r: &R, l3: usize, head: &Head, f: &Filter) -> Option<FlowInfo> {
+    let ip = &head.ip;
     if addrs_match(f, ip.saddr, ip.daddr) {
-        if let Some(flow) = finish(r, l3, ip, f, true) {
+        if let Some(flow) = finish(r, l3, head, f, true) {
             return Some(flow);
         }
     }
     if be16(ip.frag) & 0x1fff != 0 {
         return None;
     }
-    let l4 = l3 + ((ip.vihl & 0x0f) as usize) * 4;
     if f.flags & FILTER_NAT != 0 {
         let (sport, dport) = match ip.proto {
             IPPROTO_TCP | IPPROTO_UDP => {
-                let h: L4Hdr = r.load(l4)?;
+                let h = head.l4(r, l3)?;
                 (be16(h.a), be16(h.b))
             }
             _ => (0, 0),
         };
         if nat_match(f, ip.saddr, ip.daddr, ip.proto, sport, dport) {
             // The translated form has the backend's port, not the filter's.
-            return finish(r, l3, ip, f, false);
+            return finish(r, l3, head, f, false);
         }
     }
     if ip.proto != IPPROTO_ICMP {
@@ -213,7 +306,8 @@ fn classify<R: Reader>(r: &R, l3: usize, ip: &Ipv4Hdr, f: &Filter) -> Option<Flo
     }
     // An ICMP error whose quoted packet is of the conversation (a REJECT's port
     // unreachable, a router's net unreachable): sent from an address of its own.
-    let h: L4Hdr = r.load(l4)?;
+    let h = head.l4(r, l3)?;
+    let l4 = l3 + ((ip.vihl & 0x0f) as usize) * 4;
     if !matches!(h.a[0], 3 | 11 | 12) {
         return None;
     }
@@ -234,7 +328,7 @@ fn classify<R: Reader>(r: &R, l3: usize, ip: &Ipv4Hdr, f: &Filter) -> Option<Flo
     {
         return None;
     }
-    finish(r, l3, ip, f, false)
+    finish(r, l3, head, f, false)
 }
 
 /// Reads the header an ICMP error quotes (at `q`) into `flow.err_*`.
@@ -274,10 +368,11 @@ fn quoted<R: Reader>(r: &R, q: usize, flow: &mut FlowInfo) -> Option<()> {
 fn finish<R: Reader>(
     r: &R,
     l3: usize,
-    ip: &Ipv4Hdr,
+    head: &Head,
     f: &Filter,
     check_port: bool,
 ) -> Option<FlowInfo> {
+    let ip = &head.ip;
     if check_port && f.proto != 0 && ip.proto != f.proto {
         return None;
     }
@@ -297,19 +392,22 @@ fn finish<R: Reader>(
     if be16(ip.frag) & 0x1fff == 0 {
         match ip.proto {
             IPPROTO_TCP => {
-                let h: L4Hdr = r.load(l3 + ihl)?;
+                let h = head.l4(r, l3)?;
                 flow.sport = be16(h.a);
                 flow.dport = be16(h.b);
+                if check_port && f.port != 0 && flow.sport != f.port && flow.dport != f.port {
+                    return None;
+                }
                 flow.seq = u32::from_be_bytes(h.c);
-                flow.flags = r.load::<u8>(l3 + ihl + 13)?;
+                flow.flags = head.tcp_flags(r, l3)?;
             }
             IPPROTO_UDP => {
-                let h: L4Hdr = r.load(l3 + ihl)?;
+                let h = head.l4(r, l3)?;
                 flow.sport = be16(h.a);
                 flow.dport = be16(h.b);
             }
             IPPROTO_ICMP => {
-                let h: L4Hdr = r.load(l3 + ihl)?;
+                let h = head.l4(r, l3)?;
                 flow.flags = h.a[0];
                 flow.icmp_code = h.a[1];
                 flow.seq = u32::from_be_bytes(h.c);

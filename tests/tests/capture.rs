@@ -394,6 +394,54 @@ fn classic_pcap_and_a_udp_only_expression() {
     assert!(!Path::new(&dir.file("no.pcapng")).exists());
 }
 
+/// The hop probes read a frame's headers in one go when the frame is long enough, and header
+/// by header when it is not: datagrams of 0, 1 and 7 bytes are shorter than that read (outside
+/// and inside VXLAN), 8 bytes is exactly as long. Every one must be seen on every hop.
+#[test]
+fn short_datagrams_are_seen_on_every_hop() {
+    let lab = Lab::up("cshort", "flannel");
+    let dir = Scratch::new("cshort");
+    let file = dir.file("short.pcapng");
+    let run = capture(
+        &lab,
+        &[
+            "pod-a1",
+            "udp",
+            "and",
+            "port",
+            "7004",
+            "-w",
+            &file,
+            "--duration",
+            "4",
+        ],
+    );
+    for size in [0, 1, 7, 8] {
+        udp_burst(&lab, "pod-a1", "10.244.1.5", 7004, 2, size);
+    }
+    let (code, _, stderr) = run.wait(20);
+    assert_eq!(code, Some(0), "{stderr}");
+    // pod eth0, host veth, cni0, flannel.1 and node-a/eth0 (inside VXLAN): 8 datagrams on 5
+    // hops, each of its own length.
+    let lens = count_by_first_field(&tshark(
+        Path::new(&file),
+        "udp.dstport == 7004",
+        &["udp.length"],
+    ));
+    let expected: std::collections::BTreeMap<String, usize> = [8, 9, 15, 16]
+        .iter()
+        .map(|l| (format!("{l}"), 10))
+        .collect();
+    // Inside VXLAN tshark shows the outer and the inner UDP length: count by the inner one.
+    let inner: std::collections::BTreeMap<String, usize> =
+        lens.iter().fold(Default::default(), |mut m, (k, n)| {
+            *m.entry(k.rsplit(',').next().unwrap_or(k).to_string())
+                .or_default() += n;
+            m
+        });
+    assert_eq!(inner, expected, "{lens:?}\n{stderr}");
+}
+
 #[test]
 fn stop_on_drop_keeps_what_led_to_it() {
     let lab = Lab::up("cstop", "flannel");

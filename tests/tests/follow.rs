@@ -132,6 +132,29 @@ fn cross_node_ping_is_confirmed_on_both_nodes() {
         .find(|h| h["name"] == "node-a/eth0")
         .unwrap();
     assert_eq!(underlay["encap"], "vxlan");
+    // The device transmit hook (which looks only while the hop probes see traced packets)
+    // saw every packet leave each device that sends it on, in the pods and on both nodes.
+    for p in objs.iter().filter(|o| o["type"] == "packet") {
+        let xmit: Vec<&str> = p["xmit"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no xmit: {p:#}"))
+            .iter()
+            .filter_map(|x| x.as_str())
+            .collect();
+        let (pod, node, peer) = if p["hops"][0]["name"] == "pod-a1/eth0" {
+            ("pod-a1/eth0", "node-a", "node-b")
+        } else {
+            ("pod-b1/eth0", "node-b", "node-a")
+        };
+        for dev in [
+            pod.to_string(),
+            format!("{node}/flannel.1"),
+            format!("{node}/eth0"),
+            format!("{peer}/cni0"),
+        ] {
+            assert!(xmit.contains(&dev.as_str()), "{dev} not in {xmit:?}: {p:#}");
+        }
+    }
     assert_eq!(summary["lost_events"], 0);
 }
 
