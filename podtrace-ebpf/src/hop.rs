@@ -34,6 +34,8 @@ static CAPTURE_MODE: u8 = 0;
 struct SkbReader<'a>(&'a TcContext);
 
 impl Reader for SkbReader<'_> {
+    const ONE_READ: bool = false;
+
     #[inline(always)]
     fn load<T: Copy>(&self, offset: usize) -> Option<T> {
         self.0.load::<T>(offset).ok()

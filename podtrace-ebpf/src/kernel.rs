@@ -31,6 +31,8 @@ use crate::{
 struct KernelReader(*const u8);
 
 impl Reader for KernelReader {
+    const ONE_READ: bool = true;
+
     #[inline(always)]
     fn load<T: Copy>(&self, offset: usize) -> Option<T> {
         // SAFETY: probe reads fail cleanly on bad addresses.

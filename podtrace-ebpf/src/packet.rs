@@ -29,6 +29,13 @@ const VXLAN_HLEN: usize = 8;
 const UDP_HLEN: usize = 8;
 
 pub trait Reader {
+    /// Whether the parser reads a packet's headers in one go (the IPv4 header with the L4
+    /// bytes after it), or header by header. One read is cheaper to run, but its fallbacks
+    /// (short packets, IP options) multiply the paths the verifier walks: the tracing
+    /// programs, loaded once, read in one go; the tc programs, loaded once per namespace
+    /// (verifying them is most of a session's start), header by header.
+    const ONE_READ: bool;
+
     fn load<T: Copy>(&self, offset: usize) -> Option<T>;
 }
 
@@ -102,8 +109,10 @@ impl Head {
     /// Reads the IPv4 header at `l3`, and the L4 bytes after it when the packet has them.
     #[inline(always)]
     fn load<R: Reader>(r: &R, l3: usize) -> Option<Head> {
-        if let Some(h) = r.load::<IpHead>(l3) {
-            return Some(Head::of(h));
+        if R::ONE_READ {
+            if let Some(h) = r.load::<IpHead>(l3) {
+                return Some(Head::of(h));
+            }
         }
         // Shorter than 36 bytes from `l3` (a UDP datagram of under 8 bytes, an ICMP echo).
         Some(Head {
@@ -215,11 +224,13 @@ fn vxlan_port(f: &Filter, port: u16) -> bool {
 #[inline(always)]
 fn eth_head<R: Reader>(r: &R, offset: usize) -> Option<Head> {
     // One read for the EtherType, the IPv4 header and the L4 bytes the filter needs.
-    if let Some(e) = r.load::<EthHead>(offset + 10) {
-        if be16(e.ethertype) != ETH_P_IP {
-            return None;
+    if R::ONE_READ {
+        if let Some(e) = r.load::<EthHead>(offset + 10) {
+            if be16(e.ethertype) != ETH_P_IP {
+                return None;
+            }
+            return Some(Head::of(e.head));
         }
-        return Some(Head::of(e.head));
     }
     let ethertype: [u8; 2] = r.load(offset + 12)?;
     if be16(ethertype) != ETH_P_IP {

@@ -394,9 +394,9 @@ fn classic_pcap_and_a_udp_only_expression() {
     assert!(!Path::new(&dir.file("no.pcapng")).exists());
 }
 
-/// The hop probes read a frame's headers in one go when the frame is long enough, and header
-/// by header when it is not: datagrams of 0, 1 and 7 bytes are shorter than that read (outside
-/// and inside VXLAN), 8 bytes is exactly as long. Every one must be seen on every hop.
+/// Datagrams of 0, 1, 7 and 8 bytes: shorter than, and exactly as long as, the IPv4 header
+/// with the 14 L4 bytes the filter may read (outside and inside VXLAN). A parser that reads
+/// more than a packet holds loses them: every one must be seen on every hop.
 #[test]
 fn short_datagrams_are_seen_on_every_hop() {
     let lab = Lab::up("cshort", "flannel");
