@@ -161,14 +161,22 @@ pub fn hop_id(netns_ino: u64, ifindex: u32) -> u32 {
     }
 }
 
-/// The flags to submit a record of `size` bytes with: a wake-up of the reader only once
-/// `wake_bytes` wait (the reader polls on a short timer meanwhile), at once when 0.
+/// The flags to submit a record of `size` bytes with: a wake-up of the reader only when this
+/// record makes the waiting bytes cross `wake_bytes` (the reader polls on a short timer
+/// meanwhile, and drains the ring whenever it wakes), at once when 0.
+///
+/// Only on the crossing: while the reader is behind, every record would otherwise ask for a
+/// wake-up, and each is an interrupt the kernel sends itself (irq_work), which in a virtual
+/// machine exits to the hypervisor. A wake-up missed because the reader was awake is not
+/// lost: its poll returns at once while the ring holds data.
 #[inline(always)]
 pub fn wake_flags(f: &Filter, size: u64) -> u64 {
     if f.wake_bytes == 0 {
         return 0;
     }
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) + size >= f.wake_bytes as u64 {
+    let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let wake = f.wake_bytes as u64;
+    if avail < wake && avail + size >= wake {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
