@@ -90,11 +90,14 @@ const _: () = assert!(
         && core::mem::offset_of!(EthHead, head) == 4
 );
 
-/// The IPv4 header of a packet and, when it has no options and the packet is long enough,
-/// the first 14 bytes of its L4 header (else they are read on demand).
+/// The IPv4 header of a packet and, when `has_l4` (no options, and the packet long enough),
+/// the first 14 bytes of its L4 header (else they are read on demand). Not an `Option`:
+/// copying a `None` copies its uninitialised payload, and verifiers before 6.x refuse to
+/// read stack that was never written.
 struct Head {
     ip: Ipv4Hdr,
-    l4: Option<[u8; 14]>,
+    l4: [u8; 14],
+    has_l4: bool,
 }
 
 impl Head {
@@ -102,7 +105,8 @@ impl Head {
     fn of(h: IpHead) -> Head {
         Head {
             ip: h.ip,
-            l4: (h.ip.vihl & 0x0f == 5).then_some(h.l4),
+            l4: h.l4,
+            has_l4: h.ip.vihl & 0x0f == 5,
         }
     }
 
@@ -117,30 +121,32 @@ impl Head {
         // Shorter than 36 bytes from `l3` (a UDP datagram of under 8 bytes, an ICMP echo).
         Some(Head {
             ip: r.load(l3)?,
-            l4: None,
+            l4: [0; 14],
+            has_l4: false,
         })
     }
 
     /// The first 8 bytes of the L4 header of the packet at `l3`.
     #[inline(always)]
     fn l4<R: Reader>(&self, r: &R, l3: usize) -> Option<L4Hdr> {
-        match self.l4 {
-            Some(b) => Some(L4Hdr {
-                a: [b[0], b[1]],
-                b: [b[2], b[3]],
-                c: [b[4], b[5], b[6], b[7]],
-            }),
-            None => r.load(l3 + ((self.ip.vihl & 0x0f) as usize) * 4),
+        if !self.has_l4 {
+            return r.load(l3 + ((self.ip.vihl & 0x0f) as usize) * 4);
         }
+        let b = &self.l4;
+        Some(L4Hdr {
+            a: [b[0], b[1]],
+            b: [b[2], b[3]],
+            c: [b[4], b[5], b[6], b[7]],
+        })
     }
 
     /// The TCP flags of the packet at `l3`.
     #[inline(always)]
     fn tcp_flags<R: Reader>(&self, r: &R, l3: usize) -> Option<u8> {
-        match self.l4 {
-            Some(b) => Some(b[13]),
-            None => r.load(l3 + ((self.ip.vihl & 0x0f) as usize) * 4 + 13),
+        if !self.has_l4 {
+            return r.load(l3 + ((self.ip.vihl & 0x0f) as usize) * 4 + 13);
         }
+        Some(self.l4[13])
     }
 }
 
