@@ -35,6 +35,19 @@ impl Goal {
     }
 }
 
+/// Whether podtrace's lossless rate `p` is at least tcpdump's `t`. A tool that lost nothing
+/// at any rate the sender reached (`*b`: sender-bound) has a lossless rate of *at least* its
+/// figure, so some comparisons cannot be decided (`None`): both sender-bound, or the
+/// sender-bound side below the other.
+fn lossless_met(p: f64, p_bound: bool, t: f64, t_bound: bool) -> Option<bool> {
+    match (p_bound, t_bound) {
+        (false, false) => Some(p >= t),
+        (true, false) => (p >= t).then_some(true),
+        (false, true) => (p < t).then_some(false),
+        (true, true) => None,
+    }
+}
+
 fn ms(x: f64) -> String {
     format!("{x:.0} ms")
 }
@@ -217,16 +230,22 @@ pub fn evaluate(
         goal: "≥ tcpdump's, against the path ceiling".into(),
         measured: match (p, t) {
             (Some((p, pb)), Some((t, tb))) => format!(
-                "podtrace {}{p:.0}/s{}, tcpdump {}{t:.0}/s{}",
+                "podtrace {}{p:.0}/s{}, tcpdump {}{t:.0}/s{}{}",
                 if pb { "≥ " } else { "" },
                 pct(p),
                 if tb { "≥ " } else { "" },
-                pct(t)
+                pct(t),
+                if lossless_met(p, pb, t, tb).is_none() {
+                    " (undecided: a tool that lost nothing at the fastest rate the sender \
+                     reached has a lossless rate of at least that)"
+                } else {
+                    ""
+                }
             ),
             _ => "not measured".into(),
         },
         met: match (p, t) {
-            (Some((p, _)), Some((t, _))) => Some(p >= t),
+            (Some((p, pb)), Some((t, tb))) => lossless_met(p, pb, t, tb),
             _ => None,
         },
     });
@@ -285,6 +304,18 @@ mod tests {
             .iter()
             .find(|g| g.figure.starts_with(prefix))
             .unwrap_or_else(|| panic!("no goal {prefix}"))
+    }
+
+    #[test]
+    fn lossless_rates_are_judged_only_where_the_bounds_decide() {
+        assert_eq!(lossless_met(42_000.0, false, 40_000.0, false), Some(true));
+        assert_eq!(lossless_met(38_000.0, false, 40_000.0, false), Some(false));
+        assert_eq!(lossless_met(42_000.0, true, 40_000.0, false), Some(true));
+        assert_eq!(lossless_met(38_000.0, true, 40_000.0, false), None);
+        assert_eq!(lossless_met(38_000.0, false, 40_000.0, true), Some(false));
+        assert_eq!(lossless_met(42_000.0, false, 40_000.0, true), None);
+        assert_eq!(lossless_met(42_000.0, true, 43_000.0, true), None);
+        assert_eq!(lossless_met(44_000.0, true, 43_000.0, true), None);
     }
 
     #[test]
