@@ -34,11 +34,6 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 #[map]
 pub static RECENT: LruHashMap<AddrPair, u64> = LruHashMap::with_max_entries(1024, 0);
 
-/// When the hop probes last recorded a pair in `RECENT` (index 0; 0: never), so that route
-/// lookups skip the `RECENT` lookup while no traced packet has been seen.
-#[map]
-pub static RECENT_ANY: Array<u64> = Array::with_max_entries(1, 0);
-
 /// When a hop probe last emitted a traced packet (index 0; 0: never; updated at most once a
 /// millisecond). Device transmits matter only for packets a hop probe saw first (a packet's
 /// first hop, its pod's eth0 or its node's underlay device, comes before any transmit of
@@ -65,14 +60,19 @@ pub fn hop_emitted(now: u64) {
 /// Whether a hop probe emitted a traced packet lately (see `HOP_LAST`).
 #[inline(always)]
 pub fn hop_lately() -> bool {
-    match HOP_LAST.get(0) {
-        Some(&last) if last != 0 => {
-            // SAFETY: plain helper.
-            let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
-            now.wrapping_sub(last) < HOP_LAST_NS
-        }
-        _ => false,
+    let last = hop_last();
+    if last == 0 {
+        return false;
     }
+    // SAFETY: plain helper.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    now.wrapping_sub(last) < HOP_LAST_NS
+}
+
+/// `HOP_LAST` (0: no hop probe has emitted yet).
+#[inline(always)]
+fn hop_last() -> u64 {
+    HOP_LAST.get(0).copied().unwrap_or(0)
 }
 
 /// How long a pair seen by the hop probes lets its route lookups through (ns).
@@ -116,17 +116,15 @@ pub fn seen_pair(saddr: u32, daddr: u32, now: u64) {
     let fresh = unsafe { RECENT.get(&key) }.is_some_and(|t| now.wrapping_sub(*t) < 1_000_000);
     if !fresh {
         let _ = RECENT.insert(&key, &now, 0);
-        if let Some(any) = RECENT_ANY.get_ptr_mut(0) {
-            // SAFETY: a plain store of a u64; any writer's value will do.
-            unsafe { *any = now };
-        }
     }
 }
 
 /// Whether the hop probes saw a traced packet from `saddr` to `daddr` lately.
 #[inline(always)]
 pub fn recent(saddr: u32, daddr: u32) -> bool {
-    if RECENT_ANY.get(0).is_none_or(|t| *t == 0) {
+    // A pair is recorded only by a hop probe that emits, which sets `HOP_LAST` first: while
+    // none has, `RECENT` is empty and the lookup is skipped.
+    if hop_last() == 0 {
         return false;
     }
     let key = AddrPair { saddr, daddr };

@@ -126,11 +126,17 @@ impl Head {
         })
     }
 
+    /// Where the L4 header of the packet at `l3` starts.
+    #[inline(always)]
+    fn l4_at(&self, l3: usize) -> usize {
+        l3 + ((self.ip.vihl & 0x0f) as usize) * 4
+    }
+
     /// The first 8 bytes of the L4 header of the packet at `l3`.
     #[inline(always)]
     fn l4<R: Reader>(&self, r: &R, l3: usize) -> Option<L4Hdr> {
         if !self.has_l4 {
-            return r.load(l3 + ((self.ip.vihl & 0x0f) as usize) * 4);
+            return r.load(self.l4_at(l3));
         }
         let b = &self.l4;
         Some(L4Hdr {
@@ -144,7 +150,7 @@ impl Head {
     #[inline(always)]
     fn tcp_flags<R: Reader>(&self, r: &R, l3: usize) -> Option<u8> {
         if !self.has_l4 {
-            return r.load(l3 + ((self.ip.vihl & 0x0f) as usize) * 4 + 13);
+            return r.load(self.l4_at(l3) + 13);
         }
         Some(self.l4[13])
     }
@@ -278,7 +284,7 @@ fn parse_head<R: Reader>(r: &R, l3: usize, head: &Head, f: &Filter) -> Option<Fl
     if !vxlan_port(f, be16(udp.b)) {
         return None;
     }
-    let l4 = l3 + ((ip.vihl & 0x0f) as usize) * 4;
+    let l4 = head.l4_at(l3);
     let inner_eth = l4 + UDP_HLEN + VXLAN_HLEN;
     let inner = eth_head(r, inner_eth)?;
     if inner.ip.vihl >> 4 != 4 {
@@ -324,7 +330,7 @@ fn classify<R: Reader>(r: &R, l3: usize, head: &Head, f: &Filter) -> Option<Flow
     // An ICMP error whose quoted packet is of the conversation (a REJECT's port
     // unreachable, a router's net unreachable): sent from an address of its own.
     let h = head.l4(r, l3)?;
-    let l4 = l3 + ((ip.vihl & 0x0f) as usize) * 4;
+    let l4 = head.l4_at(l3);
     if !matches!(h.a[0], 3 | 11 | 12) {
         return None;
     }

@@ -85,6 +85,14 @@ fn capture(lab: &Lab, args: &[&str]) -> Running {
     Running::start(&full)
 }
 
+/// `capture pod-a1 udp and port PORT -w FILE EXTRA… --duration 4`.
+fn capture_udp_port(lab: &Lab, port: &str, file: &str, extra: &[&str]) -> Running {
+    let mut args = vec!["pod-a1", "udp", "and", "port", port, "-w", file];
+    args.extend_from_slice(extra);
+    args.extend(["--duration", "4"]);
+    capture(lab, &args)
+}
+
 fn udp_burst(lab: &Lab, from: &str, to: &str, port: u16, count: u32, size: usize) {
     let code = format!(
         "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor i in range({count}):\n    s.sendto(b'x'*{size},('{to}',{port}))\n    time.sleep(0.002)"
@@ -306,22 +314,7 @@ fn classic_pcap_and_a_udp_only_expression() {
     let lab = Lab::up("cexpr", "flannel");
     let dir = Scratch::new("cexpr");
     let file = dir.file("udp.pcap");
-    let run = capture(
-        &lab,
-        &[
-            "pod-a1",
-            "udp",
-            "and",
-            "port",
-            "7002",
-            "-w",
-            &file,
-            "--format",
-            "pcap",
-            "--duration",
-            "4",
-        ],
-    );
+    let run = capture_udp_port(&lab, "7002", &file, &["--format", "pcap"]);
     let _ = lab.exec("pod-a1", &["ping", "-c", "3", "-i", "0.2", "10.244.1.5"]);
     udp_burst(&lab, "pod-a1", "10.244.1.5", 7002, 5, 100);
     // Same protocol, another port: the kernel's check of the expression's ports rejects it.
@@ -402,20 +395,7 @@ fn short_datagrams_are_seen_on_every_hop() {
     let lab = Lab::up("cshort", "flannel");
     let dir = Scratch::new("cshort");
     let file = dir.file("short.pcapng");
-    let run = capture(
-        &lab,
-        &[
-            "pod-a1",
-            "udp",
-            "and",
-            "port",
-            "7004",
-            "-w",
-            &file,
-            "--duration",
-            "4",
-        ],
-    );
+    let run = capture_udp_port(&lab, "7004", &file, &[]);
     for size in [0, 1, 7, 8] {
         udp_burst(&lab, "pod-a1", "10.244.1.5", 7004, 2, size);
     }
@@ -423,23 +403,16 @@ fn short_datagrams_are_seen_on_every_hop() {
     assert_eq!(code, Some(0), "{stderr}");
     // pod eth0, host veth, cni0, flannel.1 and node-a/eth0 (inside VXLAN): 8 datagrams on 5
     // hops, each of its own length.
-    let lens = count_by_first_field(&tshark(
-        Path::new(&file),
-        "udp.dstport == 7004",
-        &["udp.length"],
-    ));
+    // Inside VXLAN tshark shows the outer and the inner UDP length: count by the inner one.
+    let lens: Vec<String> = tshark(Path::new(&file), "udp.dstport == 7004", &["udp.length"])
+        .iter()
+        .map(|l| l.rsplit(',').next().unwrap_or(l).to_owned())
+        .collect();
     let expected: std::collections::BTreeMap<String, usize> = [8, 9, 15, 16]
         .iter()
         .map(|l| (format!("{l}"), 10))
         .collect();
-    // Inside VXLAN tshark shows the outer and the inner UDP length: count by the inner one.
-    let inner: std::collections::BTreeMap<String, usize> =
-        lens.iter().fold(Default::default(), |mut m, (k, n)| {
-            *m.entry(k.rsplit(',').next().unwrap_or(k).to_string())
-                .or_default() += n;
-            m
-        });
-    assert_eq!(inner, expected, "{lens:?}\n{stderr}");
+    assert_eq!(count_by_first_field(&lens), expected, "{lens:?}\n{stderr}");
 }
 
 #[test]

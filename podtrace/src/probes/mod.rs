@@ -350,7 +350,7 @@ const PROG_INGRESS: &str = "hop_ingress";
 const PROG_EGRESS: &str = "hop_egress";
 
 /// The maps every copy of the object shares with the primary one.
-const SHARED_MAPS: [&str; 12] = [
+const SHARED_MAPS: [&str; 11] = [
     "FILTER",
     "HOPS",
     "HOP_STATS",
@@ -358,7 +358,6 @@ const SHARED_MAPS: [&str; 12] = [
     "OFFSETS",
     "EVENTS",
     "RECENT",
-    "RECENT_ANY",
     "HOP_LAST",
     "FIB_STASH",
     "FIB_DEPTH",
