@@ -331,6 +331,14 @@ unsafe fn on_fib(tb_id: u32, flp: *const u8, nhc: *const u8, err: i32) -> Option
     // SAFETY: probe reads.
     unsafe {
         let proto: u8 = read_at(flp, off.flowi4_proto)?;
+        // A forwarded packet's lookup (no protocol: `ip_route_input_slow` clears it) comes
+        // after the packet passed a hop probe of this node, which emitted it: while no hop
+        // probe has emitted lately, none is the conversation's (count-only sessions count
+        // every lookup of the conversation). Most lookups on a busy node are forwarded ones,
+        // so this spares them the other reads.
+        if proto == 0 && f.flags & FILTER_EMIT != 0 && !crate::maps::hop_lately() {
+            return None;
+        }
         // `saddr`, `daddr` and the ports follow each other in `struct flowi4`: one read.
         let (saddr, daddr, p) = if off.flowi4_daddr == off.flowi4_saddr + 4
             && off.flowi4_ports == off.flowi4_saddr + 8

@@ -37,11 +37,13 @@ pub static RECENT: LruHashMap<AddrPair, u64> = LruHashMap::with_max_entries(1024
 /// When a hop probe last emitted a traced packet (index 0; 0: never; updated at most once a
 /// millisecond). Device transmits matter only for packets a hop probe saw first (a packet's
 /// first hop, its pod's eth0 or its node's underlay device, comes before any transmit of
-/// it), so the transmit hook skips its parsing while no hop probe has emitted lately.
+/// it), and so do the route lookups of forwarded packets (the packet arrived through a hop):
+/// the transmit and route lookup hooks skip their parsing while no hop probe has emitted
+/// lately.
 #[map]
 pub static HOP_LAST: Array<u64> = Array::with_max_entries(1, 0);
 
-/// How long after a hop probe's last packet the transmit hook keeps looking (ns).
+/// How long after a hop probe's last packet the transmit and route lookup hooks keep looking (ns).
 pub const HOP_LAST_NS: u64 = 1_000_000_000;
 
 /// Records that a hop probe emitted a traced packet at `now`.

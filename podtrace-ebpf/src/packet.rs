@@ -3,8 +3,8 @@
 //! (tc) and `probe_read_kernel` (tracepoints, from `skb->head + network_header`).
 //!
 //! Every program runs on every packet of its device (the tracing ones on every packet of the
-//! machine), so rejecting is the hot path: one read of the IPv4 header decides for most
-//! packets; only UDP to a VXLAN port costs a second look before it is turned away. With
+//! machine), so rejecting is the hot path: one read of the IPv4 header (with the EtherType
+//! before it in the tc programs) decides for most packets; only UDP to a VXLAN port costs a second look before it is turned away. With
 //! `FILTER_NAT` a packet outside the conversation also costs the `NAT_FLOWS` lookups (its
 //! translated forms: a Service's backends, masquerade addresses), and an ICMP error a look at
 //! the header it quotes (an error about the conversation, sent from another address).
@@ -84,10 +84,22 @@ struct EthHead {
     head: IpHead,
 }
 
+/// An Ethernet frame from the last 2 bytes of its source address on, to the end of its IPv4
+/// header (without options): what the tc programs read first, in one read.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct EthIp {
+    _mac: [u8; 2],
+    ethertype: [u8; 2],
+    ip: Ipv4Hdr,
+}
+
 const _: () = assert!(
     core::mem::size_of::<IpHead>() == 36
         && core::mem::size_of::<EthHead>() == 40
         && core::mem::offset_of!(EthHead, head) == 4
+        && core::mem::size_of::<EthIp>() == 24
+        && core::mem::offset_of!(EthIp, ip) == 4
 );
 
 /// The IPv4 header of a packet and, when `has_l4` (no options, and the packet long enough),
@@ -244,11 +256,17 @@ fn eth_head<R: Reader>(r: &R, offset: usize) -> Option<Head> {
             return Some(Head::of(e.head));
         }
     }
-    let ethertype: [u8; 2] = r.load(offset + 12)?;
-    if be16(ethertype) != ETH_P_IP {
+    // The EtherType and the IPv4 header in one read: a frame too short for both carries no
+    // IPv4 packet. The L4 bytes are read on demand.
+    let e: EthIp = r.load(offset + 10)?;
+    if be16(e.ethertype) != ETH_P_IP {
         return None;
     }
-    Head::load(r, offset + ETH_HLEN)
+    Some(Head {
+        ip: e.ip,
+        l4: [0; 14],
+        has_l4: false,
+    })
 }
 
 /// Parses the Ethernet frame at `offset` (tc programs: offset 0) if it carries a traced packet.
