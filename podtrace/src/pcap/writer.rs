@@ -27,6 +27,12 @@ pub const DEFAULT_SNAPLEN: u32 = 262_144;
 /// Encoded records are collected up to this many bytes before a `write(2)`.
 const BUFFER_BYTES: usize = 64 * 1024;
 
+/// A packet at least this long goes to the file straight from the caller's bytes (one
+/// `writev(2)` of the record's head, the packet and the record's tail) rather than through the
+/// buffer: copying it would cost more than the system call it saves. Whole-packet captures of
+/// GSO traffic are made of such packets (up to 64 KiB each).
+const WRITE_THROUGH_BYTES: usize = BUFFER_BYTES / 4;
+
 /// pcapng block type of the Interface Statistics Block.
 const ISB_TYPE: u32 = 0x0000_0005;
 
@@ -381,6 +387,47 @@ impl OpenFile {
         Ok(())
     }
 
+    /// Writes one packet record made of `parts` at once, after the buffered records (see
+    /// [`WRITE_THROUGH_BYTES`]). On failure the file is cut back to its last complete record
+    /// and the hops of the packets that did not make it (this one included) are returned.
+    fn write_through(
+        &mut self,
+        parts: [&[u8]; 3],
+        hop: usize,
+    ) -> Result<(), (io::Error, Vec<usize>)> {
+        self.packets += 1;
+        self.packets_per_hop[hop] += 1;
+        if let Err((e, mut dropped)) = self.flush() {
+            self.packets -= 1;
+            self.packets_per_hop[hop] -= 1;
+            dropped.push(hop);
+            return Err((e, dropped));
+        }
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut slices = parts.map(io::IoSlice::new);
+        let mut bufs = &mut slices[..];
+        let mut written = 0;
+        while written < total {
+            let e = match self.file.write_vectored(bufs) {
+                Ok(0) => io::Error::new(io::ErrorKind::WriteZero, "write returned 0"),
+                Ok(n) => {
+                    written += n;
+                    io::IoSlice::advance_slices(&mut bufs, n);
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => e,
+            };
+            // The record is cut: back to the file's last whole record.
+            let _ = self.file.set_len(self.on_disk);
+            self.packets -= 1;
+            self.packets_per_hop[hop] -= 1;
+            return Err((e, vec![hop]));
+        }
+        self.on_disk += total as u64;
+        Ok(())
+    }
+
     /// Truncate the file to the last record boundary within the `written` bytes of `buf`
     /// that reached it; forget the rest. Returns the hops of dropped packets.
     fn cut_back(&mut self, written: usize) -> Vec<usize> {
@@ -651,7 +698,7 @@ impl CaptureWriter {
         let orig_len = orig_len.max(data_len);
         let frame = &data[..captured];
         // The record's bytes around the packet's; the packet goes into the file's buffer
-        // straight from `data` (one copy, not two).
+        // straight from `data` (one copy, not two), or a large one into the file.
         let Some(record) = RecordFrame::new(self.format, hop, direction, ts_ns, orig_len, captured)
         else {
             return Err(CaptureError::Encode {
@@ -668,14 +715,22 @@ impl CaptureWriter {
             self.rotate(ts_ns, false)?;
         }
         let cur = self.current.as_mut().expect("checked by check_usable");
-        cur.push_parts(&[record.head(), frame, record.tail()], Some(hop));
+        let parts = [record.head(), frame, record.tail()];
+        let through = frame.len() >= WRITE_THROUGH_BYTES;
+        if !through {
+            cur.push_parts(&parts, Some(hop));
+        }
         cur.last_ns = cur.last_ns.max(ts_ns);
         self.stats.packets_written += 1;
         self.stats.packets_per_hop[hop] += 1;
         if captured < data.len() {
             self.stats.packets_truncated += 1;
         }
-        if cur.buf.len() >= BUFFER_BYTES {
+        if through {
+            if let Err((e, dropped)) = cur.write_through(parts, hop) {
+                return Err(self.fail_current(e, dropped, "write"));
+            }
+        } else if cur.buf.len() >= BUFFER_BYTES {
             self.flush()?;
         }
         Ok(())

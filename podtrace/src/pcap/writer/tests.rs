@@ -558,6 +558,68 @@ fn pcapng_records_hops_directions_lengths_and_losses() {
 }
 
 #[test]
+fn large_packets_written_through_keep_their_place_among_buffered_ones() {
+    // Small packets go through the buffer, large ones (WRITE_THROUGH_BYTES and more) straight
+    // to the file after it: the file must hold them in the order written, whole, with a snap
+    // length cutting some of each kind.
+    let lens = |seq: u32| match seq % 4 {
+        0 => 60,
+        1 => WRITE_THROUGH_BYTES,
+        2 => 1500,
+        _ => 64 * 1024,
+    };
+    let snaplen = 40_000u32;
+    for format in [CaptureFormat::PcapNg, CaptureFormat::Pcap] {
+        let dir = TempDir::new("through");
+        let path = dir.join("t.cap");
+        let mut w = CaptureWriter::create_with(
+            &path,
+            format,
+            RotationPolicy::none(),
+            snaplen,
+            hops2(),
+            opts(),
+        )
+        .unwrap();
+        let sent: Vec<Vec<u8>> = (0..40).map(|seq| pkt(seq, lens(seq))).collect();
+        for (seq, p) in sent.iter().enumerate() {
+            w.write(seq % 2, Direction::Inbound, T0 + seq as u64, 0, p)
+                .unwrap();
+        }
+        let stats = w.finish().unwrap();
+        assert_eq!((stats.packets_written, stats.packets_truncated), (40, 10));
+        assert_eq!(stats.bytes_written, fs::metadata(&path).unwrap().len());
+        let got: Vec<(Vec<u8>, u32)> = match format {
+            CaptureFormat::PcapNg => read_ng(&path)
+                .epbs
+                .into_iter()
+                .map(|e| (e.data, e.orig_len))
+                .collect(),
+            CaptureFormat::Pcap => {
+                let mut r =
+                    pcap_file::pcap::PcapReader::new(fs::File::open(&path).unwrap()).unwrap();
+                let mut v = Vec::new();
+                // Raw: pcap-file's checked reader rejects orig_len > snaplen.
+                while let Some(p) = r.next_raw_packet() {
+                    let p = p.unwrap();
+                    v.push((p.data.into_owned(), p.orig_len));
+                }
+                v
+            }
+        };
+        assert_eq!(got.len(), sent.len(), "{format:?}");
+        for (seq, ((data, orig), p)) in got.iter().zip(&sent).enumerate() {
+            let cut = p.len().min(snaplen as usize);
+            assert_eq!(data[..], p[..cut], "{format:?} packet {seq}");
+            assert_eq!(*orig as usize, p.len(), "{format:?} packet {seq}");
+        }
+        if let Some(c) = wireshark_count(&path) {
+            assert_eq!(c, 40, "{format:?}");
+        }
+    }
+}
+
+#[test]
 fn classic_pcap_mixes_hops_with_nanosecond_timestamps() {
     let dir = TempDir::new("pcap");
     let path = dir.join("x.pcap");
@@ -1453,6 +1515,54 @@ fn tmpfs(test: &str) -> TmpfsMount {
 #[test]
 fn disk_full_names_the_file_and_keeps_earlier_files_intact() {
     let mnt = tmpfs("disk_full_names_the_file_and_keeps_earlier_files_intact");
+    let files = fill_until_full(&mnt, |_| 1000);
+
+    // With no room at all, not even a header fits: the new file is removed.
+    let filler = mnt.dir.join("filler");
+    {
+        use std::io::Write as _;
+        let mut f = fs::File::create(&filler).unwrap();
+        let chunk = [0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+    }
+    let path2 = mnt.dir.join("nospace.pcap");
+    let err = CaptureWriter::create(
+        &path2,
+        CaptureFormat::Pcap,
+        RotationPolicy::none(),
+        0,
+        hops2(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, CaptureError::DiskFull { file_kept: false, path, .. } if path == &path2),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("removed"), "{err}");
+    assert!(!path2.exists());
+    for p in &files {
+        let _ = read_ng(p);
+    }
+}
+
+#[test]
+fn disk_full_while_writing_large_packets_through() {
+    // Packets of at least WRITE_THROUGH_BYTES skip the buffer: the write that fails is one of
+    // them, and the file is still cut back to whole records.
+    let mnt = tmpfs("disk_full_while_writing_large_packets_through");
+    fill_until_full(&mnt, |seq| match seq % 3 {
+        0 => 1000,
+        _ => WRITE_THROUGH_BYTES + 1000 * seq as usize % 7000,
+    });
+    let mnt = tmpfs("disk_full_while_writing_large_packets_through");
+    fill_until_full(&mnt, |_| WRITE_THROUGH_BYTES);
+}
+
+/// Writes packets of `len_of(seq)` bytes into files of at most 60 000 bytes on `mnt` until
+/// the disk is full, then checks what a full disk leaves: the error names the failing file,
+/// earlier files are complete, the failing one is cut back to whole packets, and together
+/// they hold exactly the packets counted as written, in order. Returns the files.
+fn fill_until_full(mnt: &TmpfsMount, len_of: impl Fn(u32) -> usize) -> Vec<PathBuf> {
     let path = mnt.dir.join("full.pcapng");
     let policy = RotationPolicy::none().with_max_file_bytes(60_000);
     let mut w =
@@ -1465,7 +1575,7 @@ fn disk_full_names_the_file_and_keeps_earlier_files_intact() {
             Direction::Inbound,
             T0 + u64::from(sent),
             0,
-            &pkt(sent, 1000),
+            &pkt(sent, len_of(sent)),
         ) {
             Ok(()) => sent += 1,
             Err(e) => break e,
@@ -1526,33 +1636,7 @@ fn disk_full_names_the_file_and_keeps_earlier_files_intact() {
         "{again:?}"
     );
     drop(w);
-
-    // With no room at all, not even a header fits: the new file is removed.
-    let filler = mnt.dir.join("filler");
-    {
-        use std::io::Write as _;
-        let mut f = fs::File::create(&filler).unwrap();
-        let chunk = [0u8; 4096];
-        while f.write_all(&chunk).is_ok() {}
-    }
-    let path2 = mnt.dir.join("nospace.pcap");
-    let err = CaptureWriter::create(
-        &path2,
-        CaptureFormat::Pcap,
-        RotationPolicy::none(),
-        0,
-        hops2(),
-    )
-    .unwrap_err();
-    assert!(
-        matches!(&err, CaptureError::DiskFull { file_kept: false, path, .. } if path == &path2),
-        "{err:?}"
-    );
-    assert!(err.to_string().contains("removed"), "{err}");
-    assert!(!path2.exists());
-    for p in &files {
-        let _ = read_ng(p);
-    }
+    files
 }
 
 #[test]
