@@ -286,6 +286,8 @@ pub struct Running {
     pub child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Says (or hangs up) when stderr reached its end of file: all of it is in `stderr`.
+    stderr_done: std::sync::mpsc::Receiver<()>,
     /// stdout lines read so far.
     pub seen: Vec<String>,
 }
@@ -327,6 +329,7 @@ impl Running {
         });
         let stderr_buf = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
         {
             let stderr = child.stderr.take().unwrap();
             let buf = stderr_buf.clone();
@@ -342,12 +345,14 @@ impl Running {
                     b.push_str(&line);
                     b.push('\n');
                 }
+                let _ = done_tx.send(());
             });
         }
         let mut run = Self {
             child,
             lines: rx,
             stderr: stderr_buf,
+            stderr_done: done_rx,
             seen: Vec::new(),
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
@@ -393,10 +398,15 @@ impl Running {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                // Everything it printed: the reader ends at the pipe's end of file.
+                // Everything it printed: the readers end at the pipes' end of file. Both, or
+                // a loaded machine can leave the last stderr lines unread (a missing error
+                // message, not a missing error).
                 while let Ok(l) = self.lines.recv_timeout(std::time::Duration::from_secs(5)) {
                     self.seen.push(l);
                 }
+                let _ = self
+                    .stderr_done
+                    .recv_timeout(std::time::Duration::from_secs(5));
                 let lines = std::mem::take(&mut self.seen);
                 return (status.code(), lines, self.stderr());
             }
