@@ -225,8 +225,15 @@ fn an_agent_lost_mid_run_is_named_and_nothing_is_claimed() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    wait_until(10, "node-b's probes to go", || {
+    // And its guard's clean-up to end: deleting the clsact qdiscs the agent created swaps
+    // each interface's transmit queue for the kernel's noop qdisc for an instant, and a ping
+    // in that instant is lost (the data path's doing, not podtrace's output's).
+    wait_until(10, "node-b's probes and clsact qdiscs to go", || {
         !tc_programs(&lab, "node-b", "eth0").contains("hop_")
+            && ["node-b", "pod-b1"].iter().all(|ns| {
+                let out = lab.exec(ns, &["tc", "qdisc", "show"]);
+                out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("clsact")
+            })
     });
     ping(&lab, 1);
     run.signal(nix::sys::signal::Signal::SIGTERM);
