@@ -395,11 +395,7 @@ impl OpenFile {
         parts: [&[u8]; 3],
         hop: usize,
     ) -> Result<(), (io::Error, Vec<usize>)> {
-        self.packets += 1;
-        self.packets_per_hop[hop] += 1;
         if let Err((e, mut dropped)) = self.flush() {
-            self.packets -= 1;
-            self.packets_per_hop[hop] -= 1;
             dropped.push(hop);
             return Err((e, dropped));
         }
@@ -420,11 +416,11 @@ impl OpenFile {
             };
             // The record is cut: back to the file's last whole record.
             let _ = self.file.set_len(self.on_disk);
-            self.packets -= 1;
-            self.packets_per_hop[hop] -= 1;
             return Err((e, vec![hop]));
         }
         self.on_disk += total as u64;
+        self.packets += 1;
+        self.packets_per_hop[hop] += 1;
         Ok(())
     }
 
