@@ -4,10 +4,11 @@
 //!
 //! Every program runs on every packet of its device (the tracing ones on every packet of the
 //! machine), so rejecting is the hot path: one read of the IPv4 header (with the EtherType
-//! before it in the tc programs) decides for most packets; only UDP to a VXLAN port costs a second look before it is turned away. With
-//! `FILTER_NAT` a packet outside the conversation also costs the `NAT_FLOWS` lookups (its
-//! translated forms: a Service's backends, masquerade addresses), and an ICMP error a look at
-//! the header it quotes (an error about the conversation, sent from another address).
+//! before it in the tc programs) decides for most packets; only UDP to a VXLAN port costs a
+//! second look before it is turned away. With `FILTER_NAT` a packet outside the conversation
+//! also costs the `NAT_FLOWS` lookups (its translated forms: a Service's backends, masquerade
+//! addresses), and an ICMP error a look at the header it quotes (an error about the
+//! conversation, sent from another address).
 use aya_ebpf::{macros::map, maps::HashMap};
 use podtrace_abi::{
     Filter, FlowInfo, NatKey, FILTER_NAT, MAX_NAT_FLOWS, MAX_VXLAN_PORTS, MAX_X_NETS, MAX_X_PORTS,
