@@ -1,6 +1,7 @@
 //! Packet parsing shared by the tc and the tracing programs: IPv4 + TCP/UDP/ICMP, and the
-//! packet inside VXLAN. Reads go through [`Reader`], so the same code serves `skb_load_bytes`
-//! (tc) and `probe_read_kernel` (tracepoints, from `skb->head + network_header`).
+//! packet inside VXLAN. Reads go through [`Reader`], so the same code serves the tc programs
+//! (the frame's headers straight from the skb's linear data, `skb_load_bytes` otherwise) and
+//! the tracing ones (`probe_read_kernel`, from `skb->head + network_header`).
 //!
 //! Every program runs on every packet of its device (the tracing ones on every packet of the
 //! machine), so rejecting is the hot path: one read of the IPv4 header (with the EtherType
@@ -38,6 +39,14 @@ pub trait Reader {
     const ONE_READ: bool;
 
     fn load<T: Copy>(&self, offset: usize) -> Option<T>;
+
+    /// A read of the headers every packet costs (a frame's EtherType and IPv4 header, the
+    /// first bytes of its L4 header), where a reader may have a cheaper way; [`Reader::load`]
+    /// otherwise.
+    #[inline(always)]
+    fn load_frame<T: Copy>(&self, offset: usize) -> Option<T> {
+        self.load(offset)
+    }
 }
 
 /// The fixed part of an IPv4 header, as on the wire.
@@ -149,7 +158,7 @@ impl Head {
     #[inline(always)]
     fn l4<R: Reader>(&self, r: &R, l3: usize) -> Option<L4Hdr> {
         if !self.has_l4 {
-            return r.load(self.l4_at(l3));
+            return r.load_frame(self.l4_at(l3));
         }
         let b = &self.l4;
         Some(L4Hdr {
@@ -259,7 +268,7 @@ fn eth_head<R: Reader>(r: &R, offset: usize) -> Option<Head> {
     }
     // The EtherType and the IPv4 header in one read: a frame too short for both carries no
     // IPv4 packet. The L4 bytes are read on demand.
-    let e: EthIp = r.load(offset + 10)?;
+    let e: EthIp = r.load_frame(offset + 10)?;
     if be16(e.ethertype) != ETH_P_IP {
         return None;
     }
