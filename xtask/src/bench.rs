@@ -31,6 +31,7 @@ mod overhead;
 mod proc;
 mod report;
 mod sweep;
+mod tchook;
 mod udp;
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Instant};

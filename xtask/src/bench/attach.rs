@@ -1,7 +1,8 @@
 //! Attach latency: wall time from starting `podtrace follow POD --dst IP --json` to its
 //! `{"type":"ready"}` line (every hop of both nodes probed), split with the timings the ready
-//! line carries.
-use std::time::Duration;
+//! line carries; and the stop, from SIGINT to the process's exit (probes detached). On a
+//! kernel with TCX, a few more runs with TCX links (`PODTRACE_TC=tcx`) for comparison.
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Value};
@@ -28,10 +29,14 @@ pub struct Run {
     pub attach: f64,
     /// The rest inside podtrace before the line (the ready line itself).
     pub other: f64,
+    /// SIGINT → the process exited (its probes detached, its summary printed).
+    pub stop: f64,
 }
 
 impl Run {
-    const FIELDS: [&'static str; 6] = ["total", "process", "resolve", "load", "attach", "other"];
+    const FIELDS: [&'static str; 7] = [
+        "total", "process", "resolve", "load", "attach", "other", "stop",
+    ];
 
     fn get(&self, f: &str) -> f64 {
         match f {
@@ -40,6 +45,7 @@ impl Run {
             "resolve" => self.resolve,
             "load" => self.load,
             "attach" => self.attach,
+            "stop" => self.stop,
             _ => self.other,
         }
     }
@@ -55,6 +61,8 @@ impl Run {
 
 pub struct Attach {
     pub runs: Vec<Run>,
+    /// The same with TCX links (`PODTRACE_TC=tcx`), on kernels that have TCX.
+    pub tcx_runs: Vec<Run>,
     pub hops: usize,
     pub hop_names: Vec<String>,
     pub kernel_hooks: Vec<String>,
@@ -77,6 +85,11 @@ impl Attach {
         Stat::of(&self.runs.iter().map(|r| r.get(f)).collect::<Vec<_>>())
     }
 
+    /// A figure of the TCX runs.
+    pub fn tcx_stat(&self, f: &str) -> Option<Stat> {
+        Stat::of(&self.tcx_runs.iter().map(|r| r.get(f)).collect::<Vec<_>>())
+    }
+
     pub fn to_json(&self) -> Value {
         let stat = |pick: &dyn Fn(&str) -> f64| {
             let mut m = serde_json::Map::new();
@@ -95,6 +108,10 @@ impl Attach {
             "hop_names": self.hop_names,
             "kernel_hooks": self.kernel_hooks,
             "warmup_runs_discarded": 1,
+            "tcx": (!self.tcx_runs.is_empty()).then(|| json!({
+                "env": "PODTRACE_TC=tcx",
+                "runs": self.tcx_runs.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
+            })),
         })
     }
 }
@@ -103,10 +120,11 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-fn one(ctx: &Ctx) -> Result<(Run, Value)> {
-    let mut p = ctx.lab.spawn_podtrace(
+fn one(ctx: &Ctx, env: &[(&str, &str)]) -> Result<(Run, Value)> {
+    let mut p = ctx.lab.spawn_podtrace_env(
         "podtrace follow",
         &["follow", POD, "--dst", DST_IP, "--json"],
+        env,
     )?;
     let line = p.wait_line(
         Stream::Out,
@@ -126,7 +144,9 @@ fn one(ctx: &Ctx) -> Result<(Run, Value)> {
         ms("resolve_ms")?,
         ms("ready_ms")?,
     );
+    let stopping = Instant::now();
     let exit = p.stop(Duration::from_secs(30))?;
+    let stop = stopping.elapsed().as_secs_f64() * 1e3;
     // 1: no packet seen (the path is idle) — expected here.
     if !matches!(exit.code, Some(0 | 1)) {
         bail!("podtrace follow ended with {}", exit.describe());
@@ -139,21 +159,26 @@ fn one(ctx: &Ctx) -> Result<(Run, Value)> {
             load,
             attach,
             other: ready_ms - resolve - load - attach,
+            stop,
         },
         ready,
     ))
 }
 
+/// Runs with TCX links, after the others.
+const TCX_RUNS: usize = 3;
+
 pub fn measure(ctx: &Ctx, runs: usize) -> Result<Attach> {
     eprintln!("bench: attach latency, 1 warm-up + {runs} runs");
     let mut out = Attach {
         runs: Vec::new(),
+        tcx_runs: Vec::new(),
         hops: 0,
         hop_names: Vec::new(),
         kernel_hooks: Vec::new(),
     };
     for i in 0..=runs {
-        let (run, ready) = one(ctx)?;
+        let (run, ready) = one(ctx, &[])?;
         if i == 0 {
             // A cold start (page cache, first BTF parse) is not what the median is about.
             eprintln!("bench:   warm-up {:.0} ms", run.total);
@@ -179,6 +204,17 @@ pub fn measure(ctx: &Ctx, runs: usize) -> Result<Attach> {
             })
             .unwrap_or_default();
         proc::sleep(Duration::from_millis(200))?;
+    }
+    if super::tchook::kernel_has_tcx() {
+        for i in 1..=TCX_RUNS {
+            let (run, _) = one(ctx, &[("PODTRACE_TC", "tcx")])?;
+            eprintln!(
+                "bench:   TCX run {i}: {:.0} ms (attach {:.1}), stop {:.0} ms",
+                run.total, run.attach, run.stop
+            );
+            out.tcx_runs.push(run);
+            proc::sleep(Duration::from_millis(200))?;
+        }
     }
     Ok(out)
 }

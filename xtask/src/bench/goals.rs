@@ -112,6 +112,26 @@ pub fn evaluate(
         });
     }
 
+    for (c, what) in [
+        (
+            Config::TcHookAlone,
+            "for reference: tc's hook alone on every hop (a clsact filter that does nothing, no kernel hooks): throughput",
+        ),
+        (
+            Config::FollowOtherPortTcx,
+            "for reference: idle `follow --port 9` with TCX links (`PODTRACE_TC=tcx`): throughput",
+        ),
+    ] {
+        if !o.runs(c).is_empty() {
+            goals.push(Goal {
+                figure: what.into(),
+                goal: "– (reported)".into(),
+                measured: show(o.ratio(c), &x3),
+                met: None,
+            });
+        }
+    }
+
     // capture vs tcpdump, round by round.
     let cap = o.runs(Config::Capture);
     let tcp = o.runs(Config::Tcpdump);
@@ -381,6 +401,7 @@ mod tests {
                     ..attach::Run::default()
                 })
                 .collect(),
+            tcx_runs: Vec::new(),
             hops: 10,
             hop_names: Vec::new(),
             kernel_hooks: Vec::new(),

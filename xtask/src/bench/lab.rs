@@ -79,7 +79,17 @@ impl Lab {
 
     /// Starts a podtrace command that takes a pod.
     pub fn spawn_podtrace(&self, what: &str, args: &[&str]) -> Result<Proc> {
-        Proc::spawn(what, &self.podtrace, &self.pod_args(args))
+        self.spawn_podtrace_env(what, args, &[])
+    }
+
+    /// [`Lab::spawn_podtrace`] with `env` added to its environment.
+    pub fn spawn_podtrace_env(
+        &self,
+        what: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Proc> {
+        Proc::spawn_env(what, &self.podtrace, &self.pod_args(args), env)
     }
 
     /// Starts `CMD...` inside the namespace of lab pod or node `name`.

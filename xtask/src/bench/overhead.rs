@@ -19,7 +19,7 @@ use super::{
     capture::{self, Report, Tool},
     median,
     proc::{self, Proc, Stream},
-    Ctx, Stat, DST_IP, OTHER_PEER_IP, PEER, POD,
+    tchook, Ctx, Stat, DST_IP, OTHER_PEER_IP, PEER, POD,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +29,12 @@ pub enum Config {
     FollowOtherPeer,
     /// `follow POD --dst PEER --port 9`: probes on all 10 hops, the filter rejects all.
     FollowOtherPort,
+    /// The same with TCX links instead of clsact filters (`PODTRACE_TC=tcx`; kernels with
+    /// TCX only). Reported, not a goal: TCX links take a grace period each to attach.
+    FollowOtherPortTcx,
+    /// A clsact filter that does nothing on both directions of every hop ([`tchook`]): the
+    /// floor of the idle configurations.
+    TcHookAlone,
     Capture,
     /// `capture -s 128`: headers only.
     CaptureHeaders,
@@ -43,10 +49,12 @@ impl Config {
         matches!(self, Config::Capture | Config::CaptureHeaders)
     }
 
-    pub const ALL: [Config; 6] = [
+    pub const ALL: [Config; 8] = [
         Config::Baseline,
         Config::FollowOtherPeer,
         Config::FollowOtherPort,
+        Config::FollowOtherPortTcx,
+        Config::TcHookAlone,
         Config::Capture,
         Config::CaptureHeaders,
         Config::Tcpdump,
@@ -54,7 +62,23 @@ impl Config {
 
     /// A podtrace configuration (its programs' kernel cost is read).
     pub fn is_podtrace(self) -> bool {
-        !matches!(self, Config::Baseline | Config::Tcpdump)
+        !matches!(
+            self,
+            Config::Baseline | Config::Tcpdump | Config::TcHookAlone
+        )
+    }
+
+    /// An idle `follow` configuration.
+    pub fn is_follow(self) -> bool {
+        matches!(
+            self,
+            Config::FollowOtherPeer | Config::FollowOtherPort | Config::FollowOtherPortTcx
+        )
+    }
+
+    /// Whether this machine can run the configuration.
+    pub fn runs_here(self) -> bool {
+        self != Config::FollowOtherPortTcx || tchook::kernel_has_tcx()
     }
 
     pub fn key(self) -> &'static str {
@@ -62,6 +86,8 @@ impl Config {
             Config::Baseline => "baseline",
             Config::FollowOtherPeer => "follow_idle_other_peer",
             Config::FollowOtherPort => "follow_idle_other_port",
+            Config::FollowOtherPortTcx => "follow_idle_other_port_tcx",
+            Config::TcHookAlone => "tc_hook_alone",
             Config::Capture => "podtrace_capture",
             Config::CaptureHeaders => "podtrace_capture_headers",
             Config::Tcpdump => "tcpdump",
@@ -76,6 +102,13 @@ impl Config {
             }
             Config::FollowOtherPort => {
                 format!("podtrace follow {POD} --dst {DST_IP} --port 9 (idle: all hops)")
+            }
+            Config::FollowOtherPortTcx => format!(
+                "PODTRACE_TC=tcx podtrace follow {POD} --dst {DST_IP} --port 9 (idle: all hops, TCX links)"
+            ),
+            Config::TcHookAlone => {
+                "a clsact filter that does nothing, on both directions of every hop (tc's hook alone)"
+                    .into()
             }
             Config::Capture => {
                 format!("podtrace capture {POD} --dst {DST_IP} -w F -C 100 -W 3 (all hops)")
@@ -348,17 +381,18 @@ fn round3(x: f64) -> f64 {
 }
 
 /// What runs beside iperf3 in one configuration.
-enum Attached {
+enum Attached<'a> {
     Nothing,
     Follow(Proc),
     Capture(capture::Running),
+    Filters(tchook::NoopFilters<'a>),
 }
 
-fn attach(ctx: &Ctx, c: Config) -> Result<Attached> {
-    let follow = |dst: &str, extra: &[&str]| -> Result<Attached> {
+fn attach(ctx: &Ctx, c: Config) -> Result<Attached<'_>> {
+    let follow = |dst: &str, extra: &[&str], env: &[(&str, &str)]| -> Result<Attached> {
         let mut args = vec!["follow", POD, "--dst", dst, "--json"];
         args.extend(extra);
-        let mut p = ctx.lab.spawn_podtrace("podtrace follow", &args)?;
+        let mut p = ctx.lab.spawn_podtrace_env("podtrace follow", &args, env)?;
         p.wait_line(
             Stream::Out,
             |l| l.contains("\"type\":\"ready\""),
@@ -368,8 +402,10 @@ fn attach(ctx: &Ctx, c: Config) -> Result<Attached> {
     };
     Ok(match c {
         Config::Baseline => Attached::Nothing,
-        Config::FollowOtherPeer => follow(OTHER_PEER_IP, &[])?,
-        Config::FollowOtherPort => follow(DST_IP, &["--port", "9"])?,
+        Config::FollowOtherPeer => follow(OTHER_PEER_IP, &[], &[])?,
+        Config::FollowOtherPort => follow(DST_IP, &["--port", "9"], &[])?,
+        Config::FollowOtherPortTcx => follow(DST_IP, &["--port", "9"], &[("PODTRACE_TC", "tcx")])?,
+        Config::TcHookAlone => Attached::Filters(tchook::NoopFilters::attach(&ctx.lab, &ctx.hops)?),
         Config::Capture => Attached::Capture(capture::start(ctx, Tool::Podtrace, None, None)?),
         Config::CaptureHeaders => Attached::Capture(capture::start(
             ctx,
@@ -381,11 +417,11 @@ fn attach(ctx: &Ctx, c: Config) -> Result<Attached> {
     })
 }
 
-impl Attached {
+impl Attached<'_> {
     /// The tool's processes.
     fn pids(&self) -> Vec<i32> {
         match self {
-            Attached::Nothing => Vec::new(),
+            Attached::Nothing | Attached::Filters(_) => Vec::new(),
             Attached::Follow(p) => vec![p.pid],
             Attached::Capture(c) => c.pids(),
         }
@@ -396,6 +432,7 @@ impl Attached {
 fn detach(a: Attached, run: &mut Run) -> Result<()> {
     match a {
         Attached::Nothing => {}
+        Attached::Filters(f) => drop(f),
         Attached::Capture(c) => run.capture = Some(c.stop()?),
         Attached::Follow(mut p) => {
             let hwm = p.vm_hwm_kb().unwrap_or(0);
@@ -502,11 +539,15 @@ pub fn measure(ctx: &Ctx, rounds: usize, stats_rounds: usize, seconds: u32) -> R
     let mut results = Results {
         seconds,
         stats_via: None,
-        runs: Config::ALL.iter().map(|c| (*c, Vec::new())).collect(),
+        runs: Config::ALL
+            .iter()
+            .filter(|c| c.runs_here())
+            .map(|c| (*c, Vec::new()))
+            .collect(),
         stats_runs: Vec::new(),
     };
     for round in 1..=rounds {
-        for c in Config::ALL {
+        for c in Config::ALL.into_iter().filter(|c| c.runs_here()) {
             let base = results
                 .runs(Config::Baseline)
                 .get(round - 1)
@@ -523,7 +564,10 @@ pub fn measure(ctx: &Ctx, rounds: usize, stats_rounds: usize, seconds: u32) -> R
     }
     // The programs' own cost, from runs of their own: the statistics slow every program run.
     for round in 1..=stats_rounds {
-        for c in Config::ALL.into_iter().filter(|c| c.is_podtrace()) {
+        for c in Config::ALL
+            .into_iter()
+            .filter(|c| c.is_podtrace() && c.runs_here())
+        {
             let (run, via) = one_run(ctx, c, seconds, true, &format!("stats {round}"), None)?;
             results.stats_via = via;
             match results.stats_runs.iter_mut().find(|(k, _)| *k == c) {

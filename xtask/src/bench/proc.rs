@@ -105,9 +105,20 @@ pub struct Proc {
 impl Proc {
     /// Starts `program args...` (stdin from /dev/null, stdout and stderr read here).
     pub fn spawn(name: &str, program: &Path, args: &[String]) -> Result<Proc> {
+        Self::spawn_env(name, program, args, &[])
+    }
+
+    /// [`Proc::spawn`] with `env` added to the environment.
+    pub fn spawn_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<Proc> {
         check()?;
         let mut cmd = Command::new(program);
         cmd.args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -238,6 +238,10 @@ impl Results {
                 "attach (a program copy per namespace, tc on every hop, names, kernel hooks)",
             ),
             ("other", "other (before the ready line)"),
+            (
+                "stop",
+                "**stop: SIGINT → exit** (probes detached, summary printed)",
+            ),
         ] {
             let _ = writeln!(
                 s,
@@ -246,6 +250,26 @@ impl Results {
                 a.median(f),
                 a.max(f)
             );
+        }
+        if !a.tcx_runs.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nWith TCX links instead of clsact filters (`PODTRACE_TC=tcx`), {} runs: the kernel waits for an RCU grace period under the RTNL lock for each link it attaches or detaches, one after the other.\n\n| phase | min | median | max |\n|---|---:|---:|---:|",
+                a.tcx_runs.len()
+            );
+            for (f, label) in [
+                ("total", "total: start → probes live"),
+                ("attach", "attach"),
+                ("stop", "stop: SIGINT → exit"),
+            ] {
+                if let Some(st) = a.tcx_stat(f) {
+                    let _ = writeln!(
+                        s,
+                        "| {label} | {:.1} ms | {:.1} ms | {:.1} ms |",
+                        st.min, st.median, st.max
+                    );
+                }
+            }
         }
 
         // Agents.
@@ -305,7 +329,7 @@ impl Results {
             "| configuration | Gbit/s | × baseline | captured | lost | lost % | tool CPU per 10 s of traffic | tool CPU total | peak RSS |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         let dash = || "–".to_owned();
-        for c in Config::ALL {
+        for c in Config::ALL.into_iter().filter(|c| !o.runs(*c).is_empty()) {
             let show = |x: Option<super::Stat>, f: &dyn Fn(f64) -> String| {
                 x.map(|x| x.show(f)).unwrap_or_else(dash)
             };
@@ -323,9 +347,8 @@ impl Results {
                         format!("{x:.0} %")
                     }),
                 )
-            } else if let (Config::FollowOtherPeer | Config::FollowOtherPort, runs) =
-                (c, o.follow_runs(c))
-            {
+            } else if c.is_follow() {
+                let runs = o.follow_runs(c);
                 let hops = runs.first().map_or(0, |f| f.hops.len());
                 let lost: u64 = runs.iter().map(|f| f.lost).sum();
                 let packets: u64 = runs.iter().map(|f| f.packets).sum();
@@ -379,6 +402,15 @@ impl Results {
             "\nIdle `follow`: `--dst {OTHER_PEER_IP}` (pod-a2) probes that path's hops ({}), {on_path} of them on the iperf3 path; `--port 9` keeps {PEER} as the peer, so every hop of the iperf3 path is probed ({}) and the filter rejects every packet. Both keep the kernel hooks (drops, FIB lookups, device transmits), which see every packet of the machine. podtrace's \"lost\" counts ring-buffer events of every kind (hop packet records and FIB/transmit/drop events), not only packets.",
             probed(Config::FollowOtherPeer),
             probed(Config::FollowOtherPort)
+        );
+        let _ = writeln!(
+            s,
+            "\nThe floor under them: \"tc's hook alone\" puts on both directions of every hop a clsact filter that does nothing (classic BPF `ret 0` through cls_bpf, the way podtrace's clsact filters run, without their work) and no kernel hooks. What the idle configurations lose beyond it is podtrace's programs and kernel hooks; what it loses, no probe of every hop through clsact wins back.{}",
+            if o.runs(Config::FollowOtherPortTcx).is_empty() {
+                " (TCX: this kernel has none.)".to_owned()
+            } else {
+                " The `PODTRACE_TC=tcx` row is `--port 9` with TCX links instead of clsact filters: the kernel runs TCX programs without the classifier layer, but they take longer to start and stop (see attach latency).".to_owned()
+            }
         );
 
         // The programs' own cost.
