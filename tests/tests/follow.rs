@@ -246,6 +246,106 @@ fn cross_node_udp_and_tcp_are_confirmed() {
     );
 }
 
+/// Sends TCP segments of 6000 bytes through eth0 with an AF_PACKET socket and a virtio-net
+/// header whose `hdr_len` is 14: past a page, the kernel keeps only those 14 bytes in the
+/// skb's linear data and the rest, IPv4 and TCP headers included, in page fragments (as
+/// QEMU's or a virtio-user backend's packets arrive). No GSO, no checksum offload: nothing
+/// on the way out pulls the headers in. Args: peer, port, count, gateway (for its MAC).
+const NONLINEAR_SENDER: &str = r#"
+import socket, struct, sys
+dst, dport, count, gw = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect((dst, dport))
+src = u.getsockname()[0]; u.close()
+mac = bytes.fromhex(open('/sys/class/net/eth0/address').read().strip().replace(':', ''))
+gwmac = [bytes.fromhex(f[3].replace(':', '')) for f in
+         (l.split() for l in open('/proc/net/arp').read().splitlines()[1:]) if f[0] == gw][0]
+def csum(b):
+    if len(b) % 2: b += b'\0'
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    while s >> 16: s = (s & 0xffff) + (s >> 16)
+    return s
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.setsockopt(263, 15, 1)  # SOL_PACKET, PACKET_VNET_HDR
+s.bind(('eth0', 0))
+payload = b'podtrace' * 750
+for i in range(count):
+    tcp_len = 20 + len(payload)
+    ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + tcp_len, 0x1000 + i, 0, 64, 6, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    ip = ip[:10] + struct.pack('!H', 0xffff - csum(ip)) + ip[12:]
+    tcp = struct.pack('!HHIIBBHHH', 40000 + i, dport, 1000 * (i + 1), 0, 5 << 4, 0x18, 65535, 0, 0)
+    c = csum(socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack('!HH', 6, tcp_len) + tcp + payload)
+    tcp = tcp[:16] + struct.pack('!H', 0xffff - c) + tcp[18:]
+    # virtio_net_hdr: no flags, no GSO, hdr_len 14.
+    s.send(struct.pack('<BBHHHH', 0, 0, 14, 0, 0, 0) + gwmac + mac + b'\x08\x00' + ip + tcp + payload)
+"#;
+
+#[test]
+fn packets_whose_headers_are_outside_the_linear_data_are_followed() {
+    let lab = Lab::up("fnlin", "flannel");
+    // Frames of 6 KB: pod-a1's eth0 and its host veth (the receiving end's MTU is what
+    // veth checks) take them; node-a fragments them on into the VXLAN.
+    let topo: Value = serde_json::from_slice(
+        &lab.podtrace(&["topo", "pod-a1", "--dst", "10.244.1.5", "--json"])
+            .stdout,
+    )
+    .unwrap();
+    let host_veth = topo["hops"][1]["ifname"].as_str().unwrap().to_owned();
+    assert!(host_veth.starts_with("veth"), "{topo:#}");
+    for (ns, dev) in [("pod-a1", "eth0"), ("node-a", host_veth.as_str())] {
+        let out = lab.exec(ns, &["ip", "link", "set", dev, "mtu", "9000"]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    // The gateway's MAC, for the frames.
+    ping(&lab, "pod-a1", "10.244.0.1", 1);
+
+    let run = follow(
+        &lab,
+        "pod-a1",
+        "10.244.1.5",
+        &["--proto", "tcp", "--port", "5353", "--duration", "3"],
+    );
+    let out = lab.exec(
+        "pod-a1",
+        &[
+            "python3",
+            "-c",
+            NONLINEAR_SENDER,
+            "10.244.1.5",
+            "5353",
+            "2",
+            "10.244.0.1",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let (code, objs, summary) = finish(run);
+    assert_eq!(summary["verdict"], "confirmed", "{summary:#}");
+    assert_eq!(code, Some(0));
+    // Both segments, each seen on every hop from pod-a1's eth0 on: the first hops read the
+    // headers from the page fragments (the skb's linear data holds only the Ethernet
+    // header until node-a's IP layer pulls the IPv4 header in).
+    let sent: Vec<&Value> = objs
+        .iter()
+        .filter(|o| o["type"] == "packet" && o["direction"] == "forward")
+        .collect();
+    assert_eq!(sent.len(), 2, "{objs:#?}");
+    for p in sent {
+        assert_eq!(p["fate"], "complete", "{p:#}");
+        assert_eq!(p["flow"]["dport"], 5353, "{p:#}");
+        let hops = path(p, "hops");
+        assert_eq!(
+            hops[..3],
+            [
+                "pod-a1/eth0 egress",
+                "node-a/vet* ingress",
+                "node-a/cni0 ingress"
+            ],
+            "{p:#}"
+        );
+        assert_eq!(hops.last().unwrap(), "pod-b1/eth0 ingress", "{p:#}");
+    }
+}
+
 #[test]
 fn eni_pod_is_confirmed_through_its_eni_and_never_eth0() {
     let lab = Lab::up("feni", "eni");
