@@ -1,5 +1,5 @@
 //! The loop most consumers of the engine run: events to the consumer as they come, a tick
-//! every 100 ms, and an end on SIGINT/SIGTERM ([`crate::signals`]), a duration, the pod's namespace going away, or
+//! every 100 ms, and an end on SIGINT/SIGTERM (at once: [`crate::signals`]), a duration, the pod's namespace going away, or
 //! the consumer's say-so. Whatever ends it, the rest of the stream is handed over and the
 //! engine finished (every probe detached) before it returns.
 use std::{
@@ -89,8 +89,27 @@ pub fn drive(
     let stop = rt.block_on(async {
         let deadline = until.duration.map(|d| Instant::now() + d);
         let mut tick = tokio::time::interval(TICK);
+        // SIGINT/SIGTERM end the loop at once, not at the next tick.
+        let signalled = crate::signals::wake_fd().and_then(|fd| {
+            // SAFETY: the signal pipe is never closed (`signals::wake_fd`), so the fd stays
+            // valid and the same for the AsyncFd's whole life.
+            unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+            }
+            .ok()
+        });
         let stop: Result<Stop> = loop {
             tokio::select! {
+                _ = async {
+                    match &signalled {
+                        Some(fd) => drop(fd.readable().await),
+                        None => std::future::pending::<()>().await,
+                    }
+                } => {
+                    if let Some(sig) = crate::signals::pending() {
+                        break Ok(Stop::Signal(sig));
+                    }
+                }
                 batch = events.recv() => match batch {
                     Some(batch) => match consumer.on_events(batch) {
                         Ok(Some(s)) => break Ok(s),
