@@ -2,7 +2,6 @@
 //! pcapng/pcap writer with one interface per hop (`capture`, `follow -w`), plus the
 //! `--stop-on` trigger and the end-of-run report.
 use std::{
-    collections::HashMap,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -45,8 +44,8 @@ pub struct SinkOptions {
 pub struct CaptureSink {
     writer: Option<CaptureWriter>,
     filter: Option<CaptureFilter>,
-    /// Plan hop id → writer interface index.
-    index: HashMap<u32, usize>,
+    /// Plan hop id (< `MAX_HOPS`) → writer interface index.
+    index: Vec<Option<usize>>,
     /// Wall clock minus the kernel's monotonic clock.
     wall_offset: i128,
     pub written: u64,
@@ -92,12 +91,12 @@ impl CaptureSink {
                     ))
             })
             .collect();
-        let index = plan
-            .hops
-            .iter()
-            .enumerate()
-            .map(|(i, h)| (h.id, i))
-            .collect();
+        let mut index = vec![None; podtrace_abi::MAX_HOPS as usize];
+        for (i, h) in plan.hops.iter().enumerate() {
+            if let Some(slot) = index.get_mut(h.id as usize) {
+                *slot = Some(i);
+            }
+        }
         eprintln!("podtrace: {}", policy.describe(&path));
         let writer = CaptureWriter::create_with(
             path,
@@ -176,7 +175,7 @@ impl CaptureSink {
         {
             self.triggered = Some((Instant::now(), "TCP reset".into()));
         }
-        let Some(&i) = self.index.get(&h.hop) else {
+        let Some(&Some(i)) = self.index.get(h.hop as usize) else {
             return Ok(());
         };
         let dir = match h.hook {

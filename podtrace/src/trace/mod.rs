@@ -279,6 +279,7 @@ fn read_loop(
     let mut last_read = Instant::now();
     let mut batch: Vec<TraceEvent> = Vec::with_capacity(BATCH);
     let mut batch_bytes = 0usize;
+    let mut arena = decode::Arena::default();
     let send = |batch: &mut Vec<TraceEvent>, batch_bytes: &mut usize| -> bool {
         if batch.is_empty() {
             return true;
@@ -299,7 +300,7 @@ fn read_loop(
             unsafe { libc::poll(&mut pfd, 1, POLL.as_millis() as libc::c_int) };
         }
         while let Some(item) = ring.next() {
-            if let Some(ev) = decoder.decode(&item) {
+            if let Some(ev) = decoder.decode(&item, &mut arena) {
                 batch_bytes += ev.packet_len();
                 batch.push(ev);
             }

@@ -119,7 +119,9 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     };
     let events: Vec<TraceEvent> = super::record::seeds()
         .iter()
-        .filter_map(|(_, r)| super::record::decoder().decode(r))
+        .filter_map(|(_, r)| {
+            super::record::decoder().decode(r, &mut podtrace::trace::decode::Arena::default())
+        })
         .collect();
     let trace = pb::TraceRequest {
         plan: Some(wire::encode(&plan).unwrap()),

@@ -2,7 +2,10 @@
 //! bytes are an event or nothing, never a panic; what decodes is consistent with the record
 //! (a packet is exactly the bytes the header promised; places and hops are the session's).
 
-use podtrace::trace::{decode::Decoder, TraceEvent};
+use podtrace::trace::{
+    decode::{Arena, Decoder},
+    TraceEvent,
+};
 use podtrace_abi::{Event, KIND_DROP, KIND_FIB, KIND_TC, KIND_XMIT};
 
 /// The session the records are decoded for: two namespaces, hops 0, 1, 2 and 7 (a node's
@@ -21,7 +24,18 @@ pub fn decoder() -> Decoder {
 /// The `record` target.
 pub fn check(data: &[u8]) {
     let d = decoder();
-    let Some(ev) = d.decode(data) else { return };
+    // Twice through one arena: the second copy shares the first's chunk and leaves it whole.
+    let mut arena = Arena::default();
+    let Some(ev) = d.decode(data, &mut arena) else {
+        return;
+    };
+    let again = d.decode(data, &mut arena);
+    if let (TraceEvent::Hop(a), Some(TraceEvent::Hop(b))) = (&ev, &again) {
+        assert_eq!(
+            a.packet, b.packet,
+            "a packet changed when the next shared its chunk"
+        );
+    }
     let header = podtrace::trace::decode::HEADER_LEN;
     assert!(
         data.len() >= header,
