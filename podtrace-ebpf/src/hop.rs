@@ -168,9 +168,16 @@ fn capture(ctx: &TcContext, f: &Filter, ev: &mut Event) {
     if len > MAX_SNAPLEN {
         len = MAX_SNAPLEN;
     }
-    // Headers (`-s 128`), a frame of a 1500-byte MTU, anything up to 64 KiB (GSO).
+    // Headers (`-s 128`) and small frames; small frames inside VXLAN (156 bytes for a 64-byte
+    // UDP payload) and other small ones; a frame of a 1500-byte MTU; anything up to 64 KiB
+    // (GSO). A record takes its whole class in the ring until it is read: a 156-byte frame
+    // in a 2 KiB record left room for a thirteenth as many.
     if len <= 128 {
         record::<128>(ctx, f, ev, len);
+    } else if len <= 256 {
+        record::<256>(ctx, f, ev, len);
+    } else if len <= 512 {
+        record::<512>(ctx, f, ev, len);
     } else if len <= 2048 {
         record::<2048>(ctx, f, ev, len);
     } else {

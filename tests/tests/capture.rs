@@ -415,6 +415,48 @@ fn short_datagrams_are_seen_on_every_hop() {
     assert_eq!(count_by_first_field(&lens), expected, "{lens:?}\n{stderr}");
 }
 
+/// Frames on both sides of each record size the hop probes reserve (128, 256 and 512 bytes,
+/// 2 KiB), on the pod's hops and inside VXLAN (50 bytes more): every one is kept whole on
+/// every hop, whichever size it fell into.
+#[test]
+fn frames_of_every_record_size_are_kept_whole() {
+    let lab = Lab::up("cclass", "flannel");
+    let dir = Scratch::new("cclass");
+    let file = dir.file("class.pcapng");
+    let run = capture_udp_port(&lab, "7005", &file, &[]);
+    // UDP payload → frame on the pod's hops (42 bytes of headers) and on the underlay (92).
+    let payloads = [86usize, 87, 164, 165, 214, 215, 420, 421, 470, 471, 1000];
+    for size in payloads {
+        udp_burst(&lab, "pod-a1", "10.244.1.5", 7005, 2, size);
+    }
+    let (code, _, stderr) = run.wait(20);
+    assert_eq!(code, Some(0), "{stderr}");
+    let rows = tshark(
+        Path::new(&file),
+        "udp.dstport == 7005",
+        &["udp.length", "frame.len", "frame.cap_len"],
+    );
+    let mut per_len = std::collections::BTreeMap::<usize, usize>::new();
+    for row in &rows {
+        let f: Vec<&str> = row.split('\t').collect();
+        assert_eq!(f.len(), 3, "{row}");
+        assert_eq!(f[1], f[2], "a frame was cut: {row}");
+        // Inside VXLAN: the outer and the inner UDP length; the inner one is the datagram's.
+        let inner: usize = f[0].rsplit(',').next().unwrap().parse().unwrap();
+        let frame: usize = f[1].parse().unwrap();
+        let payload = inner - 8;
+        assert!(
+            frame == payload + 42 || frame == payload + 92,
+            "frame of {frame} bytes for a {payload}-byte payload: {row}"
+        );
+        *per_len.entry(payload).or_default() += 1;
+    }
+    // Two datagrams of each size on 5 hops (pod eth0, host veth, cni0, flannel.1, node-a/eth0).
+    let expected: std::collections::BTreeMap<usize, usize> =
+        payloads.iter().map(|p| (*p, 10)).collect();
+    assert_eq!(per_len, expected, "{rows:?}\n{stderr}");
+}
+
 #[test]
 fn stop_on_drop_keeps_what_led_to_it() {
     let lab = Lab::up("cstop", "flannel");
