@@ -102,6 +102,9 @@ enum Helper {
         /// Payload bytes.
         #[arg(long)]
         size: usize,
+        /// Sending threads (sockets), the rate shared among them.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
     },
     /// (internal) Count UDP datagrams.
     #[command(hide = true)]
@@ -197,7 +200,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             rate,
             seconds,
             size,
-        }) => return udp::send(dst, port, rate, seconds, size),
+            threads,
+        }) => return udp::send(dst, port, rate, seconds, size, threads),
         Some(Helper::UdpRecv {
             port,
             expect,

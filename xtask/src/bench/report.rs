@@ -467,8 +467,9 @@ impl Results {
         let w = &self.sweep;
         let _ = writeln!(
             s,
-            "\n## Lossless capture rate\n\nUDP datagrams ({}-byte payload) {POD} → {PEER}, paced, {} s per step, rates doubling from 5 000/s then bisected. Lossless: the tool reports 0 lost (podtrace) / 0 dropped by kernel (tcpdump) **and** every hop's capture holds every datagram sent. Both tools keep only these datagrams (podtrace: `udp dst port {}` EXPR; tcpdump: `{}`). Path ceiling with nothing attached, sender flat out: **{} datagrams/s** (best of {} samples: {}).\n",
+            "\n## Lossless capture rate\n\nUDP datagrams ({}-byte payload) {POD} → {PEER} from {} sending threads (sockets) sharing the rate, a thread per CPU (the path's work runs in the sending CPU's softirq: one sender would leave the other CPU to the tool), paced, {} s per step, rates doubling from 5 000/s then bisected. Lossless: the tool reports 0 lost (podtrace) / 0 dropped by kernel (tcpdump) **and** every hop's capture holds every datagram sent. Both tools keep only these datagrams (podtrace: `udp dst port {}` EXPR; tcpdump: `{}`). Path ceiling with nothing attached, senders flat out: **{} datagrams/s** (best of {} samples: {}).\n",
             sweep::PAYLOAD,
+            sweep::SENDERS,
             w.seconds,
             sweep::PORT,
             super::capture::tcpdump_udp_filter(sweep::PORT),
@@ -509,7 +510,7 @@ impl Results {
         if w.tools.iter().any(|t| t.sender_bound) {
             let _ = writeln!(
                 s,
-                "\n≥: no loss at any rate tried; the sender could go no faster with the tool attached (the capture's per-packet kernel work runs in the sending CPU's softirq, and the consumer shares the machine's {} cores), so the path slowed down before the capture lost anything.",
+                "\n≥: no loss at any rate tried; the senders could go no faster with the tool attached (the capture's per-packet kernel work runs in the sending CPU's softirq, and the consumer shares the machine's {} cores), so the path slowed down before the capture lost anything.",
                 m.cores
             );
         }

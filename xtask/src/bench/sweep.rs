@@ -20,6 +20,12 @@ pub const PAYLOAD: usize = 64;
 const LADDER: [u64; 9] = [
     5_000, 10_000, 20_000, 40_000, 80_000, 160_000, 320_000, 640_000, 1_280_000,
 ];
+/// Sending threads: one per CPU of the bench machine (2). The path's per-datagram work runs
+/// in the sending CPU's softirq, so one sender keeps one CPU busy and leaves the other to the
+/// tool: the path slowed down before either tool lost anything. With a sender per CPU the
+/// path carries about twice as much and the tools' consumers compete with it, as they
+/// would on a busy node.
+pub const SENDERS: usize = 2;
 /// Bisection steps between the last lossless and the first lossy rate.
 const BISECT: usize = 2;
 
@@ -196,6 +202,8 @@ fn step(ctx: &Ctx, tool: Option<Tool>, rate: u64, seconds: f64) -> Result<Step> 
             seconds.to_string(),
             "--size".into(),
             PAYLOAD.to_string(),
+            "--threads".into(),
+            SENDERS.to_string(),
         ],
     )?;
     let exit = send.wait(Duration::from_secs_f64(seconds * 2.0 + 30.0))?;
@@ -331,12 +339,12 @@ fn sweep_tool(ctx: &Ctx, tool: Tool, seconds: f64, ceiling: f64) -> Result<ToolS
 
 pub fn measure(ctx: &Ctx, seconds: f64) -> Result<Sweep> {
     eprintln!(
-        "bench: lossless capture rate, UDP {PAYLOAD}-byte datagrams {POD} → {PEER}, {seconds} s steps"
+        "bench: lossless capture rate, UDP {PAYLOAD}-byte datagrams {POD} → {PEER} from {SENDERS} senders, {seconds} s steps"
     );
     let ceiling_step = || -> Result<Step> {
         let s = step(ctx, None, 0, seconds)?;
         eprintln!(
-            "bench:   path ceiling (nothing attached, sender flat out): {:.0} pps sent, {} received",
+            "bench:   path ceiling (nothing attached, senders flat out): {:.0} pps sent, {} received",
             s.achieved_pps(),
             s.received
         );

@@ -10,20 +10,69 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-/// Sends `size`-byte datagrams to `dst:port` at `rate` per second (0: as fast as it can) for
-/// `seconds`; each carries its sequence number in its first 8 bytes.
-pub fn send(dst: Ipv4Addr, port: u16, rate: u64, seconds: f64, size: usize) -> Result<()> {
+/// Sends `size`-byte datagrams to `dst:port` at `rate` per second in all (0: as fast as they
+/// can) for `seconds`, from `threads` sockets on as many threads, each a share of the rate;
+/// each datagram carries its thread's sequence number in its first 8 bytes.
+pub fn send(
+    dst: Ipv4Addr,
+    port: u16,
+    rate: u64,
+    seconds: f64,
+    size: usize,
+    threads: usize,
+) -> Result<()> {
+    let threads = threads.max(1) as u64;
+    let shares: Vec<u64> = (0..threads)
+        .map(|i| rate / threads + u64::from(i < rate % threads))
+        .collect();
+    let start = Instant::now();
+    let results: Vec<Result<(u64, u64, f64)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = shares
+            .iter()
+            .map(|&share| s.spawn(move || send_one(dst, port, share, rate == 0, seconds, size)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a sender panicked")))
+            })
+            .collect()
+    });
+    let (mut sent, mut errors) = (0u64, 0u64);
+    for r in results {
+        let (n, e, _) = r?;
+        sent += n;
+        errors += e;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({"sent": sent, "seconds": secs, "errors": errors, "threads": threads})
+    );
+    Ok(())
+}
+
+/// One sender: `rate` datagrams per second (or flat out); (sent, errors, seconds).
+fn send_one(
+    dst: Ipv4Addr,
+    port: u16,
+    rate: u64,
+    flat_out: bool,
+    seconds: f64,
+    size: usize,
+) -> Result<(u64, u64, f64)> {
     let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("binding the sender")?;
     sock.connect((dst, port))
         .with_context(|| format!("connecting to {dst}:{port}"))?;
     let mut buf = vec![0u8; size.max(8)];
-    let count = if rate == 0 {
+    let count = if flat_out {
         u64::MAX
     } else {
         (rate as f64 * seconds).round() as u64
     };
     // A paced sender that falls behind keeps going a little past its time, then stops.
-    let deadline = Duration::from_secs_f64(if rate == 0 {
+    let deadline = Duration::from_secs_f64(if flat_out {
         seconds
     } else {
         seconds * 1.05 + 0.05
@@ -35,7 +84,7 @@ pub fn send(dst: Ipv4Addr, port: u16, rate: u64, seconds: f64, size: usize) -> R
         if elapsed >= deadline {
             break;
         }
-        let due = if rate == 0 {
+        let due = if flat_out {
             sent + 64
         } else {
             ((elapsed.as_secs_f64() * rate as f64) as u64 + 1).min(count)
@@ -64,12 +113,7 @@ pub fn send(dst: Ipv4Addr, port: u16, rate: u64, seconds: f64, size: usize) -> R
             }
         }
     }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "{}",
-        serde_json::json!({"sent": sent, "seconds": secs, "errors": errors})
-    );
-    Ok(())
+    Ok((sent, errors, start.elapsed().as_secs_f64()))
 }
 
 /// Counts datagrams arriving on `port`; ends when `expect` arrived (0: no target), or `idle`
