@@ -58,13 +58,14 @@ impl Decoder {
         hops: impl IntoIterator<Item = u32>,
         reasons: impl IntoIterator<Item = (u32, String)>,
     ) -> Self {
-        let mut namespaces: Vec<(u64, usize)> = namespaces
+        // A namespace listed twice keeps its last index, as a map built in order would.
+        let by_cookie: HashMap<u64, usize> = namespaces
             .iter()
             .enumerate()
             .map(|(i, c)| (*c, i))
             .collect();
+        let mut namespaces: Vec<(u64, usize)> = by_cookie.into_iter().collect();
         namespaces.sort_unstable();
-        namespaces.dedup_by_key(|(c, _)| *c);
         let mut by_id = vec![false; podtrace_abi::MAX_HOPS as usize];
         for id in hops {
             if let Some(slot) = by_id.get_mut(id as usize) {
@@ -260,10 +261,13 @@ mod tests {
                 "packet {i} was overwritten"
             );
         }
-        // Namespaces given out of order are found by their identity.
+        // Namespaces given out of order are found by their identity; one listed twice keeps
+        // its last index.
         assert_eq!(d.namespace(222), Some(0));
         assert_eq!(d.namespace(111), Some(1));
         assert_eq!(d.namespace(5), None);
+        let twice = Decoder::new(&[7, 9, 7], [], []);
+        assert_eq!((twice.namespace(7), twice.namespace(9)), (Some(2), Some(1)));
         // Hop ids beyond the table are not the session's.
         assert_eq!(d.hop(podtrace_abi::MAX_HOPS + 1), None);
         assert_eq!(d.hop(3), Some(3));
