@@ -93,6 +93,22 @@ fn capture_udp_port(lab: &Lab, port: &str, file: &str, extra: &[&str]) -> Runnin
     capture(lab, &args)
 }
 
+/// On a lab of its own (`tag`), a capture of `udp and port PORT` on pod-a1 while pod-a1 sends
+/// two datagrams of each payload size in `sizes` to pod-b1; once the capture exited 0: the
+/// lab, the directory, the file and the capture's stderr.
+fn capture_bursts(tag: &str, port: u16, sizes: &[usize]) -> (Lab, Scratch, String, String) {
+    let lab = Lab::up(tag, "flannel");
+    let dir = Scratch::new(tag);
+    let file = dir.file(&format!("{tag}.pcapng"));
+    let run = capture_udp_port(&lab, &port.to_string(), &file, &[]);
+    for size in sizes {
+        udp_burst(&lab, "pod-a1", "10.244.1.5", port, 2, *size);
+    }
+    let (code, _, stderr) = run.wait(20);
+    assert_eq!(code, Some(0), "{stderr}");
+    (lab, dir, file, stderr)
+}
+
 fn udp_burst(lab: &Lab, from: &str, to: &str, port: u16, count: u32, size: usize) {
     let code = format!(
         "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor i in range({count}):\n    s.sendto(b'x'*{size},('{to}',{port}))\n    time.sleep(0.002)"
@@ -392,15 +408,7 @@ fn classic_pcap_and_a_udp_only_expression() {
 /// more than a packet holds loses them: every one must be seen on every hop.
 #[test]
 fn short_datagrams_are_seen_on_every_hop() {
-    let lab = Lab::up("cshort", "flannel");
-    let dir = Scratch::new("cshort");
-    let file = dir.file("short.pcapng");
-    let run = capture_udp_port(&lab, "7004", &file, &[]);
-    for size in [0, 1, 7, 8] {
-        udp_burst(&lab, "pod-a1", "10.244.1.5", 7004, 2, size);
-    }
-    let (code, _, stderr) = run.wait(20);
-    assert_eq!(code, Some(0), "{stderr}");
+    let (_lab, _dir, file, stderr) = capture_bursts("cshort", 7004, &[0, 1, 7, 8]);
     // pod eth0, host veth, cni0, flannel.1 and node-a/eth0 (inside VXLAN): 8 datagrams on 5
     // hops, each of its own length.
     // Inside VXLAN tshark shows the outer and the inner UDP length: count by the inner one.
@@ -420,17 +428,9 @@ fn short_datagrams_are_seen_on_every_hop() {
 /// every hop, whichever size it fell into.
 #[test]
 fn frames_of_every_record_size_are_kept_whole() {
-    let lab = Lab::up("cclass", "flannel");
-    let dir = Scratch::new("cclass");
-    let file = dir.file("class.pcapng");
-    let run = capture_udp_port(&lab, "7005", &file, &[]);
     // UDP payload → frame on the pod's hops (42 bytes of headers) and on the underlay (92).
     let payloads = [86usize, 87, 164, 165, 214, 215, 420, 421, 470, 471, 1000];
-    for size in payloads {
-        udp_burst(&lab, "pod-a1", "10.244.1.5", 7005, 2, size);
-    }
-    let (code, _, stderr) = run.wait(20);
-    assert_eq!(code, Some(0), "{stderr}");
+    let (_lab, _dir, file, stderr) = capture_bursts("cclass", 7005, &payloads);
     let rows = tshark(
         Path::new(&file),
         "udp.dstport == 7005",

@@ -26,7 +26,7 @@ pub fn send(
         .map(|i| rate / threads + u64::from(i < rate % threads))
         .collect();
     let start = Instant::now();
-    let results: Vec<Result<(u64, u64, f64)>> = std::thread::scope(|s| {
+    let results: Vec<Result<(u64, u64)>> = std::thread::scope(|s| {
         let handles: Vec<_> = shares
             .iter()
             .map(|&share| s.spawn(move || send_one(dst, port, share, rate == 0, seconds, size)))
@@ -41,7 +41,7 @@ pub fn send(
     });
     let (mut sent, mut errors) = (0u64, 0u64);
     for r in results {
-        let (n, e, _) = r?;
+        let (n, e) = r?;
         sent += n;
         errors += e;
     }
@@ -53,7 +53,7 @@ pub fn send(
     Ok(())
 }
 
-/// One sender: `rate` datagrams per second (or flat out); (sent, errors, seconds).
+/// One sender: `rate` datagrams per second (or flat out); (sent, errors).
 fn send_one(
     dst: Ipv4Addr,
     port: u16,
@@ -61,7 +61,7 @@ fn send_one(
     flat_out: bool,
     seconds: f64,
     size: usize,
-) -> Result<(u64, u64, f64)> {
+) -> Result<(u64, u64)> {
     let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("binding the sender")?;
     sock.connect((dst, port))
         .with_context(|| format!("connecting to {dst}:{port}"))?;
@@ -113,7 +113,7 @@ fn send_one(
             }
         }
     }
-    Ok((sent, errors, start.elapsed().as_secs_f64()))
+    Ok((sent, errors))
 }
 
 /// Counts datagrams arriving on `port`; ends when `expect` arrived (0: no target), or `idle`
