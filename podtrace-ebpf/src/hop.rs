@@ -1,4 +1,12 @@
 //! The hop probes: tc programs on every interface of a pod's path.
+//!
+//! Each interface gets a stub (`hop_ingress`, `hop_egress`) that knows the network namespace
+//! it serves and hands the packet, with that namespace and its direction, to the one shared
+//! hop program (`track`) by a tail call. tc programs cannot learn their device's namespace
+//! themselves (`bpf_get_netns_cookie` answers for the skb's *socket*, which veth keeps across
+//! namespaces, and tc programs may not read kernel memory), so userspace loads a stub per
+//! namespace, with the namespace as a constant; the hop program, most of what the verifier
+//! works through when a session starts, is loaded once.
 use aya_ebpf::helpers::generated::bpf_skb_load_bytes;
 use aya_ebpf::{
     bindings::{BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
@@ -8,25 +16,25 @@ use aya_ebpf::{
 };
 use podtrace_abi::{
     Event, Filter, CNT_LOST, CNT_TC_MATCHED, CNT_TC_SEEN, DIR_EGRESS, DIR_INGRESS, FILTER_CAPTURE,
-    FILTER_EMIT, KIND_TC, MAX_SNAPLEN,
+    KIND_TC, MAX_SNAPLEN,
 };
 
 use crate::{
-    maps::{bump, bump_hop, emit, filter, hop_emitted, hop_id, seen_pair, wake_flags, EVENTS},
+    maps::{
+        bump, bump_hop, emit, emitting, filter, hop_emitted, hop_id, seen_pair, wake_flags,
+        HandOff, EVENTS, HOP_HANDOFF, HOP_WORK,
+    },
     packet::{expression_may_match, parse_eth, Reader},
 };
 
-/// The inode number of the network namespace this copy of the program serves, set by
-/// userspace at load time. tc programs cannot learn their device's namespace themselves
-/// (`bpf_get_netns_cookie` answers for the skb's *socket*, which veth keeps across namespaces,
-/// and tc programs may not read kernel memory), so userspace loads one copy per namespace and
-/// the copies share every map.
+/// The inode number of the network namespace this copy of the stubs serves, set by userspace
+/// at load time.
 #[unsafe(no_mangle)]
 static NETNS_INO: u64 = 0;
 
-/// Whether this copy serves a capture session (packet bytes, the capture expression), set by
-/// userspace at load time. A constant of the read-only data, so for the other sessions the
-/// verifier sees the capture path as dead code and skips it: it is most of what it would
+/// Whether the hop program serves a capture session (packet bytes, the capture expression),
+/// set by userspace at load time. A constant of the read-only data, so for the other sessions
+/// the verifier sees the capture path as dead code and skips it: it is most of what it would
 /// otherwise explore, and verifying is most of the time it takes to start.
 #[unsafe(no_mangle)]
 static CAPTURE_MODE: u8 = 0;
@@ -34,8 +42,6 @@ static CAPTURE_MODE: u8 = 0;
 struct SkbReader<'a>(&'a TcContext);
 
 impl Reader for SkbReader<'_> {
-    const ONE_READ: bool = false;
-
     #[inline(always)]
     fn load<T: Copy>(&self, offset: usize) -> Option<T> {
         self.0.load::<T>(offset).ok()
@@ -62,26 +68,52 @@ impl Reader for SkbReader<'_> {
     }
 }
 
-/// Ingress hook. Returns `TC_ACT_UNSPEC` (== `TCX_NEXT`): the packet goes on unchanged to the
-/// next program or the default action.
+/// Ingress stub: hands the packet to the hop program ([`track`]) with this copy's namespace.
+/// Returns `TC_ACT_UNSPEC` (== `TCX_NEXT`): the packet goes on unchanged to the next program
+/// or the default action (so it does too when the hop program is missing).
 #[classifier]
 pub fn hop_ingress(ctx: TcContext) -> i32 {
-    track(&ctx, DIR_INGRESS);
+    hand_over(&ctx, DIR_INGRESS)
+}
+
+/// Egress stub; see [`hop_ingress`].
+#[classifier]
+pub fn hop_egress(ctx: TcContext) -> i32 {
+    hand_over(&ctx, DIR_EGRESS)
+}
+
+#[inline(always)]
+fn hand_over(ctx: &TcContext, dir: u8) -> i32 {
+    if let Some(slot) = HOP_HANDOFF.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot (see `HOP_HANDOFF`); a volatile read so the load-time value
+        // of the global is used.
+        unsafe {
+            *slot = HandOff {
+                netns_ino: core::ptr::read_volatile(&NETNS_INO),
+                dir: dir as u64,
+            }
+        };
+    }
+    // SAFETY: on success the hop program's verdict is the packet's and this does not return.
+    unsafe { HOP_WORK.tail_call(ctx, 0) };
     TC_ACT_UNSPEC
 }
 
-/// Egress hook; see [`hop_ingress`].
+/// The hop program, shared by every namespace's stubs in both directions. Returns
+/// `TC_ACT_UNSPEC`.
 #[classifier]
-pub fn hop_egress(ctx: TcContext) -> i32 {
-    track(&ctx, DIR_EGRESS);
+pub fn track(ctx: TcContext) -> i32 {
+    let Some(&HandOff { netns_ino, dir }) = HOP_HANDOFF.get(0) else {
+        return TC_ACT_UNSPEC;
+    };
+    follow_packet(&ctx, netns_ino, dir as u8);
     TC_ACT_UNSPEC
 }
 
 #[inline(always)]
-fn track(ctx: &TcContext, dir: u8) {
+fn follow_packet(ctx: &TcContext, netns_ino: u64, dir: u8) {
     let Some(f) = filter() else { return };
-    let count_only = f.flags & FILTER_EMIT == 0;
-    if count_only {
+    if !emitting(f) {
         bump(CNT_TC_SEEN);
     }
     let Some(flow) = parse_eth(&SkbReader(ctx), 0, f) else {
@@ -93,12 +125,10 @@ fn track(ctx: &TcContext, dir: u8) {
         return;
     }
     bump(CNT_TC_MATCHED);
-    // SAFETY: a plain read of a global; volatile so the load-time value is used.
-    let netns_ino = unsafe { core::ptr::read_volatile(&NETNS_INO) };
     // SAFETY: `ctx.skb.skb` is the kernel's `__sk_buff`, readable for the program's lifetime.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let hop = hop_id(netns_ino, ifindex);
-    if count_only {
+    if !emitting(f) {
         bump_hop(hop, dir);
         return;
     }

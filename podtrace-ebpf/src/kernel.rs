@@ -19,11 +19,11 @@ use aya_ebpf::{
 };
 use podtrace_abi::{
     Event, FlowInfo, KernelOffsets, CNT_DROP_MATCHED, CNT_FIB_MATCHED, CNT_XMIT_MATCHED,
-    DIR_EGRESS, DIR_INGRESS, FILTER_EMIT, KIND_DROP, KIND_FIB, KIND_XMIT, REASON_UNREPORTED,
+    DIR_EGRESS, DIR_INGRESS, KIND_DROP, KIND_FIB, KIND_XMIT, REASON_UNREPORTED,
 };
 
 use crate::{
-    maps::{bump, emit, filter, hop_id, FIB_DEPTH, FIB_STASH, OFFSETS},
+    maps::{bump, emit, emitting, filter, hop_id, FIB_DEPTH, FIB_STASH, OFFSETS},
     packet::{parse_ipv4, Reader},
 };
 
@@ -31,8 +31,6 @@ use crate::{
 struct KernelReader(*const u8);
 
 impl Reader for KernelReader {
-    const ONE_READ: bool = true;
-
     #[inline(always)]
     fn load<T: Copy>(&self, offset: usize) -> Option<T> {
         // SAFETY: probe reads fail cleanly on bad addresses.
@@ -168,7 +166,7 @@ unsafe fn on_drop(skb: *const u8, reason: u32) -> Option<()> {
     unsafe {
         let flow = skb_flow(skb, off, f)?;
         bump(CNT_DROP_MATCHED);
-        if f.flags & FILTER_EMIT == 0 {
+        if !emitting(f) {
             return Some(());
         }
         let dev: *const u8 = read_at(skb, off.skb_dev).unwrap_or(core::ptr::null());
@@ -222,7 +220,7 @@ unsafe fn on_xmit(skb: *const u8, dev: *const u8) -> Option<()> {
     // An emitting session shows a transmit only with the record a hop probe opened: while
     // no hop probe has emitted lately, no packet here can be one (count-only sessions count
     // every transmit of the conversation).
-    if f.flags & FILTER_EMIT != 0 && !crate::maps::hop_lately() {
+    if emitting(f) && !crate::maps::hop_lately() {
         return None;
     }
     let off = offsets()?;
@@ -230,7 +228,7 @@ unsafe fn on_xmit(skb: *const u8, dev: *const u8) -> Option<()> {
     unsafe {
         let flow = skb_flow(skb, off, f)?;
         bump(CNT_XMIT_MATCHED);
-        if f.flags & FILTER_EMIT == 0 {
+        if !emitting(f) {
             return Some(());
         }
         let (ifindex, netns_ino) = device(dev, off)?;
@@ -336,7 +334,7 @@ unsafe fn on_fib(tb_id: u32, flp: *const u8, nhc: *const u8, err: i32) -> Option
         // probe has emitted lately, none is the conversation's (count-only sessions count
         // every lookup of the conversation). Most lookups on a busy node are forwarded ones,
         // so this spares them the other reads.
-        if proto == 0 && f.flags & FILTER_EMIT != 0 && !crate::maps::hop_lately() {
+        if proto == 0 && emitting(f) && !crate::maps::hop_lately() {
             return None;
         }
         // `saddr`, `daddr` and the ports follow each other in `struct flowi4`: one read.
@@ -381,7 +379,7 @@ unsafe fn on_fib(tb_id: u32, flp: *const u8, nhc: *const u8, err: i32) -> Option
             return None;
         }
         bump(CNT_FIB_MATCHED);
-        if f.flags & FILTER_EMIT == 0 {
+        if !emitting(f) {
             return Some(());
         }
         let (mut oif, mut netns_ino, mut gw) = (0, 0, 0);

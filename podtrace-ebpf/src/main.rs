@@ -1,11 +1,13 @@
 //! podtrace's eBPF programs. One data path, as in pwru: filter → track → emit.
 //!
-//! - `hop_ingress` / `hop_egress` (tc, TCX or clsact): on every interface of the pod's path.
-//!   They parse the packet (looking inside VXLAN), apply the `FILTER` (the conversation, its
-//!   translated forms, a capture expression's necessary conditions) and emit an [`Event`] to
-//!   `EVENTS` — with the packet's bytes loaded straight into the ring buffer in capture
-//!   sessions —, waking the reader only once enough waits. They never change or drop a packet
-//!   and always hand it on to the next program (`TC_ACT_UNSPEC` / `TCX_NEXT`).
+//! - `hop_ingress` / `hop_egress` (tc, TCX or clsact): on every interface of the pod's path,
+//!   stubs that hand the packet, with their interface's network namespace and direction, to
+//!   the shared hop program `track` (a tail call through `HOP_WORK`). It parses the packet
+//!   (looking inside VXLAN), applies the `FILTER` (the conversation, its translated forms, a
+//!   capture expression's necessary conditions) and emits an [`Event`] to `EVENTS` — with the
+//!   packet's bytes loaded straight into the ring buffer in capture sessions —, waking the
+//!   reader only once enough waits. No program changes or drops a packet: each hands it on to
+//!   the next program (`TC_ACT_UNSPEC` / `TCX_NEXT`).
 //! - drops (`skb:kfree_skb`), FIB lookups and device transmits, through tp_btf or kprobes:
 //!   the kernel-side evidence about the same packets.
 //!

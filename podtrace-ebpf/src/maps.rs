@@ -2,7 +2,7 @@
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use podtrace_abi::{AddrPair, Filter, HopKey, KernelOffsets, CNT_SLOTS, FIB_STACK_DEPTH, MAX_HOPS};
 
@@ -13,6 +13,27 @@ pub static FILTER: Array<Filter> = Array::with_max_entries(1, 0);
 /// (netns inode, ifindex) → hop id, written by userspace for every interface it attaches to.
 #[map]
 pub static HOPS: HashMap<HopKey, u32> = HashMap::with_max_entries(MAX_HOPS, 0);
+
+/// The hop program every namespace's stubs hand their packets to (index 0, set by userspace
+/// before any stub is attached).
+#[map]
+pub static HOP_WORK: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// What a stub hands the hop program with a packet.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct HandOff {
+    /// The interface's network namespace (inode number).
+    pub netns_ino: u64,
+    /// `DIR_INGRESS` or `DIR_EGRESS`.
+    pub dir: u64,
+}
+
+/// The hand-off of the stub that is tail-calling the hop program (index 0), per CPU. A tc
+/// program runs to its end on the CPU it started on, with bottom halves off, so no other hop
+/// probe runs on that CPU between the stub's write and the hop program's read.
+#[map]
+pub static HOP_HANDOFF: PerCpuArray<HandOff> = PerCpuArray::with_max_entries(1, 0);
 
 /// Matched packets per hop and direction: index `hop_id * 2 + dir`.
 #[map]
@@ -145,6 +166,15 @@ pub fn filter() -> Option<&'static Filter> {
         return None;
     }
     Some(f)
+}
+
+/// Whether the session emits events (else it only counts). Read afresh each time: a value
+/// kept in a register across the packet parse would split the verifier's walk of the parse
+/// in two (one per value it knows), doubling its work at load time.
+#[inline(always)]
+pub fn emitting(f: &Filter) -> bool {
+    // SAFETY: a plain read of the filter's flags.
+    unsafe { core::ptr::read_volatile(&f.flags) & podtrace_abi::FILTER_EMIT != 0 }
 }
 
 #[inline(always)]

@@ -5,8 +5,8 @@
 //!
 //! Every program runs on every packet of its device (the tracing ones on every packet of the
 //! machine), so rejecting is the hot path: one read of the IPv4 header (with the EtherType
-//! before it in the tc programs) decides for most packets; only UDP to a VXLAN port costs a
-//! second look before it is turned away. With `FILTER_NAT` a packet outside the conversation
+//! before it in the tc programs) decides for most packets; UDP costs a second read (is it to
+//! a VXLAN port?), and VXLAN a look at the packet inside before it is turned away. With `FILTER_NAT` a packet outside the conversation
 //! also costs the `NAT_FLOWS` lookups (its translated forms: a Service's backends, masquerade
 //! addresses), and an ICMP error a look at the header it quotes (an error about the
 //! conversation, sent from another address).
@@ -30,14 +30,11 @@ const IPPROTO_UDP: u8 = 17;
 const VXLAN_HLEN: usize = 8;
 const UDP_HLEN: usize = 8;
 
+/// Reads headers header by header: the IPv4 header, then its L4 header when the filter needs
+/// it. (Reading both in one go saves a read per packet the filter looks into, but the
+/// fallbacks it needs, for short packets and IP options, double the paths the verifier walks,
+/// and verifying the programs is most of a session's start.)
 pub trait Reader {
-    /// Whether the parser reads a packet's headers in one go (the IPv4 header with the L4
-    /// bytes after it), or header by header. One read is cheaper to run, but its fallbacks
-    /// (short packets, IP options) multiply the paths the verifier walks: the tracing
-    /// programs, loaded once, read in one go; the tc programs, loaded once per namespace
-    /// (verifying them is most of a session's start), header by header.
-    const ONE_READ: bool;
-
     fn load<T: Copy>(&self, offset: usize) -> Option<T>;
 
     /// A read of the headers every packet costs (a frame's EtherType and IPv4 header, the
@@ -74,26 +71,6 @@ struct L4Hdr {
     c: [u8; 4],
 }
 
-/// An IPv4 header and the 14 bytes after it (a TCP header up to its flags; UDP's and ICMP's
-/// 8): what the filter needs, in one read when the header has no options. 36 bytes with the
-/// padding that keeps the addresses aligned (the read needs 2 bytes more than it uses).
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct IpHead {
-    ip: Ipv4Hdr,
-    l4: [u8; 14],
-}
-
-/// An Ethernet frame from the last 2 bytes of its source address on (so that the IPv4
-/// header is 4-byte aligned in the copy): its EtherType and an [`IpHead`].
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct EthHead {
-    _mac: [u8; 2],
-    ethertype: [u8; 2],
-    head: IpHead,
-}
-
 /// An Ethernet frame from the last 2 bytes of its source address on, to the end of its IPv4
 /// header (without options): what the tc programs read first, in one read.
 #[derive(Clone, Copy)]
@@ -104,48 +81,18 @@ struct EthIp {
     ip: Ipv4Hdr,
 }
 
-const _: () = assert!(
-    core::mem::size_of::<IpHead>() == 36
-        && core::mem::size_of::<EthHead>() == 40
-        && core::mem::offset_of!(EthHead, head) == 4
-        && core::mem::size_of::<EthIp>() == 24
-        && core::mem::offset_of!(EthIp, ip) == 4
-);
+const _: () = assert!(core::mem::size_of::<EthIp>() == 24 && core::mem::offset_of!(EthIp, ip) == 4);
 
-/// The IPv4 header of a packet and, when `has_l4` (no options, and the packet long enough),
-/// the first 14 bytes of its L4 header (else they are read on demand). Not an `Option`:
-/// copying a `None` copies its uninitialised payload, and verifiers before 6.x refuse to
-/// read stack that was never written.
+/// The IPv4 header of a packet; its L4 header is read on demand.
 struct Head {
     ip: Ipv4Hdr,
-    l4: [u8; 14],
-    has_l4: bool,
 }
 
 impl Head {
-    #[inline(always)]
-    fn of(h: IpHead) -> Head {
-        Head {
-            ip: h.ip,
-            l4: h.l4,
-            has_l4: h.ip.vihl & 0x0f == 5,
-        }
-    }
-
-    /// Reads the IPv4 header at `l3`, and the L4 bytes after it when the packet has them.
+    /// Reads the IPv4 header at `l3`.
     #[inline(always)]
     fn load<R: Reader>(r: &R, l3: usize) -> Option<Head> {
-        if R::ONE_READ {
-            if let Some(h) = r.load::<IpHead>(l3) {
-                return Some(Head::of(h));
-            }
-        }
-        // Shorter than 36 bytes from `l3` (a UDP datagram of under 8 bytes, an ICMP echo).
-        Some(Head {
-            ip: r.load(l3)?,
-            l4: [0; 14],
-            has_l4: false,
-        })
+        Some(Head { ip: r.load(l3)? })
     }
 
     /// Where the L4 header of the packet at `l3` starts.
@@ -157,24 +104,13 @@ impl Head {
     /// The first 8 bytes of the L4 header of the packet at `l3`.
     #[inline(always)]
     fn l4<R: Reader>(&self, r: &R, l3: usize) -> Option<L4Hdr> {
-        if !self.has_l4 {
-            return r.load_frame(self.l4_at(l3));
-        }
-        let b = &self.l4;
-        Some(L4Hdr {
-            a: [b[0], b[1]],
-            b: [b[2], b[3]],
-            c: [b[4], b[5], b[6], b[7]],
-        })
+        r.load_frame(self.l4_at(l3))
     }
 
     /// The TCP flags of the packet at `l3`.
     #[inline(always)]
     fn tcp_flags<R: Reader>(&self, r: &R, l3: usize) -> Option<u8> {
-        if !self.has_l4 {
-            return r.load(self.l4_at(l3) + 13);
-        }
-        Some(self.l4[13])
+        r.load(self.l4_at(l3) + 13)
     }
 }
 
@@ -257,26 +193,13 @@ fn vxlan_port(f: &Filter, port: u16) -> bool {
 /// Reads the Ethernet frame at `offset` from its EtherType on: `Some` head for IPv4.
 #[inline(always)]
 fn eth_head<R: Reader>(r: &R, offset: usize) -> Option<Head> {
-    // One read for the EtherType, the IPv4 header and the L4 bytes the filter needs.
-    if R::ONE_READ {
-        if let Some(e) = r.load::<EthHead>(offset + 10) {
-            if be16(e.ethertype) != ETH_P_IP {
-                return None;
-            }
-            return Some(Head::of(e.head));
-        }
-    }
     // The EtherType and the IPv4 header in one read: a frame too short for both carries no
-    // IPv4 packet. The L4 bytes are read on demand.
+    // IPv4 packet.
     let e: EthIp = r.load_frame(offset + 10)?;
     if be16(e.ethertype) != ETH_P_IP {
         return None;
     }
-    Some(Head {
-        ip: e.ip,
-        l4: [0; 14],
-        has_l4: false,
-    })
+    Some(Head { ip: e.ip })
 }
 
 /// Parses the Ethernet frame at `offset` (tc programs: offset 0) if it carries a traced packet.

@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{
         links::{Link as _, LinkOrder},
         tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType},
@@ -346,11 +346,16 @@ impl DropReasons {
     }
 }
 
+/// The stubs attached to each interface, one copy per namespace (their `NETNS_INO`).
 const PROG_INGRESS: &str = "hop_ingress";
 const PROG_EGRESS: &str = "hop_egress";
 
+/// The hop program the stubs hand every packet to (loaded once, with the session's
+/// `CAPTURE_MODE`), in `HOP_WORK`'s only slot.
+const WORK_PROGRAM: &str = "track";
+
 /// The maps every copy of the object shares with the primary one.
-const SHARED_MAPS: [&str; 11] = [
+const SHARED_MAPS: [&str; 13] = [
     "FILTER",
     "HOPS",
     "HOP_STATS",
@@ -362,13 +367,15 @@ const SHARED_MAPS: [&str; 11] = [
     "FIB_STASH",
     "FIB_DEPTH",
     "NAT_FLOWS",
+    "HOP_WORK",
+    "HOP_HANDOFF",
 ];
 
 /// Where bpffs is (or gets) mounted; pins live there only while a copy loads.
 const BPFFS: &str = "/sys/fs/bpf";
 
-/// The tc programs for one network namespace: a copy of the object whose `NETNS_INO`
-/// is that namespace's, sharing the primary object's maps.
+/// The hop stubs for one network namespace: a copy of the object whose `NETNS_INO` is that
+/// namespace's, sharing the primary object's maps.
 struct NsPrograms {
     netns: Option<PathBuf>,
     ino: u64,
@@ -489,8 +496,10 @@ pub fn netns_id(ns: Option<&Path>) -> Result<u64> {
 pub struct Probes {
     /// Owns the maps and the tracing programs.
     bpf: Ebpf,
-    /// One copy per namespace with hops in it.
+    /// One copy of the stubs per namespace with hops in it.
     per_ns: Vec<NsPrograms>,
+    /// The hop program the stubs hand packets to (loaded with the first namespace's stubs).
+    work: Option<Ebpf>,
     reasons: DropReasons,
     nl_links: Vec<NlAttachment>,
     /// The clsact filters this process owns, as recorded under /run/podtrace/tc.
@@ -575,34 +584,53 @@ fn preload_kernel_hooks(
 /// Namespaces whose program copies load at the same time, at most.
 const MAX_LOADERS: usize = 4;
 
-/// Loads one namespace's copy of the tc programs: its `NETNS_INO`, the shared maps from their
-/// pins in `dir`.
-fn load_copy(ns: Option<&Path>, dir: &Path, capture: bool) -> Result<NsPrograms> {
-    let ino = netns_id(ns)?;
-    let capture = u8::from(capture);
+/// A loader of the object whose shared maps come from their pins in `dir`.
+fn copy_loader(dir: &Path) -> EbpfLoader<'static> {
     let mut loader = EbpfLoader::new();
     // No CO-RE relocations in the object: no kernel BTF needed.
     loader.btf(None);
-    loader.override_global("NETNS_INO", &ino, true);
-    loader.override_global("CAPTURE_MODE", &capture, true);
     for name in SHARED_MAPS {
         loader.map_pin_path(name, dir.join(name));
     }
+    loader
+}
+
+/// Loads the classifiers `names` of `loader`'s copy of the object.
+fn load_classifiers(mut loader: EbpfLoader<'_>, names: &[&str]) -> Result<Ebpf> {
     let mut bpf = loader
         .load(EBPF_OBJECT)
         .context("loading podtrace's tc programs")?;
-    for name in [PROG_INGRESS, PROG_EGRESS] {
+    for name in names {
         let prog: &mut SchedClassifier = bpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("eBPF program {name} missing from the object"))?
             .try_into()?;
         prog.load().with_context(|| format!("loading {name}"))?;
     }
+    Ok(bpf)
+}
+
+/// Loads one namespace's copy of the hop stubs: its `NETNS_INO`, the shared maps from their
+/// pins in `dir`. A stub is a few instructions: the verifier is through with it at once.
+fn load_copy(ns: Option<&Path>, dir: &Path) -> Result<NsPrograms> {
+    let ino = netns_id(ns)?;
+    let mut loader = copy_loader(dir);
+    loader.override_global("NETNS_INO", &ino, true);
+    let bpf = load_classifiers(loader, &[PROG_INGRESS, PROG_EGRESS])?;
     Ok(NsPrograms {
         netns: ns.map(Path::to_path_buf),
         ino,
         bpf,
     })
+}
+
+/// Loads the hop program (with the session's `CAPTURE_MODE`), the shared maps from their pins
+/// in `dir`: most of the verifier's work when a session starts, done once.
+fn load_work(dir: &Path, capture: bool) -> Result<Ebpf> {
+    let mode = u8::from(capture);
+    let mut loader = copy_loader(dir);
+    loader.override_global("CAPTURE_MODE", &mode, true);
+    load_classifiers(loader, &[WORK_PROGRAM]).context("the hop program")
 }
 
 /// Reads the offsets the tracing programs need from the kernel's BTF. A member this kernel
@@ -769,6 +797,7 @@ impl Probes {
         let mut probes = Self {
             bpf,
             per_ns: Vec::new(),
+            work: None,
             reasons,
             nl_links: Vec::new(),
             clsact_state: clsact::State::new(),
@@ -784,8 +813,9 @@ impl Probes {
         Ok(probes)
     }
 
-    /// Loads the copies of the tc programs for namespaces that have none yet, in parallel
-    /// (the verifier's work dominates; each copy is verified on its own).
+    /// Loads the hop program (the first time) and the copies of the stubs for namespaces that
+    /// have none yet, in parallel (the verifier's work on the hop program dominates), and puts
+    /// the hop program where the stubs find it.
     fn load_ns_programs(&mut self, namespaces: &[Option<PathBuf>]) -> Result<()> {
         let mut wanted: Vec<&Option<PathBuf>> = Vec::new();
         for ns in namespaces {
@@ -812,22 +842,27 @@ impl Probes {
                 .pin(&path)
                 .with_context(|| format!("pinning {name} at {}", path.display()))
         });
+        // Job 0 is the hop program when it is not loaded yet (the longest: first), the others
+        // one namespace's stubs each.
+        let need_work = self.work.is_none();
+        let jobs = usize::from(need_work) + wanted.len();
         // As many loaders as CPUs, at most 4 (the verifier is CPU-bound; each loader holds a
-        // parsed copy of the object, ~20 MiB, while it works).
+        // parsed copy of the object while it works).
         let hook_plan = self.hook_plan.take();
         let main_bpf = &mut self.bpf;
         let facts = &self.facts;
-        let loaded: Result<Vec<NsPrograms>> = pinned.and_then(|()| {
+        let loaded: Result<(Option<Ebpf>, Vec<NsPrograms>)> = pinned.and_then(|()| {
             let btf = self.btf.as_ref();
             let dir = &dir;
             let capture = self.capture;
             let next = std::sync::atomic::AtomicUsize::new(0);
+            let work: std::sync::Mutex<Option<Result<Ebpf>>> = std::sync::Mutex::new(None);
             let slots: Vec<std::sync::Mutex<Option<Result<NsPrograms>>>> =
                 wanted.iter().map(|_| std::sync::Mutex::new(None)).collect();
             let workers = std::thread::available_parallelism()
                 .map_or(2, |n| n.get())
                 .min(MAX_LOADERS)
-                .min(wanted.len());
+                .min(jobs);
             std::thread::scope(|s| {
                 // The kernel-side probes the session will want are verified meanwhile.
                 if let (Some((forced, wanted)), Some(btf)) = (hook_plan, btf) {
@@ -837,13 +872,22 @@ impl Probes {
                     s.spawn(|| {
                         cheap_loaders_on_this_thread();
                         loop {
-                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let mut i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if need_work {
+                                if i == 0 {
+                                    let r = load_work(dir, capture);
+                                    if let Ok(mut slot) = work.lock() {
+                                        *slot = Some(r);
+                                    }
+                                    continue;
+                                }
+                                i -= 1;
+                            }
                             let Some(ns) = wanted.get(i) else { break };
-                            let r =
-                                load_copy(ns.as_deref(), dir, capture).with_context(|| match ns {
-                                    Some(p) => format!("network namespace {}", p.display()),
-                                    None => "this network namespace".to_owned(),
-                                });
+                            let r = load_copy(ns.as_deref(), dir).with_context(|| match ns {
+                                Some(p) => format!("network namespace {}", p.display()),
+                                None => "this network namespace".to_owned(),
+                            });
                             if let Ok(mut slot) = slots[i].lock() {
                                 *slot = Some(r);
                             }
@@ -851,18 +895,36 @@ impl Probes {
                     });
                 }
             });
-            slots
+            fn lost<T>() -> Result<T> {
+                Err(anyhow!("a program loader thread failed"))
+            }
+            let work = if need_work {
+                Some(work.into_inner().ok().flatten().unwrap_or_else(lost)?)
+            } else {
+                None
+            };
+            let copies = slots
                 .into_iter()
-                .map(|m| {
-                    m.into_inner()
-                        .ok()
-                        .flatten()
-                        .unwrap_or_else(|| Err(anyhow!("a program loader thread failed")))
-                })
-                .collect()
+                .map(|m| m.into_inner().ok().flatten().unwrap_or_else(lost))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((work, copies))
         });
         let _ = std::fs::remove_dir_all(&dir);
-        self.per_ns.extend(loaded?);
+        let (work, copies) = loaded?;
+        if let Some(mut work) = work {
+            // Before any stub is attached: a stub whose slot is empty lets packets through
+            // unseen.
+            let mut slots = ProgramArray::try_from(self.map_mut("HOP_WORK")?)?;
+            let prog: &mut SchedClassifier = work
+                .program_mut(WORK_PROGRAM)
+                .ok_or_else(|| anyhow!("eBPF program {WORK_PROGRAM} missing"))?
+                .try_into()?;
+            slots
+                .set(0, prog.fd()?, 0)
+                .context("handing the hop program to the hop stubs")?;
+            self.work = Some(work);
+        }
+        self.per_ns.extend(copies);
         Ok(())
     }
 
@@ -1378,6 +1440,7 @@ impl Drop for Probes {
                 s.spawn(move || drop(copy));
             }
         });
+        drop(self.work.take());
     }
 }
 
@@ -1496,6 +1559,33 @@ mod tests {
             0,
             "CO-RE relocations: give the loaders the kernel's BTF"
         );
+    }
+
+    /// A map a copy of the stubs did not share would be a private, empty one of its own: a
+    /// stub with its own `HOP_WORK` would let every packet through unseen, one with its own
+    /// `FILTER` would never match.
+    #[test]
+    fn the_copies_share_every_map_of_the_object() {
+        if EBPF_OBJECT.is_empty() {
+            return; // built with PODTRACE_SKIP_EBPF
+        }
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("podtrace's eBPF object parses");
+        for name in obj.maps.keys() {
+            // The global data of each copy is its own (`NETNS_INO`, `CAPTURE_MODE`).
+            if name.starts_with('.') {
+                continue;
+            }
+            assert!(
+                SHARED_MAPS.contains(&name.as_str()),
+                "map {name} is not in SHARED_MAPS"
+            );
+        }
+        for name in SHARED_MAPS {
+            assert!(obj.maps.contains_key(name), "no map {name} in the object");
+        }
+        for name in [PROG_INGRESS, PROG_EGRESS, WORK_PROGRAM] {
+            assert!(obj.programs.contains_key(name), "no program {name}");
+        }
     }
 
     #[test]

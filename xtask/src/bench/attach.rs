@@ -24,8 +24,8 @@ pub struct Run {
     pub resolve: f64,
     /// Loading the eBPF object (BTF offsets, maps, tracing programs).
     pub load: f64,
-    /// Loading a program copy per namespace, attaching the tc probes on every hop, naming
-    /// the interfaces, attaching the kernel hooks.
+    /// Loading the hop program and a stub per namespace, attaching the tc probes on every
+    /// hop, naming the interfaces, attaching the kernel hooks.
     pub attach: f64,
     /// The rest inside podtrace before the line (the ready line itself).
     pub other: f64,

@@ -235,7 +235,7 @@ impl Results {
             ("load", "load (BTF, eBPF object, maps)"),
             (
                 "attach",
-                "attach (a program copy per namespace, tc on every hop, names, kernel hooks)",
+                "attach (the hop program, a stub per namespace, tc on every hop, names, kernel hooks)",
             ),
             ("other", "other (before the ready line)"),
             (
