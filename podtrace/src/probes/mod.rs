@@ -581,7 +581,7 @@ fn preload_kernel_hooks(
     }
 }
 
-/// Namespaces whose program copies load at the same time, at most.
+/// Loaders (the hop program, a namespace's stubs) at work at the same time, at most.
 const MAX_LOADERS: usize = 4;
 
 /// A loader of the object whose shared maps come from their pins in `dir`.
