@@ -219,7 +219,8 @@ fn an_agent_lost_mid_run_is_named_and_nothing_is_claimed() {
     let lab = Lab::up_with_agents("aglost", "flannel");
     let run = follow(&lab, &["--duration", "20"]);
     ping(&lab, 1);
-    // node-b's agent dies: its probes go with it (its guard removes the clsact filters).
+    // node-b's agent dies: its probes go with it (its TCX links close with its files; clsact
+    // filters, where it uses them, its guard removes).
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent_pid(&lab, "node-b")),
         nix::sys::signal::Signal::SIGKILL,

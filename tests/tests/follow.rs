@@ -449,8 +449,15 @@ fn tc_programs(lab: &Lab, ns: &str, ifname: &str) -> String {
 #[test]
 fn nothing_stays_attached_after_sigkill() {
     let lab = Lab::up("fkil", "flannel");
-    // clsact filters (the default): they outlive their owner, and its guard removes them.
-    let run = follow(&lab, "pod-a1", "10.244.1.5", &[]);
+    // clsact filters (the default where TCX links cannot be made quickly, and on kernels
+    // without TCX): they outlive their owner, and its guard removes them.
+    let run = follow_env(
+        &lab,
+        "pod-a1",
+        "10.244.1.5",
+        &[],
+        &[("PODTRACE_TC", "clsact")],
+    );
     assert!(
         tc_programs(&lab, "node-a", "cni0").contains("hop_ingress"),
         "attached while running"
@@ -513,18 +520,65 @@ fn tc_of(run: &mut Running) -> String {
     ready["tc"].as_str().unwrap_or_default().to_owned()
 }
 
+/// The kernel's RCU knob, which podtrace sets while it makes or closes TCX links.
+fn rcu_knob() -> String {
+    std::fs::read_to_string(podtrace::probes::rcu::KNOB)
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// Waits until the RCU knob is "0" again (other tests' sessions set it for milliseconds).
+fn rcu_knob_put_back() {
+    wait_until(10, "the RCU knob to be 0 again", || rcu_knob() == "0");
+    assert!(!std::path::Path::new(podtrace::probes::rcu::RECORD).exists());
+}
+
+/// podtrace with `/sys` read-only, as in many containers: in a mount namespace of its own.
+fn follow_read_only_sys(lab: &Lab, pod: &str, dst: &str) -> Running {
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "--", "sh", "-c"])
+        .arg(r#"mount -o remount,bind,ro /sys && exec "$@""#)
+        .arg("sh")
+        .arg(podtrace_tests::podtrace_bin())
+        .args(["follow", pod, "--dst", dst, "--json", "--lab", &lab.prefix]);
+    Running::spawn(cmd, "follow with a read-only /sys", 30)
+}
+
 #[test]
-fn a_hook_with_tcx_programs_gets_tcx_links_and_sigkill_leaves_nothing() {
+fn tcx_links_by_default_clsact_where_sys_is_read_only_and_sigkill_leaves_nothing() {
     use podtrace::probes::{FilterSpec, HopTarget, Probes, TcMode};
     let lab = Lab::up("ftcx", "flannel");
-    // By default: clsact filters.
+    if rcu_knob() != "0" {
+        eprintln!(
+            "skipped: {} is not 0 on this machine",
+            podtrace::probes::rcu::KNOB
+        );
+        return;
+    }
+    // By default, on a kernel with TCX: TCX links, made with RCU grace periods expedited,
+    // and the RCU knob put back as it was.
     let mut run = follow(&lab, "pod-a1", "10.244.1.5", &[]);
+    assert_eq!(tc_of(&mut run), "tcx");
+    rcu_knob_put_back();
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    let _ = finish(run);
+    rcu_knob_put_back();
+    // PODTRACE_TC=clsact asks for clsact filters.
+    let mut run = follow_env(
+        &lab,
+        "pod-a1",
+        "10.244.1.5",
+        &[],
+        &[("PODTRACE_TC", "clsact")],
+    );
     assert_eq!(tc_of(&mut run), "clsact");
     run.signal(nix::sys::signal::Signal::SIGTERM);
     let _ = finish(run);
-    // PODTRACE_TC=tcx asks for TCX links.
-    let mut run = follow_env(&lab, "pod-a1", "10.244.1.5", &[], &[("PODTRACE_TC", "tcx")]);
-    assert_eq!(tc_of(&mut run), "tcx");
+    // With /sys read-only podtrace cannot expedite RCU grace periods: clsact filters, quick
+    // to place.
+    let mut run = follow_read_only_sys(&lab, "pod-a1", "10.244.1.5");
+    assert_eq!(tc_of(&mut run), "clsact");
     run.signal(nix::sys::signal::Signal::SIGTERM);
     let _ = finish(run);
     // Another TCX program already on cni0 (as Cilium's would be): podtrace goes first in
@@ -544,7 +598,8 @@ fn a_hook_with_tcx_programs_gets_tcx_links_and_sigkill_leaves_nothing() {
             hop_id: 0,
         })
         .unwrap();
-    let mut run = follow(&lab, "pod-a1", "10.244.1.5", &[]);
+    // With /sys read-only again, but a TCX program on one of the hops.
+    let mut run = follow_read_only_sys(&lab, "pod-a1", "10.244.1.5");
     assert_eq!(tc_of(&mut run), "tcx");
     assert_eq!(
         tc_programs(&lab, "node-a", "cni0")
@@ -604,4 +659,59 @@ fn not_seen_when_nothing_flows() {
     let (code, _, summary) = finish(run);
     assert_eq!(summary["verdict"], "not_seen");
     assert_eq!(code, Some(1));
+}
+
+#[test]
+fn the_rcu_knob_a_killed_podtrace_left_set_is_put_back() {
+    use podtrace::probes::rcu::{KNOB, LOCK, RECORD};
+    use std::os::fd::AsRawFd as _;
+    let lab = Lab::up("frcu", "flannel");
+    if rcu_knob() != "0" {
+        eprintln!("skipped: {KNOB} is not 0 on this machine");
+        return;
+    }
+    /// Puts the knob back should the test fail before podtrace does.
+    struct PutBack;
+    impl Drop for PutBack {
+        fn drop(&mut self) {
+            if std::fs::read_to_string(RECORD).is_ok() {
+                let _ = std::fs::write(KNOB, "0");
+                let _ = std::fs::remove_file(RECORD);
+            }
+        }
+    }
+    let _put_back = PutBack;
+    // What a podtrace killed while it made TCX links leaves: the knob set and the earlier
+    // value recorded. Made under the lock, as podtrace makes it (other tests run beside).
+    {
+        std::fs::create_dir_all("/run/podtrace").unwrap();
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(LOCK)
+            .unwrap();
+        // SAFETY: flock on a file this block owns; released as it closes.
+        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+        std::fs::write(RECORD, "0\n").unwrap();
+        std::fs::write(KNOB, "1").unwrap();
+    }
+    assert_eq!(rcu_knob(), "1");
+    // The next podtrace to start puts it back.
+    let mut run = follow_env(
+        &lab,
+        "pod-a1",
+        "10.244.1.5",
+        &[],
+        &[("PODTRACE_TC", "clsact")],
+    );
+    assert_eq!(tc_of(&mut run), "clsact");
+    rcu_knob_put_back();
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    let (_, _, stderr) = run.wait(30);
+    // (Unless another test's podtrace started first and did it.)
+    assert!(
+        stderr.contains("put /sys/kernel/rcu_expedited back") || !stderr.contains("rcu"),
+        "{stderr}"
+    );
 }

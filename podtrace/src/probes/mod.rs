@@ -16,6 +16,7 @@ pub mod btf;
 pub mod clsact;
 pub mod hooks;
 pub mod nat;
+pub mod rcu;
 
 use std::{
     collections::HashMap,
@@ -90,24 +91,27 @@ pub fn tcx_supported() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
-/// The mechanism a session uses unless a hook says otherwise: `PODTRACE_TC=tcx` on a kernel
-/// with TCX, else clsact (see [`choose_tc_mode`]).
+/// The mechanism a session uses unless a hook says otherwise (see [`choose_tc_mode`]).
 pub fn tc_mode() -> TcMode {
     choose_tc_mode(&[]).unwrap_or(TcMode::Clsact)
 }
 
-/// How a session's hop probes are attached. clsact filters, unless
-/// - `PODTRACE_TC=tcx` asks for TCX links (kernel ≥ 6.6), or
-/// - a hook already runs TCX programs (Cilium ≥ 1.15 attaches there): the kernel runs TCX
-///   programs before any clsact filter, and one of them may redirect or drop the packet, so
-///   podtrace goes first in that chain too, with TCX links.
+/// How a session's hop probes are attached: TCX links on a kernel with TCX (6.6), placed
+/// first in each interface's chain, else clsact filters. `PODTRACE_TC=tcx` or `clsact`
+/// chooses.
 ///
-/// clsact by default because it is quick: a clsact filter is in place at once, while each
-/// TCX link waits for an RCU grace period under the RTNL lock, one after another (20 links,
-/// ~15 ms each on the bench machine). The price, filters that outlive a killed owner, is paid
-/// by the guard process ([`clsact`]). Creating or deleting the clsact qdisc changes nothing
-/// else a packet sees (a NAT test once suggested otherwise: it raced the kernel's
-/// link-watch, see `a_backend_that_refuses_and_backends_that_are_down`).
+/// TCX because the kernel runs its programs without the classifier layer: 20 do-nothing
+/// clsact filters (a 10-hop path) cost ~6 % of the lab's throughput on the bench machine,
+/// 20 do-nothing TCX links nothing measurable. And a killed podtrace's links go with its
+/// files. But each link waits for an RCU grace period under the RTNL lock, made and closed:
+/// quick only with the grace periods expedited ([`rcu`]). Where podtrace cannot ask for
+/// that (a read-only `/sys`), clsact filters, quick to place, unless a hook already runs
+/// TCX programs (Cilium ≥ 1.15 attaches there): the kernel runs TCX programs before any
+/// clsact filter, and one of them may redirect or drop the packet, so podtrace goes first
+/// in that chain too. A clsact filter outlives a killed owner: the guard process removes
+/// it ([`clsact`]). Creating or deleting the clsact qdisc changes nothing else a packet
+/// sees (a NAT test once suggested otherwise: it raced the kernel's link-watch, see
+/// `a_backend_that_refuses_and_backends_that_are_down`).
 pub fn choose_tc_mode(targets: &[HopTarget]) -> Result<TcMode> {
     match std::env::var("PODTRACE_TC").as_deref() {
         Ok("tcx") if !tcx_supported() => {
@@ -117,6 +121,7 @@ pub fn choose_tc_mode(targets: &[HopTarget]) -> Result<TcMode> {
         Ok("clsact") => return Ok(TcMode::Clsact),
         Ok(other) => bail!("PODTRACE_TC={other}: use tcx or clsact"),
         Err(_) if !tcx_supported() => return Ok(TcMode::Clsact),
+        Err(_) if rcu::can_expedite() => return Ok(TcMode::Tcx),
         Err(_) => {}
     }
     let mut namespaces: Vec<Option<&Path>> = Vec::new();
@@ -751,6 +756,10 @@ impl Probes {
             Ok(None) => {}
             Err(e) => eprintln!("podtrace: cleaning up after a killed podtrace: {e:#}"),
         }
+        // The RCU knob of a podtrace killed while it made or closed TCX links.
+        if let Some(line) = rcu::recover() {
+            eprintln!("podtrace: {line}");
+        }
         // aya's parse of the kernel's BTF and the object's load beside podtrace's own parse
         // (offsets, drop reasons, what the kernel offers): each takes tens of milliseconds.
         // The object needs no kernel BTF to load (it has no CO-RE relocations: the offsets
@@ -1024,6 +1033,8 @@ impl Probes {
             })
             .collect();
         type Attached = Vec<(NsLink, clsact::OwnedFilter)>;
+        // Each TCX link waits for an RCU grace period, under the RTNL lock.
+        let expedited = (mode == TcMode::Tcx).then(rcu::expedite);
         let results: Vec<(Attached, Result<()>)> = std::thread::scope(|s| {
             let workers: Vec<_> = jobs
                 .into_iter()
@@ -1051,6 +1062,7 @@ impl Probes {
                 })
                 .collect()
         });
+        drop(expedited);
         let mut first_err = None;
         let mut placed = Vec::new();
         for (attached, result) in results {
@@ -1432,14 +1444,12 @@ impl Drop for Probes {
                 .collect()
         });
         self.clsact_state.remove(&removed);
-        // Closing a TCX link waits for an RCU grace period too: close each namespace's
-        // links on a thread of its own.
+        // Closing a TCX link waits for an RCU grace period too.
         let copies = std::mem::take(&mut self.per_ns);
-        std::thread::scope(|s| {
-            for copy in copies {
-                s.spawn(move || drop(copy));
-            }
-        });
+        let expedited =
+            (self.tc_mode == Some(TcMode::Tcx) && !copies.is_empty()).then(rcu::expedite);
+        drop(copies);
+        drop(expedited);
         drop(self.work.take());
     }
 }

@@ -1,7 +1,8 @@
 //! Attach latency: wall time from starting `podtrace follow POD --dst IP --json` to its
 //! `{"type":"ready"}` line (every hop of both nodes probed), split with the timings the ready
 //! line carries; and the stop, from SIGINT to the process's exit (probes detached). On a
-//! kernel with TCX, a few more runs with TCX links (`PODTRACE_TC=tcx`) for comparison.
+//! kernel with TCX (where podtrace uses TCX links), a few more runs with clsact filters
+//! (`PODTRACE_TC=clsact`) for comparison.
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
@@ -61,8 +62,8 @@ impl Run {
 
 pub struct Attach {
     pub runs: Vec<Run>,
-    /// The same with TCX links (`PODTRACE_TC=tcx`), on kernels that have TCX.
-    pub tcx_runs: Vec<Run>,
+    /// The same with clsact filters (`PODTRACE_TC=clsact`), on kernels that have TCX.
+    pub clsact_runs: Vec<Run>,
     pub hops: usize,
     pub hop_names: Vec<String>,
     pub kernel_hooks: Vec<String>,
@@ -86,8 +87,14 @@ impl Attach {
     }
 
     /// A figure of the TCX runs.
-    pub fn tcx_stat(&self, f: &str) -> Option<Stat> {
-        Stat::of(&self.tcx_runs.iter().map(|r| r.get(f)).collect::<Vec<_>>())
+    pub fn clsact_stat(&self, f: &str) -> Option<Stat> {
+        Stat::of(
+            &self
+                .clsact_runs
+                .iter()
+                .map(|r| r.get(f))
+                .collect::<Vec<_>>(),
+        )
     }
 
     pub fn to_json(&self) -> Value {
@@ -108,9 +115,9 @@ impl Attach {
             "hop_names": self.hop_names,
             "kernel_hooks": self.kernel_hooks,
             "warmup_runs_discarded": 1,
-            "tcx": (!self.tcx_runs.is_empty()).then(|| json!({
-                "env": "PODTRACE_TC=tcx",
-                "runs": self.tcx_runs.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
+            "clsact": (!self.clsact_runs.is_empty()).then(|| json!({
+                "env": "PODTRACE_TC=clsact",
+                "runs": self.clsact_runs.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
             })),
         })
     }
@@ -166,13 +173,13 @@ fn one(ctx: &Ctx, env: &[(&str, &str)]) -> Result<(Run, Value)> {
 }
 
 /// Runs with TCX links, after the others.
-const TCX_RUNS: usize = 3;
+const CLSACT_RUNS: usize = 3;
 
 pub fn measure(ctx: &Ctx, runs: usize) -> Result<Attach> {
     eprintln!("bench: attach latency, 1 warm-up + {runs} runs");
     let mut out = Attach {
         runs: Vec::new(),
-        tcx_runs: Vec::new(),
+        clsact_runs: Vec::new(),
         hops: 0,
         hop_names: Vec::new(),
         kernel_hooks: Vec::new(),
@@ -206,13 +213,13 @@ pub fn measure(ctx: &Ctx, runs: usize) -> Result<Attach> {
         proc::sleep(Duration::from_millis(200))?;
     }
     if super::tchook::kernel_has_tcx() {
-        for i in 1..=TCX_RUNS {
-            let (run, _) = one(ctx, &[("PODTRACE_TC", "tcx")])?;
+        for i in 1..=CLSACT_RUNS {
+            let (run, _) = one(ctx, &[("PODTRACE_TC", "clsact")])?;
             eprintln!(
-                "bench:   TCX run {i}: {:.0} ms (attach {:.1}), stop {:.0} ms",
+                "bench:   clsact run {i}: {:.0} ms (attach {:.1}), stop {:.0} ms",
                 run.total, run.attach, run.stop
             );
-            out.tcx_runs.push(run);
+            out.clsact_runs.push(run);
             proc::sleep(Duration::from_millis(200))?;
         }
     }

@@ -129,12 +129,16 @@ pub fn evaluate(
 
     for (c, what) in [
         (
-            Config::TcHookAlone,
-            "for reference: tc's hook alone on every hop (a clsact filter that does nothing, no kernel hooks): throughput",
+            Config::TcxHookAlone,
+            "for reference: TCX's hook alone on every hop (a TCX program that does nothing, no kernel hooks): throughput",
         ),
         (
-            Config::FollowOtherPortTcx,
-            "for reference: idle `follow --port 9` with TCX links (`PODTRACE_TC=tcx`): throughput",
+            Config::TcHookAlone,
+            "for reference: clsact's hook alone on every hop (a clsact filter that does nothing, no kernel hooks): throughput",
+        ),
+        (
+            Config::FollowOtherPortClsact,
+            "for reference: idle `follow --port 9` with clsact filters (`PODTRACE_TC=clsact`): throughput",
         ),
     ] {
         if !o.runs(c).is_empty() {
@@ -416,7 +420,7 @@ mod tests {
                     ..attach::Run::default()
                 })
                 .collect(),
-            tcx_runs: Vec::new(),
+            clsact_runs: Vec::new(),
             hops: 10,
             hop_names: Vec::new(),
             kernel_hooks: Vec::new(),

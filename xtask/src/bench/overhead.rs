@@ -29,11 +29,14 @@ pub enum Config {
     FollowOtherPeer,
     /// `follow POD --dst PEER --port 9`: probes on all 10 hops, the filter rejects all.
     FollowOtherPort,
-    /// The same with TCX links instead of clsact filters (`PODTRACE_TC=tcx`; kernels with
-    /// TCX only). Reported, not a goal: TCX links take a grace period each to attach.
-    FollowOtherPortTcx,
+    /// The same with clsact filters instead of TCX links (`PODTRACE_TC=clsact`; kernels with
+    /// TCX only, where podtrace uses TCX links). Reported, not a goal.
+    FollowOtherPortClsact,
+    /// A TCX program that does nothing on both directions of every hop ([`tchook`]): the
+    /// floor of the idle configurations (kernels with TCX).
+    TcxHookAlone,
     /// A clsact filter that does nothing on both directions of every hop ([`tchook`]): the
-    /// floor of the idle configurations.
+    /// floor of the idle configurations with clsact filters.
     TcHookAlone,
     Capture,
     /// `capture -s 128`: headers only.
@@ -49,11 +52,12 @@ impl Config {
         matches!(self, Config::Capture | Config::CaptureHeaders)
     }
 
-    pub const ALL: [Config; 8] = [
+    pub const ALL: [Config; 9] = [
         Config::Baseline,
         Config::FollowOtherPeer,
         Config::FollowOtherPort,
-        Config::FollowOtherPortTcx,
+        Config::FollowOtherPortClsact,
+        Config::TcxHookAlone,
         Config::TcHookAlone,
         Config::Capture,
         Config::CaptureHeaders,
@@ -64,7 +68,7 @@ impl Config {
     pub fn is_podtrace(self) -> bool {
         !matches!(
             self,
-            Config::Baseline | Config::Tcpdump | Config::TcHookAlone
+            Config::Baseline | Config::Tcpdump | Config::TcHookAlone | Config::TcxHookAlone
         )
     }
 
@@ -72,13 +76,14 @@ impl Config {
     pub fn is_follow(self) -> bool {
         matches!(
             self,
-            Config::FollowOtherPeer | Config::FollowOtherPort | Config::FollowOtherPortTcx
+            Config::FollowOtherPeer | Config::FollowOtherPort | Config::FollowOtherPortClsact
         )
     }
 
     /// Whether this machine can run the configuration.
     pub fn runs_here(self) -> bool {
-        self != Config::FollowOtherPortTcx || tchook::kernel_has_tcx()
+        !matches!(self, Config::FollowOtherPortClsact | Config::TcxHookAlone)
+            || tchook::kernel_has_tcx()
     }
 
     pub fn key(self) -> &'static str {
@@ -86,7 +91,8 @@ impl Config {
             Config::Baseline => "baseline",
             Config::FollowOtherPeer => "follow_idle_other_peer",
             Config::FollowOtherPort => "follow_idle_other_port",
-            Config::FollowOtherPortTcx => "follow_idle_other_port_tcx",
+            Config::FollowOtherPortClsact => "follow_idle_other_port_clsact",
+            Config::TcxHookAlone => "tcx_hook_alone",
             Config::TcHookAlone => "tc_hook_alone",
             Config::Capture => "podtrace_capture",
             Config::CaptureHeaders => "podtrace_capture_headers",
@@ -103,11 +109,15 @@ impl Config {
             Config::FollowOtherPort => {
                 format!("podtrace follow {POD} --dst {DST_IP} --port 9 (idle: all hops)")
             }
-            Config::FollowOtherPortTcx => format!(
-                "PODTRACE_TC=tcx podtrace follow {POD} --dst {DST_IP} --port 9 (idle: all hops, TCX links)"
+            Config::FollowOtherPortClsact => format!(
+                "PODTRACE_TC=clsact podtrace follow {POD} --dst {DST_IP} --port 9 (idle: all hops, clsact filters)"
             ),
+            Config::TcxHookAlone => {
+                "a TCX program that does nothing, on both directions of every hop (TCX's hook alone)"
+                    .into()
+            }
             Config::TcHookAlone => {
-                "a clsact filter that does nothing, on both directions of every hop (tc's hook alone)"
+                "a clsact filter that does nothing, on both directions of every hop (clsact's hook alone)"
                     .into()
             }
             Config::Capture => {
@@ -386,6 +396,7 @@ enum Attached<'a> {
     Follow(Proc),
     Capture(capture::Running),
     Filters(tchook::NoopFilters<'a>),
+    Links(tchook::NoopLinks),
 }
 
 fn attach(ctx: &Ctx, c: Config) -> Result<Attached<'_>> {
@@ -404,7 +415,10 @@ fn attach(ctx: &Ctx, c: Config) -> Result<Attached<'_>> {
         Config::Baseline => Attached::Nothing,
         Config::FollowOtherPeer => follow(OTHER_PEER_IP, &[], &[])?,
         Config::FollowOtherPort => follow(DST_IP, &["--port", "9"], &[])?,
-        Config::FollowOtherPortTcx => follow(DST_IP, &["--port", "9"], &[("PODTRACE_TC", "tcx")])?,
+        Config::FollowOtherPortClsact => {
+            follow(DST_IP, &["--port", "9"], &[("PODTRACE_TC", "clsact")])?
+        }
+        Config::TcxHookAlone => Attached::Links(tchook::NoopLinks::attach(&ctx.lab, &ctx.hops)?),
         Config::TcHookAlone => Attached::Filters(tchook::NoopFilters::attach(&ctx.lab, &ctx.hops)?),
         Config::Capture => Attached::Capture(capture::start(ctx, Tool::Podtrace, None, None)?),
         Config::CaptureHeaders => Attached::Capture(capture::start(
@@ -421,7 +435,7 @@ impl Attached<'_> {
     /// The tool's processes.
     fn pids(&self) -> Vec<i32> {
         match self {
-            Attached::Nothing | Attached::Filters(_) => Vec::new(),
+            Attached::Nothing | Attached::Filters(_) | Attached::Links(_) => Vec::new(),
             Attached::Follow(p) => vec![p.pid],
             Attached::Capture(c) => c.pids(),
         }
@@ -433,6 +447,7 @@ fn detach(a: Attached, run: &mut Run) -> Result<()> {
     match a {
         Attached::Nothing => {}
         Attached::Filters(f) => drop(f),
+        Attached::Links(l) => drop(l),
         Attached::Capture(c) => run.capture = Some(c.stop()?),
         Attached::Follow(mut p) => {
             let hwm = p.vm_hwm_kb().unwrap_or(0);

@@ -251,18 +251,18 @@ impl Results {
                 a.max(f)
             );
         }
-        if !a.tcx_runs.is_empty() {
+        if !a.clsact_runs.is_empty() {
             let _ = writeln!(
                 s,
-                "\nWith TCX links instead of clsact filters (`PODTRACE_TC=tcx`), {} runs: the kernel waits for an RCU grace period under the RTNL lock for each link it attaches or detaches, one after the other.\n\n| phase | min | median | max |\n|---|---:|---:|---:|",
-                a.tcx_runs.len()
+                "\nWith clsact filters instead of TCX links (`PODTRACE_TC=clsact`), {} runs. (Each TCX link waits for an RCU grace period under the RTNL lock, made or closed; podtrace has them expedited for those moments.)\n\n| phase | min | median | max |\n|---|---:|---:|---:|",
+                a.clsact_runs.len()
             );
             for (f, label) in [
                 ("total", "total: start → probes live"),
                 ("attach", "attach"),
                 ("stop", "stop: SIGINT → exit"),
             ] {
-                if let Some(st) = a.tcx_stat(f) {
+                if let Some(st) = a.clsact_stat(f) {
                     let _ = writeln!(
                         s,
                         "| {label} | {:.1} ms | {:.1} ms | {:.1} ms |",
@@ -405,11 +405,11 @@ impl Results {
         );
         let _ = writeln!(
             s,
-            "\nThe floor under them: \"tc's hook alone\" puts on both directions of every hop a clsact filter that does nothing (classic BPF `ret 0` through cls_bpf, the way podtrace's clsact filters run, without their work) and no kernel hooks. What the idle configurations lose beyond it is podtrace's programs and kernel hooks; what it loses, no probe of every hop through clsact wins back.{}",
-            if o.runs(Config::FollowOtherPortTcx).is_empty() {
-                " (TCX: this kernel has none.)".to_owned()
+            "\nThe floor under them: \"TCX's hook alone\" puts on both directions of every hop a TCX link to a program that does nothing (returns `TCX_NEXT`), the way podtrace's TCX links run without their work, and no kernel hooks; \"clsact's hook alone\" the same with a clsact filter (classic BPF `ret 0` through cls_bpf). What the idle configurations lose beyond the floor of their mechanism is podtrace's programs and kernel hooks; what the floor loses, no probe of every hop through that mechanism wins back.{}",
+            if o.runs(Config::FollowOtherPortClsact).is_empty() {
+                " (TCX: this kernel has none; podtrace uses clsact filters.)".to_owned()
             } else {
-                " The `PODTRACE_TC=tcx` row is `--port 9` with TCX links instead of clsact filters: the kernel runs TCX programs without the classifier layer, but they take longer to start and stop (see attach latency).".to_owned()
+                " podtrace uses TCX links on this kernel; the `PODTRACE_TC=clsact` row is `--port 9` with clsact filters instead.".to_owned()
             }
         );
 
