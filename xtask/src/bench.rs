@@ -7,7 +7,7 @@
 //!    the cross-node `follow` through them, start → live ([`agents`]).
 //! 3. Data-path overhead: iperf3 TCP pod-a1 → pod-b1 with nothing, two idle `follow`s,
 //!    `podtrace capture` on every hop (whole packets and `-s 128`), and one tcpdump per hop,
-//!    in interleaved rounds; ratios per round against that round's baseline; then the
+//!    in interleaved rounds; each run's ratio against the baselines around it; then the
 //!    kernel's own cost of each podtrace program, from more runs with its statistics on
 //!    (they slow every program run) ([`overhead`], [`bpfstats`]).
 //! 4. Lossless capture rate: a stepped UDP rate sweep for podtrace and tcpdump ([`sweep`]).

@@ -361,8 +361,9 @@ mod tests {
     fn judged_round_by_round() {
         // Baselines drift from 10 to 5 Gbit/s: per-round ratios stay 0.98 for the idle
         // follow although its median Gbit/s is well under the baseline's median.
-        let o = overhead::Results {
+        let mut o = overhead::Results {
             seconds: 10,
+            rounds: 3,
             stats_via: None,
             stats_runs: Vec::new(),
             runs: vec![
@@ -408,6 +409,16 @@ mod tests {
                 ),
             ],
         };
+        // Each run next to its round's baseline (as if both baselines around it were alike).
+        let bases: Vec<f64> = o.runs(Config::Baseline).iter().map(|r| r.gbps).collect();
+        for (c, runs) in &mut o.runs {
+            if *c != Config::Baseline {
+                for (r, b) in runs.iter_mut().zip(&bases) {
+                    r.base_gbps = Some(*b);
+                }
+            }
+        }
+        assert_eq!(o.ratios(Config::FollowOtherPort).len(), 3);
         assert!(o
             .ratios(Config::FollowOtherPort)
             .iter()

@@ -2,8 +2,10 @@
 //! attached but filtering everything out, with `podtrace capture` writing every packet on
 //! every hop (whole, and the first 128 bytes: `-s 128`), and with one tcpdump per hop
 //! interface writing whole packets. Runs are interleaved (one of each configuration per
-//! round, the baseline first) so that drift on the machine hits all alike, and each run's
-//! ratio is taken against its own round's baseline. During the podtrace configurations the
+//! round, [`round_order`]): baselines between every two configurations, and each run's
+//! ratio is taken against the mean of the two baselines around it, so that the machine's
+//! drift (a 2-core VM's throughput wanders by several % within a minute) cancels to first
+//! order. During the podtrace configurations the
 //! kernel's per-program run-time statistics are on and read before and after the traffic
 //! ([`bpfstats`]); the tool's CPU during the traffic is read from /proc.
 use std::{
@@ -145,9 +147,16 @@ pub struct Run {
     pub window_s: f64,
     /// podtrace configurations: its programs' kernel cost during the iperf3 run, by hook.
     pub bpf: Option<BTreeMap<&'static str, bpfstats::Cost>>,
+    /// The mean throughput of the two baseline runs around this one (not for baselines).
+    pub base_gbps: Option<f64>,
 }
 
 impl Run {
+    /// This run's throughput over the baselines around it.
+    pub fn ratio(&self) -> Option<f64> {
+        self.base_gbps.map(|b| self.gbps / b)
+    }
+
     /// Tool CPU seconds per 10 s of traffic (steady state).
     pub fn cpu_per_10s(&self) -> Option<f64> {
         self.steady_cpu_s
@@ -185,6 +194,8 @@ pub struct FollowRun {
 
 pub struct Results {
     pub seconds: u32,
+    /// Rounds of every configuration (each with several baseline runs).
+    pub rounds: usize,
     /// How the kernel's run-time statistics were turned on.
     pub stats_via: Option<&'static str>,
     /// The interleaved rounds, the kernel's statistics off.
@@ -214,13 +225,9 @@ impl Results {
         Stat::of(&self.runs(c).iter().map(|r| r.gbps).collect::<Vec<_>>())
     }
 
-    /// Each round's throughput over that round's baseline.
+    /// Each run's throughput over the baselines around it, round by round.
     pub fn ratios(&self, c: Config) -> Vec<f64> {
-        self.runs(c)
-            .iter()
-            .zip(self.runs(Config::Baseline))
-            .map(|(r, b)| r.gbps / b.gbps)
-            .collect()
+        self.runs(c).iter().filter_map(Run::ratio).collect()
     }
 
     pub fn ratio(&self, c: Config) -> Option<Stat> {
@@ -306,11 +313,11 @@ impl Results {
                     "config": c.key(),
                     "command": c.label(),
                     "gbps": st(self.gbps(*c), 3),
-                    "ratio_of_round_baseline": st(self.ratio(*c), 3),
-                    "runs": runs.iter().zip(self.ratios(*c)).map(|(r, ratio)| {
+                    "ratio_of_baseline": st(self.ratio(*c), 3),
+                    "runs": runs.iter().map(|r| {
                         let mut o = json!({
                             "gbps": round3(r.gbps),
-                            "ratio_of_round_baseline": round3(ratio),
+                            "ratio_of_baseline": r.ratio().map(round3),
                             "retransmits": r.retransmits,
                             "window_s": round3(r.window_s),
                         });
@@ -360,7 +367,7 @@ impl Results {
             "tool": "iperf3 TCP",
             "from": POD, "to": PEER, "dst": DST_IP,
             "seconds": self.seconds,
-            "rounds": self.runs(Config::Baseline).len(),
+            "rounds": self.rounds,
             "stats_rounds": self.stats_runs.iter().map(|(_, r)| r.len()).max().unwrap_or(0),
             "stats_runs": self.stats_runs.iter().map(|(c, runs)| (c.key().to_string(), runs.iter().map(|r| json!({
                 "gbps": (r.gbps * 1000.0).round() / 1000.0,
@@ -372,7 +379,7 @@ impl Results {
                 }))).collect::<serde_json::Map<_, _>>()),
             })).collect::<Vec<_>>().into())).collect::<serde_json::Map<_, _>>(),
             "bpf_stats_via": self.stats_via,
-            "ratios": "each run over the baseline run of its own round, then min/median/max",
+            "ratios": "each run over the mean of the two baseline runs around it (a round: a baseline, then the configurations two at a time, each two followed by a baseline), then min/median/max",
             "configs": configs,
         })
     }
@@ -553,6 +560,7 @@ pub fn measure(ctx: &Ctx, rounds: usize, stats_rounds: usize, seconds: u32) -> R
     )?;
     let mut results = Results {
         seconds,
+        rounds,
         stats_via: None,
         runs: Config::ALL
             .iter()
@@ -561,20 +569,34 @@ pub fn measure(ctx: &Ctx, rounds: usize, stats_rounds: usize, seconds: u32) -> R
             .collect(),
         stats_runs: Vec::new(),
     };
+    let configs: Vec<Config> = Config::ALL
+        .into_iter()
+        .filter(|c| c.runs_here() && *c != Config::Baseline)
+        .collect();
     for round in 1..=rounds {
-        for c in Config::ALL.into_iter().filter(|c| c.runs_here()) {
-            let base = results
-                .runs(Config::Baseline)
-                .get(round - 1)
-                .map(|b| b.gbps);
-            let (run, _) = one_run(ctx, c, seconds, false, &format!("round {round}"), base)?;
-            results
-                .runs
-                .iter_mut()
-                .find(|(k, _)| *k == c)
-                .unwrap()
-                .1
-                .push(run);
+        // The runs since the last baseline, waiting for the one after them.
+        let mut waiting: Vec<(Config, Run)> = Vec::new();
+        let mut before: Option<f64> = None;
+        for c in round_order(&configs) {
+            let label = format!("round {round}");
+            let (run, _) = one_run(ctx, c, seconds, false, &label, before)?;
+            if c == Config::Baseline {
+                let after = run.gbps;
+                for (k, mut r) in waiting.drain(..) {
+                    r.base_gbps = before.map(|b| (b + after) / 2.0);
+                    if let Some(x) = r.ratio() {
+                        eprintln!(
+                            "bench:   {label} {:<26} {x:.3}× the baselines around it",
+                            k.key()
+                        );
+                    }
+                    push(&mut results.runs, k, r);
+                }
+                before = Some(after);
+                push(&mut results.runs, Config::Baseline, run);
+            } else {
+                waiting.push((c, run));
+            }
         }
     }
     // The programs' own cost, from runs of their own: the statistics slow every program run.
@@ -596,9 +618,28 @@ pub fn measure(ctx: &Ctx, rounds: usize, stats_rounds: usize, seconds: u32) -> R
     Ok(results)
 }
 
+/// One round's order: a baseline, then the configurations two at a time, each two followed
+/// by a baseline. Every run has a baseline next to it and one on its other side at most one
+/// run further.
+pub fn round_order(configs: &[Config]) -> Vec<Config> {
+    let mut order = vec![Config::Baseline];
+    for two in configs.chunks(2) {
+        order.extend_from_slice(two);
+        order.push(Config::Baseline);
+    }
+    order
+}
+
+fn push(runs: &mut Vec<(Config, Vec<Run>)>, c: Config, run: Run) {
+    match runs.iter_mut().find(|(k, _)| *k == c) {
+        Some((_, list)) => list.push(run),
+        None => runs.push((c, vec![run])),
+    }
+}
+
 /// One configuration's iperf3 run: attach the tool, run the traffic (with the kernel's
 /// per-program statistics on when `stats`), detach, and say how it went (`label`: the round;
-/// `base`: that round's baseline, for the ratio shown), and how the statistics were turned on.
+/// `base`: the baseline before it, for the ratio shown), and how the statistics were turned on.
 fn one_run(
     ctx: &Ctx,
     c: Config,
@@ -662,7 +703,8 @@ fn one_run(
         "bench:   {label} {:<26} {:6.2} Gbit/s{}{extra}{}{}",
         c.key(),
         gbps,
-        base.map(|b| format!(" ({:.3}× this round's baseline)", run.gbps / b))
+        base.filter(|_| c != Config::Baseline)
+            .map(|b| format!(" ({:.3}× the baseline before it)", run.gbps / b))
             .unwrap_or_default(),
         run.cpu_per_10s()
             .map(|x| format!(", {x:.2} s CPU per 10 s of traffic"))
@@ -683,4 +725,51 @@ fn one_run(
             .unwrap_or_default()
     );
     Ok((run, via))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_run_has_a_baseline_on_each_side() {
+        let configs: Vec<Config> = Config::ALL
+            .into_iter()
+            .filter(|c| *c != Config::Baseline)
+            .collect();
+        for n in 1..=configs.len() {
+            let order = round_order(&configs[..n]);
+            assert_eq!(order.first(), Some(&Config::Baseline));
+            assert_eq!(order.last(), Some(&Config::Baseline));
+            // Each configuration once.
+            for c in &configs[..n] {
+                assert_eq!(order.iter().filter(|k| *k == c).count(), 1, "{c:?}");
+            }
+            // At most two runs between baselines.
+            let mut since = 0;
+            for k in &order {
+                if *k == Config::Baseline {
+                    since = 0;
+                } else {
+                    since += 1;
+                    assert!(since <= 2, "{order:?}");
+                }
+            }
+            assert_eq!(
+                order.iter().filter(|k| **k == Config::Baseline).count(),
+                n.div_ceil(2) + 1
+            );
+        }
+    }
+
+    #[test]
+    fn a_run_is_judged_against_the_baselines_around_it() {
+        let run = Run {
+            gbps: 9.0,
+            base_gbps: Some((10.0 + 8.0) / 2.0),
+            ..Run::default()
+        };
+        assert_eq!(run.ratio(), Some(1.0));
+        assert_eq!(Run::default().ratio(), None);
+    }
 }

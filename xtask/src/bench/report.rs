@@ -317,9 +317,9 @@ impl Results {
         let o = &self.overhead;
         let _ = writeln!(
             s,
-            "\n## Data-path overhead\n\niperf3 TCP {POD} → {PEER}, {} s per run, {} rounds; each round runs every configuration once, in this order (interleaved, so drift hits all alike). Figures: min / **median** / max over the runs; × baseline: each run over its own round's baseline, then min / median / max. Captured/lost: all hops together (podtrace: \"packets written\" / \"lost before reaching the writer\"; tcpdump: \"packets captured\" / \"dropped by kernel\", summed over its {} processes). Tool CPU during traffic: user + system seconds of the tool's processes while iperf3 ran (/proc/PID/stat, 10 ms ticks), per 10 s; total: over the tool's whole life, start and stop included (`wait4`). Capture files on tmpfs. The kernel's per-program statistics are off in these runs (they add two clock reads to each program run); the programs' own cost below comes from {} more runs of each podtrace configuration with them on (turned on with {}).\n",
+            "\n## Data-path overhead\n\niperf3 TCP {POD} → {PEER}, {} s per run, {} rounds; each round runs every configuration once, in this order, with a baseline run first and after every two configurations (interleaved, so drift hits all alike). Figures: min / **median** / max over the runs; × baseline: each run over the mean of the two baseline runs around it (which cancels a steady drift), then min / median / max. Captured/lost: all hops together (podtrace: \"packets written\" / \"lost before reaching the writer\"; tcpdump: \"packets captured\" / \"dropped by kernel\", summed over its {} processes). Tool CPU during traffic: user + system seconds of the tool's processes while iperf3 ran (/proc/PID/stat, 10 ms ticks), per 10 s; total: over the tool's whole life, start and stop included (`wait4`). Capture files on tmpfs. The kernel's per-program statistics are off in these runs (they add two clock reads to each program run); the programs' own cost below comes from {} more runs of each podtrace configuration with them on (turned on with {}).\n",
             o.seconds,
-            o.runs(Config::Baseline).len(),
+            o.rounds,
             self.hops.len(),
             o.stats_runs.iter().map(|(_, r)| r.len()).max().unwrap_or(0),
             o.stats_via.unwrap_or("–")
