@@ -451,13 +451,7 @@ fn nothing_stays_attached_after_sigkill() {
     let lab = Lab::up("fkil", "flannel");
     // clsact filters (the default where TCX links cannot be made quickly, and on kernels
     // without TCX): they outlive their owner, and its guard removes them.
-    let run = follow_env(
-        &lab,
-        "pod-a1",
-        "10.244.1.5",
-        &[],
-        &[("PODTRACE_TC", "clsact")],
-    );
+    let run = follow_clsact(&lab);
     assert!(
         tc_programs(&lab, "node-a", "cni0").contains("hop_ingress"),
         "attached while running"
@@ -520,6 +514,17 @@ fn tc_of(run: &mut Running) -> String {
     ready["tc"].as_str().unwrap_or_default().to_owned()
 }
 
+/// `follow pod-a1 --dst 10.244.1.5` with clsact filters (`PODTRACE_TC=clsact`).
+fn follow_clsact(lab: &Lab) -> Running {
+    follow_env(
+        lab,
+        "pod-a1",
+        "10.244.1.5",
+        &[],
+        &[("PODTRACE_TC", "clsact")],
+    )
+}
+
 /// The kernel's RCU knob, which podtrace sets while it makes or closes TCX links.
 fn rcu_knob() -> String {
     std::fs::read_to_string(podtrace::probes::rcu::KNOB)
@@ -565,13 +570,7 @@ fn tcx_links_by_default_clsact_where_sys_is_read_only_and_sigkill_leaves_nothing
     let _ = finish(run);
     rcu_knob_put_back();
     // PODTRACE_TC=clsact asks for clsact filters.
-    let mut run = follow_env(
-        &lab,
-        "pod-a1",
-        "10.244.1.5",
-        &[],
-        &[("PODTRACE_TC", "clsact")],
-    );
+    let mut run = follow_clsact(&lab);
     assert_eq!(tc_of(&mut run), "clsact");
     run.signal(nix::sys::signal::Signal::SIGTERM);
     let _ = finish(run);
@@ -698,13 +697,7 @@ fn the_rcu_knob_a_killed_podtrace_left_set_is_put_back() {
     }
     assert_eq!(rcu_knob(), "1");
     // The next podtrace to start puts it back.
-    let mut run = follow_env(
-        &lab,
-        "pod-a1",
-        "10.244.1.5",
-        &[],
-        &[("PODTRACE_TC", "clsact")],
-    );
+    let mut run = follow_clsact(&lab);
     assert_eq!(tc_of(&mut run), "clsact");
     rcu_knob_put_back();
     run.signal(nix::sys::signal::Signal::SIGTERM);

@@ -32,18 +32,16 @@ pub const RECORD: &str = "/run/podtrace/rcu_expedited.prior";
 /// How long to wait for another process's lock before making links the slow way.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// What this process holds: how many guards are alive, the lock file and the value to put
-/// back (`None`: nothing was set).
+/// What this process holds: how many guards are alive, and while it has the knob set, the
+/// lock file and the value to put back.
 struct Held {
     users: usize,
-    lock: Option<File>,
-    prior: Option<String>,
+    taken: Option<(File, String)>,
 }
 
 static HELD: Mutex<Held> = Mutex::new(Held {
     users: 0,
-    lock: None,
-    prior: None,
+    taken: None,
 });
 
 /// While alive, RCU grace periods are expedited (when the knob could be set).
@@ -64,10 +62,7 @@ pub fn expedite() -> Expedited {
     };
     held.users += 1;
     if held.users == 1 {
-        if let Some((file, prior)) = take(Path::new(KNOB), Path::new(LOCK), Path::new(RECORD)) {
-            held.lock = Some(file);
-            held.prior = Some(prior);
-        }
+        held.taken = take(Path::new(KNOB), Path::new(LOCK), Path::new(RECORD));
     }
     Expedited(())
 }
@@ -77,11 +72,10 @@ impl Drop for Expedited {
         let Ok(mut held) = HELD.lock() else { return };
         held.users = held.users.saturating_sub(1);
         if held.users == 0 {
-            if let Some(prior) = held.prior.take() {
+            // Closing the file afterwards lets go of the lock.
+            if let Some((_file, prior)) = held.taken.take() {
                 put_back(Path::new(KNOB), Path::new(RECORD), &prior);
             }
-            // Closing the file lets go of the lock.
-            held.lock = None;
         }
     }
 }
@@ -101,8 +95,7 @@ fn take(knob: &Path, lock: &Path, record: &Path) -> Option<(File, String)> {
     // Another podtrace making or closing links holds it for milliseconds: wait that long,
     // not for a podtrace stuck with it.
     let deadline = std::time::Instant::now() + LOCK_WAIT;
-    // SAFETY: flock on a file descriptor this function owns.
-    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    while !try_lock(&file) {
         if std::time::Instant::now() >= deadline {
             return None;
         }
@@ -119,6 +112,12 @@ fn take(knob: &Path, lock: &Path, record: &Path) -> Option<(File, String)> {
         return None;
     }
     Some((file, prior))
+}
+
+/// Takes the exclusive lock on `file` if it is free (released as the file closes).
+fn try_lock(file: &File) -> bool {
+    // SAFETY: flock on a file descriptor the caller holds open.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 fn write_knob(knob: &Path, value: &str) -> std::io::Result<()> {
@@ -159,12 +158,11 @@ fn recover_at(knob: &Path, lock: &Path, record: &Path) -> Option<String> {
         return None;
     }
     let held = HELD.lock().ok()?;
-    if held.lock.is_some() {
+    if held.taken.is_some() {
         return None;
     }
     let file = OpenOptions::new().write(true).open(lock).ok()?;
-    // SAFETY: flock on a file descriptor this function owns; released as it closes.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if !try_lock(&file) {
         return None;
     }
     recover_locked(knob, record).then(|| {
