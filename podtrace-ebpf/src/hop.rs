@@ -9,14 +9,14 @@
 //! works through when a session starts, is loaded once.
 use aya_ebpf::helpers::generated::bpf_skb_load_bytes;
 use aya_ebpf::{
-    bindings::{BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::classifier,
     programs::TcContext,
 };
 use podtrace_abi::{
-    Event, Filter, CNT_LOST, CNT_TC_MATCHED, CNT_TC_SEEN, DIR_EGRESS, DIR_INGRESS, FILTER_CAPTURE,
-    KIND_TC, MAX_SNAPLEN,
+    Event, Filter, CNT_CUT, CNT_LOST, CNT_TC_MATCHED, CNT_TC_SEEN, CUT_BYTES, DIR_EGRESS,
+    DIR_INGRESS, FILTER_CAPTURE, FILTER_CUT, KIND_TC, MAX_SNAPLEN,
 };
 
 use crate::{
@@ -159,9 +159,10 @@ fn follow_packet(ctx: &TcContext, netns_ino: u64, dir: u8) {
 const HEADER: usize = core::mem::size_of::<Event>();
 
 /// Reserves a record of the event header and `B` packet bytes, loads up to `len` bytes of
-/// the packet straight into it (no copy in between) and submits it.
+/// the packet straight into it (no copy in between) and submits it. False when the ring
+/// buffer had no room for it.
 #[inline(always)]
-fn record<const B: usize>(ctx: &TcContext, f: &Filter, ev: &mut Event, len: u32) {
+fn record<const B: usize>(ctx: &TcContext, f: &Filter, ev: &mut Event, len: u32) -> bool {
     // Bounds the verifier can follow: 1..=B. The volatile read hides what the caller's size
     // class already says about `len`, or LLVM drops the mask as redundant and the verifier,
     // whose view of the branches differs, is left with a length it cannot bound by `B`.
@@ -169,8 +170,7 @@ fn record<const B: usize>(ctx: &TcContext, f: &Filter, ev: &mut Event, len: u32)
     let len = unsafe { core::ptr::read_volatile(&len) };
     let len = (len.wrapping_sub(1) & (B as u32 - 1)) + 1;
     let Some(mut entry) = EVENTS.reserve_bytes(HEADER + B, 0) else {
-        bump(CNT_LOST);
-        return;
+        return false;
     };
     ev.cap_len = len;
     let base = entry.as_mut_ptr();
@@ -181,14 +181,22 @@ fn record<const B: usize>(ctx: &TcContext, f: &Filter, ev: &mut Event, len: u32)
         let data = base.add(HEADER).cast::<core::ffi::c_void>();
         if bpf_skb_load_bytes(ctx.skb.skb as *const _, 0, data, len) != 0 {
             entry.discard(BPF_RB_NO_WAKEUP as u64);
-            return;
+            return true;
         }
     }
     entry.submit(wake_flags(f, (HEADER + B) as u64));
+    true
 }
 
 /// Emits the event followed by up to the snap length of the packet's bytes, in the smallest
 /// record size class that holds them.
+///
+/// With `FILTER_CUT`, a packet longer than `CUT_BYTES` gets its whole record only while the
+/// ring buffer is less than half full; beyond that, and when the whole record finds no room,
+/// it keeps its first `CUT_BYTES` (its headers) in a record of the smallest class. The reader
+/// writes files and cannot always keep pace with whole packets: half the ring stays for
+/// headers, so under such a load every packet is in the files, some of them cut, rather than
+/// some whole and the rest lost.
 #[inline(always)]
 fn capture(ctx: &TcContext, f: &Filter, ev: &mut Event) {
     let mut len = ev.skb_len;
@@ -202,15 +210,35 @@ fn capture(ctx: &TcContext, f: &Filter, ev: &mut Event) {
     // UDP payload) and other small ones; a frame of a 1500-byte MTU; anything up to 64 KiB
     // (GSO). A record takes its whole class in the ring until it is read: a 156-byte frame
     // in a 2 KiB record left room for a thirteenth as many.
-    if len <= 128 {
-        record::<128>(ctx, f, ev, len);
-    } else if len <= 256 {
-        record::<256>(ctx, f, ev, len);
-    } else if len <= 512 {
-        record::<512>(ctx, f, ev, len);
-    } else if len <= 2048 {
-        record::<2048>(ctx, f, ev, len);
-    } else {
-        record::<{ MAX_SNAPLEN as usize }>(ctx, f, ev, len);
+    if len <= CUT_BYTES {
+        if !record::<{ CUT_BYTES as usize }>(ctx, f, ev, len) {
+            bump(CNT_LOST);
+        }
+        return;
     }
+    let cut = f.flags & FILTER_CUT != 0;
+    let whole = !cut || {
+        let used = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+        let size = EVENTS.query(BPF_RB_RING_SIZE as u64);
+        used + u64::from(len) < size / 2
+    };
+    if whole {
+        let kept = if len <= 256 {
+            record::<256>(ctx, f, ev, len)
+        } else if len <= 512 {
+            record::<512>(ctx, f, ev, len)
+        } else if len <= 2048 {
+            record::<2048>(ctx, f, ev, len)
+        } else {
+            record::<{ MAX_SNAPLEN as usize }>(ctx, f, ev, len)
+        };
+        if kept {
+            return;
+        }
+    }
+    if cut && record::<{ CUT_BYTES as usize }>(ctx, f, ev, CUT_BYTES) {
+        bump(CNT_CUT);
+        return;
+    }
+    bump(CNT_LOST);
 }

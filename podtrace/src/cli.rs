@@ -107,6 +107,17 @@ pub struct OutputArgs {
     /// Bytes of each packet to keep (0 or unset: whole packets, up to 65536).
     #[arg(short = 's', value_name = "SNAPLEN", requires = "write")]
     pub snaplen: Option<u32>,
+    /// When packets come faster than the files can take them, the kernel's ring buffer has no
+    /// room for a whole packet: cut keeps its first 128 bytes (its headers, counted as cut),
+    /// drop loses it (counted as lost).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "cut|drop",
+        default_value = "cut",
+        requires = "write"
+    )]
+    pub overload: crate::trace::Overload,
 }
 
 impl OutputArgs {

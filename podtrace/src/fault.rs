@@ -3,8 +3,12 @@
 //! point panic, so a test can check what a panic does to a live run: one line on stderr,
 //! exit status 2, probes detached, capture files complete.
 //!
-//! Unset, which it always is in normal use, a point costs a look at a once-initialised
-//! static. The points:
+//! `PODTRACE_STALL=POINT:MS` makes the first pass through the point sleep MS milliseconds
+//! instead, so a test can hold up a consumer (the capture's writer) while the kernel goes on
+//! producing.
+//!
+//! Unset, which they always are in normal use, a point costs a look at two once-initialised
+//! statics. The points:
 //!
 //! | point | where | thread |
 //! |---|---|---|
@@ -17,6 +21,8 @@ use std::sync::OnceLock;
 
 /// The environment variable naming the fault.
 pub const ENV: &str = "PODTRACE_FAULT";
+/// The environment variable naming a stall: `POINT:MS`.
+pub const STALL_ENV: &str = "PODTRACE_STALL";
 
 struct Spec {
     point: String,
@@ -42,11 +48,26 @@ fn parse(s: &str) -> Option<Spec> {
     })
 }
 
-/// A point where a test may make podtrace panic.
+/// `PODTRACE_STALL`: the point and how many milliseconds (in `nth`).
+fn stall_spec() -> Option<&'static Spec> {
+    static SPEC: OnceLock<Option<Spec>> = OnceLock::new();
+    SPEC.get_or_init(|| {
+        let s = std::env::var(STALL_ENV).ok()?;
+        s.contains(':').then(|| parse(&s)).flatten()
+    })
+    .as_ref()
+}
+
+/// A point where a test may make podtrace panic, or stall once.
 pub fn point(name: &str) {
     if let Some(s) = spec().filter(|s| s.point == name) {
         if s.seen.fetch_add(1, Ordering::SeqCst) + 1 == s.nth {
             panic!("injected fault at {name} ({ENV})");
+        }
+    }
+    if let Some(s) = stall_spec().filter(|s| s.point == name) {
+        if s.seen.fetch_add(1, Ordering::SeqCst) == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(s.nth));
         }
     }
 }

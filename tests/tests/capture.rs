@@ -457,6 +457,111 @@ fn frames_of_every_record_size_are_kept_whole() {
     assert_eq!(per_len, expected, "{rows:?}\n{stderr}");
 }
 
+/// The number before `what` in the capture's summary line (`N cut to their first ...`).
+fn summary_count(stderr: &str, what: &str) -> Option<u64> {
+    let line = stderr.lines().find(|l| l.contains("packets written ("))?;
+    let at = line.find(what)?;
+    line[..at]
+        .split([' ', '('])
+        .rfind(|w| !w.is_empty())?
+        .parse()
+        .ok()
+}
+
+/// A capture of `udp and port PORT` between pod-a1 and pod-b1 (10 hops) whose writer is held
+/// up for 3 s at its first packet (`PODTRACE_STALL`) while pod-a1 sends 1000 datagrams of
+/// 1300 bytes: the kernel's ring buffer fills. Returns the directory, the file and stderr.
+fn capture_behind(tag: &str, port: u16, extra: &[&str]) -> (Lab, Scratch, String, String) {
+    let lab = Lab::up(tag, "flannel");
+    let dir = Scratch::new(tag);
+    let file = dir.file(&format!("{tag}.pcapng"));
+    let port_s = port.to_string();
+    let mut args = vec![
+        "capture",
+        "pod-a1",
+        "--dst",
+        "10.244.1.5",
+        "udp",
+        "and",
+        "port",
+        &port_s,
+        "-w",
+        &file,
+        "--duration",
+        "8",
+        "--lab",
+        &lab.prefix,
+    ];
+    args.extend_from_slice(extra);
+    let run = Running::start_with_env(&args, &[("PODTRACE_STALL", "capture-packet:3000")]);
+    let code = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor i in range(1000):\n    s.sendto(b'x'*1300,('10.244.1.5',{port}))"
+    );
+    let out = lab.exec("pod-a1", &["python3", "-c", &code]);
+    assert!(out.status.success(), "{out:?}");
+    let (code, _, stderr) = run.wait(30);
+    assert_eq!(code, Some(0), "{stderr}");
+    (lab, dir, file, stderr)
+}
+
+/// A writer that falls behind: by default (`--overload cut`) nothing is lost. Every datagram
+/// is in the file on every hop of the path; those whose whole record found no room in the
+/// kernel's ring buffer are cut to their first 128 bytes, their original length kept and their
+/// headers readable (VXLAN's inner ones too); the summary and each interface's statistics
+/// block say how many. With `--overload drop` the same burst loses packets, counted.
+#[test]
+fn a_writer_that_falls_behind_keeps_every_packets_headers() {
+    let (_lab, dir, file, stderr) = capture_behind("ccut", 7011, &[]);
+    assert_eq!(dir.files().len(), 1, "{stderr}");
+    assert_eq!(summary_count(&stderr, "lost before"), Some(0), "{stderr}");
+    let cut = summary_count(&stderr, "cut to their first 128 bytes").unwrap_or(0);
+    assert!(cut > 0, "the ring never filled: {stderr}");
+    let rows = tshark(
+        Path::new(&file),
+        "udp.dstport == 7011",
+        &[
+            "frame.interface_name",
+            "frame.len",
+            "frame.cap_len",
+            "udp.length",
+        ],
+    );
+    let per_hop = count_by_first_field(&rows);
+    assert_eq!(per_hop.len(), 10, "{per_hop:?}\n{stderr}");
+    assert!(
+        per_hop.values().all(|n| *n == 1000),
+        "{per_hop:?}\n{stderr}"
+    );
+    let mut cut_rows = 0;
+    for row in &rows {
+        let f: Vec<&str> = row.split('\t').collect();
+        let (len, cap): (u32, u32) = (f[1].parse().unwrap(), f[2].parse().unwrap());
+        // The datagram's own UDP header is read from the cut frame too (inside VXLAN).
+        assert_eq!(f[3].rsplit(',').next(), Some("1308"), "{row}");
+        if cap < len {
+            assert_eq!(cap, 128, "{row}");
+            cut_rows += 1;
+        } else {
+            assert!(len == 1342 || len == 1392, "{row}");
+        }
+    }
+    assert_eq!(cut_rows, cut, "{stderr}");
+    // The interfaces' statistics blocks state the cut packets, in comments.
+    let blocks = std::fs::read(&file).unwrap();
+    let stated = String::from_utf8_lossy(&blocks)
+        .matches("packets of this interface were cut to their first 128 bytes")
+        .count();
+    assert!((1..=10).contains(&stated), "{stated} statements");
+
+    let (_lab, _dir, file, stderr) = capture_behind("cdrop", 7012, &["--overload", "drop"]);
+    let lost = summary_count(&stderr, "lost before").unwrap();
+    assert!(lost > 0, "{stderr}");
+    assert!(!stderr.contains("cut to their first"), "{stderr}");
+    let rows = tshark(Path::new(&file), "udp.dstport == 7012", &["frame.cap_len"]);
+    assert!(rows.len() < 10_000, "{} of 10000 kept", rows.len());
+    assert!(rows.iter().all(|c| c != "128"), "a packet was cut");
+}
+
 #[test]
 fn stop_on_drop_keeps_what_led_to_it() {
     let lab = Lab::up("cstop", "flannel");

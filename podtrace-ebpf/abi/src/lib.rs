@@ -28,6 +28,13 @@ pub const FILTER_CAPTURE: u8 = 4;
 /// `Filter::flags`: also trace the translated forms of the conversation that `NAT_FLOWS`
 /// lists (a Service's backends, the node's masquerade addresses).
 pub const FILTER_NAT: u8 = 8;
+/// `Filter::flags` (with `FILTER_CAPTURE`): a packet whose whole record finds no room in the
+/// ring buffer is cut to its first [`CUT_BYTES`] (its headers, VXLAN's inner ones included)
+/// rather than lost, and counted in `CNT_CUT`.
+pub const FILTER_CUT: u8 = 16;
+
+/// What a packet cut for want of room keeps (see `FILTER_CUT`).
+pub const CUT_BYTES: u32 = 128;
 
 /// VXLAN UDP ports the filter looks inside: `Filter::vxlan_port` and `Filter::vxlan_more`.
 pub const MAX_VXLAN_PORTS: usize = 8;
@@ -48,6 +55,8 @@ pub const CNT_FIB_MATCHED: u32 = 3;
 pub const CNT_XMIT_MATCHED: u32 = 4;
 /// Events that did not fit in the ring buffer (lost before userspace could read them).
 pub const CNT_LOST: u32 = 5;
+/// Packets cut to `CUT_BYTES` because their whole record found no room (`FILTER_CUT`).
+pub const CNT_CUT: u32 = 6;
 pub const CNT_SLOTS: u32 = 8;
 
 /// Per-hop packet counters (`HOP_STATS`, per-CPU, keyed by hop id; kept in count-only

@@ -169,6 +169,7 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
             mechanism: args.hooks.hooks,
             // What the kernel can check of EXPR: packets that cannot match never leave it.
             expression,
+            overload: args.out.overload,
         },
         args.duration,
     )?;
@@ -276,10 +277,11 @@ impl Consumer for Capturer {
         let tail_done = self.sink.tick()?;
         if self.live {
             eprint!(
-                "\r\x1b[K{} packets, {} bytes, {} files, {} lost, {:.0}s",
+                "\r\x1b[K{} packets, {} bytes, {} files, {} cut, {} lost, {:.0}s",
                 self.sink.written,
                 self.sink.bytes,
                 self.sink.files().len(),
+                self.sink.cut_for_room,
                 self.lost,
                 self.started.elapsed().as_secs_f64()
             );

@@ -218,6 +218,7 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
         &TraceOptions {
             snaplen: args.out.write.is_some().then(|| args.out.kernel_snaplen()),
             mechanism: args.hooks.hooks,
+            overload: args.out.overload,
             ..TraceOptions::default()
         },
         args.duration,

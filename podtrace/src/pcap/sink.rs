@@ -50,6 +50,11 @@ pub struct CaptureSink {
     wall_offset: i128,
     pub written: u64,
     pub bytes: u64,
+    /// Of `written`, packets the kernel cut to their first bytes for want of room in its ring
+    /// buffer (`--overload cut`).
+    pub cut_for_room: u64,
+    /// The snap length the kernel cut packets to.
+    kernel_snaplen: u32,
     /// Packets the kernel handed up that the expression then rejected (what of it the hop
     /// probes could not check).
     pub not_matched: u64,
@@ -116,6 +121,8 @@ impl CaptureSink {
             index,
             wall_offset,
             written: 0,
+            cut_for_room: 0,
+            kernel_snaplen: out.snaplen,
             not_matched: 0,
             bytes: 0,
             stop_on,
@@ -184,7 +191,17 @@ impl CaptureSink {
             Hook::Bridged => Direction::Unknown,
         };
         let ts = (h.ts_ns as i128 + self.wall_offset).max(0) as u64;
-        self.writer()?.write(i, dir, ts, h.len, data)?;
+        // The kernel keeps min(length, snap length) bytes of a packet; fewer, and it cut the
+        // packet for want of room in its ring buffer (`FILTER_CUT`).
+        let kept = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let whole = h.len.min(self.kernel_snaplen);
+        let w = self.writer()?;
+        w.write(i, dir, ts, h.len, data)?;
+        if kept < h.len {
+            let for_room = kept < whole;
+            w.note_kernel_cut(i, for_room);
+            self.cut_for_room += u64::from(for_room);
+        }
         self.written += 1;
         self.bytes += data.len() as u64;
         crate::fault::point("capture-packet");
@@ -225,8 +242,17 @@ impl CaptureSink {
 /// The end-of-run report (stderr, as tcpdump's).
 /// `not_matched`: with an expression, the packets the kernel handed up that it rejected.
 pub fn report(stats: &Stats, files: &[PathBuf], plan: &Plan, not_matched: Option<u64>) {
+    let cut = if stats.packets_cut_for_room > 0 {
+        format!(
+            ", {} cut to their first {} bytes for want of room in the kernel's ring buffer",
+            stats.packets_cut_for_room,
+            podtrace_abi::CUT_BYTES
+        )
+    } else {
+        String::new()
+    };
     eprintln!(
-        "{} packets written ({} truncated), {} lost before reaching the writer{}",
+        "{} packets written ({} cut to the snap length{cut}), {} lost before reaching the writer{}",
         stats.packets_written,
         stats.packets_truncated,
         stats.lost,

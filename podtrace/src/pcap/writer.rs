@@ -291,6 +291,9 @@ pub struct Stats {
     pub packets_written: u64,
     /// Of those, packets cut to the snap length.
     pub packets_truncated: u64,
+    /// Of those, packets the kernel cut to their first bytes because its ring buffer had no
+    /// room for them whole ([`CaptureWriter::note_kernel_cut`]).
+    pub packets_cut_for_room: u64,
     /// Bytes of all files written, headers and trailers included (deleted ones too).
     pub bytes_written: u64,
     /// Packets reported lost before reaching the writer ([`CaptureWriter::add_lost`] and
@@ -327,6 +330,8 @@ struct OpenFile {
     packets: u64,
     packets_per_hop: Vec<u64>,
     lost_per_hop: Vec<u64>,
+    /// Packets of each hop cut for want of room in the kernel's ring buffer.
+    cut_per_hop: Vec<u64>,
     lost_unattributed: u64,
     /// Start of the interval this file covers (pcapng `isb_starttime`).
     start_ns: u64,
@@ -646,6 +651,7 @@ impl CaptureWriter {
         if let Some(cur) = self.current.as_mut() {
             cur.packets_per_hop.push(0);
             cur.lost_per_hop.push(0);
+            cur.cut_per_hop.push(0);
         }
         if self.format == CaptureFormat::PcapNg {
             self.scratch.clear();
@@ -732,6 +738,25 @@ impl CaptureWriter {
         Ok(())
     }
 
+    /// Record that the packet just written for hop `hop` was cut in the kernel: to the snap
+    /// length, or (`for_room`) to its first bytes because the kernel's ring buffer had no room
+    /// for it whole. pcapng states the latter per interface, in a comment of the file's
+    /// statistics block; the record itself keeps the packet's original length either way.
+    pub fn note_kernel_cut(&mut self, hop: usize, for_room: bool) {
+        if !for_room {
+            self.stats.packets_truncated += 1;
+            return;
+        }
+        self.stats.packets_cut_for_room += 1;
+        if let Some(c) = self
+            .current
+            .as_mut()
+            .and_then(|cur| cur.cut_per_hop.get_mut(hop))
+        {
+            *c += 1;
+        }
+    }
+
     /// Record `n` packets of hop `hop` lost before reaching the writer (e.g. dropped by a
     /// full ring buffer). pcapng stores them in the hop's `isb_ifdrop` when the file is
     /// closed; classic pcap cannot store them (see [`Stats::lost`]).
@@ -812,7 +837,10 @@ impl CaptureWriter {
         match self.format {
             CaptureFormat::Pcap => 0,
             CaptureFormat::PcapNg if self.hops.is_empty() => 0,
-            CaptureFormat::PcapNg => self.hops.len() as u64 * ISB_FIXED_LEN + self.comment_reserve,
+            CaptureFormat::PcapNg => {
+                self.hops.len() as u64 * (ISB_FIXED_LEN + cut_comment_reserve())
+                    + self.comment_reserve
+            }
         }
     }
 
@@ -883,8 +911,11 @@ impl CaptureWriter {
             let mut block = Vec::with_capacity(256);
             for hop in 0..cur.interfaces {
                 block.clear();
-                let comment = (hop == 0 && cur.lost_unattributed > 0)
+                let lost = (hop == 0 && cur.lost_unattributed > 0)
                     .then(|| lost_comment(cur.lost_unattributed));
+                let cut = (cur.cut_per_hop[hop] > 0).then(|| cut_comment(cur.cut_per_hop[hop]));
+                let comments: Vec<&str> =
+                    lost.iter().chain(cut.iter()).map(|c| c.as_str()).collect();
                 encode_isb(
                     &mut block,
                     hop as u32,
@@ -892,7 +923,7 @@ impl CaptureWriter {
                     end_ns,
                     cur.lost_per_hop[hop],
                     cur.packets_per_hop[hop],
-                    comment.as_deref(),
+                    &comments,
                 );
                 cur.push(&block, None);
             }
@@ -944,6 +975,7 @@ impl CaptureWriter {
             packets: 0,
             packets_per_hop: vec![0; hops],
             lost_per_hop: vec![0; hops],
+            cut_per_hop: vec![0; hops],
             lost_unattributed: 0,
             start_ns,
             last_ns: 0,
@@ -1157,6 +1189,19 @@ fn lost_comment(n: u64) -> String {
     )
 }
 
+fn cut_comment(n: u64) -> String {
+    format!(
+        "{n} packets of this interface were cut to their first {} bytes: the kernel's ring \
+         buffer had no room for them whole (the capture could not keep pace)",
+        podtrace_abi::CUT_BYTES
+    )
+}
+
+/// What a hop's statistics block may need for its [`cut_comment`].
+fn cut_comment_reserve() -> u64 {
+    option_len(cut_comment(u64::MAX).len()) as u64
+}
+
 /// Bytes of a pcapng option with a `len`-byte value: header and padding included.
 fn option_len(len: usize) -> usize {
     4 + len.div_ceil(4) * 4
@@ -1180,7 +1225,7 @@ fn encode_isb(
     end_ns: u64,
     ifdrop: u64,
     usrdeliv: u64,
-    comment: Option<&str>,
+    comments: &[&str],
 ) {
     fn u16s(v: &mut Vec<u8>, x: u16) {
         let mut b = [0u8; 2];
@@ -1204,7 +1249,7 @@ fn encode_isb(
     let mut body = Vec::with_capacity(96);
     u32s(&mut body, interface_id);
     ts(&mut body, end_ns);
-    if let Some(c) = comment {
+    for c in comments {
         let c = clamp_option(c);
         u16s(&mut body, 1); // opt_comment
         u16s(&mut body, c.len() as u16);

@@ -179,6 +179,10 @@ pub struct Counters {
     pub xmit_matched: u64,
     /// Events that found the ring buffer full.
     pub lost: u64,
+    /// Packets cut to their first `CUT_BYTES` because their whole record found the ring
+    /// buffer full (captures that cut on overload): in the files, as headers.
+    #[serde(default)]
+    pub cut: u64,
 }
 
 /// What to trace, in userspace terms.
@@ -197,6 +201,9 @@ pub struct FilterSpec {
     pub nat: bool,
     /// Capture mode: tc events carry up to this many packet bytes.
     pub snaplen: Option<u32>,
+    /// Capture mode: a packet whose record finds no room in the ring buffer is cut to its
+    /// first `CUT_BYTES` rather than lost (`FILTER_CUT`).
+    pub cut: bool,
     /// Wake the reader once this many bytes wait in the ring buffer (0: at every event).
     pub wake_bytes: u32,
     /// A capture expression's necessary conditions, checked in the kernel.
@@ -260,6 +267,7 @@ impl Default for FilterSpec {
             vxlan_more: [0; podtrace_abi::MAX_VXLAN_PORTS - 1],
             nat: false,
             snaplen: None,
+            cut: false,
             wake_bytes: 0,
             expression: KernelExpr::default(),
         }
@@ -283,6 +291,11 @@ impl FilterSpec {
                 }
                 | if self.nat {
                     podtrace_abi::FILTER_NAT
+                } else {
+                    0
+                }
+                | if self.cut && self.snaplen.is_some() {
+                    podtrace_abi::FILTER_CUT
                 } else {
                     0
                 },
@@ -1359,6 +1372,7 @@ fn read_counters<T: std::borrow::Borrow<MapData>>(cnt: &PerCpuArray<T, u64>) -> 
         fib_matched: v[podtrace_abi::CNT_FIB_MATCHED as usize],
         xmit_matched: v[podtrace_abi::CNT_XMIT_MATCHED as usize],
         lost: v[podtrace_abi::CNT_LOST as usize],
+        cut: v[podtrace_abi::CNT_CUT as usize],
     })
 }
 

@@ -693,6 +693,7 @@ fn sum<'a>(cs: impl Iterator<Item = &'a Counters>) -> Counters {
         fib_matched: a.fib_matched + c.fib_matched,
         xmit_matched: a.xmit_matched + c.xmit_matched,
         lost: a.lost + c.lost,
+        cut: a.cut + c.cut,
     })
 }
 

@@ -37,7 +37,7 @@ use crate::probes::{
     hooks::HookReport, nat::NatFlows, CounterReader, FilterSpec, HopTarget, Probes,
 };
 pub use event::{Counters, TraceEvent};
-pub use plan::{Plan, TraceOptions};
+pub use plan::{Overload, Plan, TraceOptions};
 
 /// Batches of events, in the order the kernel produced them.
 pub type Events = tokio::sync::mpsc::Receiver<Vec<TraceEvent>>;
@@ -121,6 +121,10 @@ impl Engine {
             vxlan_more,
             nat: !f.nat.is_empty(),
             snaplen: opts.snaplen,
+            cut: opts.overload == plan::Overload::Cut
+                && opts
+                    .snaplen
+                    .is_some_and(|s| s == 0 || s > podtrace_abi::CUT_BYTES),
             wake_bytes: ring_bytes / WAKE_FRACTION,
             expression: opts.expression,
         })?;

@@ -256,6 +256,23 @@ pub struct TraceOptions {
     /// A capture expression's conditions the kernel can check (the rest is the consumer's).
     #[serde(default)]
     pub expression: crate::probes::KernelExpr,
+    /// What a capture does with a packet whose whole record finds no room in the kernel's
+    /// ring buffer.
+    #[serde(default)]
+    pub overload: Overload,
+}
+
+/// `--overload`: what a capture does with a packet the kernel's ring buffer has no room for
+/// whole (the reader, writing files, cannot keep pace with the packets).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Overload {
+    /// Keep its first 128 bytes (its headers, VXLAN's inner ones included), counted as cut:
+    /// every packet's headers rather than some whole packets.
+    #[default]
+    Cut,
+    /// Lose it, counted as lost.
+    Drop,
 }
 
 impl Default for TraceOptions {
@@ -265,6 +282,7 @@ impl Default for TraceOptions {
             evidence: Evidence::ALL.to_vec(),
             mechanism: None,
             expression: crate::probes::KernelExpr::default(),
+            overload: Overload::default(),
         }
     }
 }

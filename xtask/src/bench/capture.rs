@@ -40,6 +40,9 @@ pub struct Report {
     pub captured: u64,
     /// podtrace: events lost before reaching the writer; tcpdump: "dropped by kernel", summed.
     pub lost: u64,
+    /// podtrace: of `captured`, packets the kernel cut to their first 128 bytes for want of
+    /// room in its ring buffer (`--overload cut`); tcpdump: 0.
+    pub cut: u64,
     /// Packets per hop (podtrace's report; tcpdump's "packets captured" per process).
     pub per_hop: Vec<(String, u64)>,
     /// podtrace: its peak RSS; tcpdump: the sum of the processes' peak RSS.
@@ -55,6 +58,7 @@ impl Report {
         json!({
             "captured": self.captured,
             "lost": self.lost,
+            "cut": self.cut,
             "per_hop": self.per_hop.iter().map(|(h, n)| json!({"hop": h, "packets": n})).collect::<Vec<_>>(),
             "rss_kb": self.rss_kb,
             "rss_max_kb": self.rss_max_kb,
@@ -214,8 +218,9 @@ impl Running {
     }
 }
 
-/// `N packets written (T truncated), L lost before reaching the writer`, then one line per
-/// hop (`    NAME   COUNT`) until `... file(s) kept`.
+/// `N packets written (T cut to the snap length[, C cut to their first 128 bytes for want of
+/// room …]), L lost before reaching the writer`, then one line per hop (`    NAME   COUNT`)
+/// until `... file(s) kept`.
 fn parse_podtrace_report(err: &str, report: &mut Report) -> Result<()> {
     let mut lines = err.lines().skip_while(|l| !l.contains("packets written ("));
     let head = lines.next().context("no \"packets written\" line")?;
@@ -232,6 +237,14 @@ fn parse_podtrace_report(err: &str, report: &mut Report) -> Result<()> {
         .get(lost_at.wrapping_sub(1))
         .and_then(|w| w.parse().ok())
         .context("lost count")?;
+    report.cut = match head.find(" cut to their first") {
+        Some(at) => head[..at]
+            .rsplit([' ', ','])
+            .find(|w| !w.is_empty())
+            .and_then(|w| w.parse().ok())
+            .context("cut count")?,
+        None => 0,
+    };
     for l in lines {
         if !l.starts_with("    ") || l.contains("file(s) kept") {
             break;
@@ -262,7 +275,11 @@ mod tests {
         let err = "podtrace: rotate ...\nprobes live\n71460 packets written (0 truncated), 654538 lost before reaching the writer\n    pod-a1/eth0                  8310\n    node-a/veth43aab310          7924\n3 file(s) kept (18 older ones rotated out):\n    /dev/shm/pbx/c.pcapng0\n";
         let mut r = Report::default();
         parse_podtrace_report(err, &mut r).unwrap();
-        assert_eq!((r.captured, r.lost), (71460, 654538));
+        assert_eq!((r.captured, r.lost, r.cut), (71460, 654538, 0));
+        let cut = "1324580 packets written (0 cut to the snap length, 835513 cut to their first 128 bytes for want of room in the kernel's ring buffer), 0 lost before reaching the writer\n";
+        let mut c = Report::default();
+        parse_podtrace_report(cut, &mut c).unwrap();
+        assert_eq!((c.captured, c.lost, c.cut), (1324580, 0, 835513));
         assert_eq!(
             r.per_hop,
             vec![

@@ -166,13 +166,23 @@ pub fn evaluate(
         o.stat(c, overhead::Results::lost_pct)
             .map_or_else(|| "–".into(), |s| format!("{:.0} %", s.median))
     };
+    let cut = o
+        .stat(Config::Capture, overhead::Results::cut_pct)
+        .filter(|s| s.max > 0.0)
+        .map(|s| {
+            format!(
+                "; podtrace cut {} of the packets to their first 128 bytes (headers) for want of room in its ring buffer (min / median / max), not counted as lost",
+                s.show(|x| format!("{x:.0} %"))
+            )
+        })
+        .unwrap_or_default();
     goals.push(Goal {
         figure: "`capture`, whole packets: lost %".into(),
         goal: "below tcpdump's in the same round".into(),
         measured: d
             .map(|s| {
                 format!(
-                    "podtrace {} vs tcpdump {} (medians); tcpdump's − podtrace's per round: {} points ({})",
+                    "podtrace {} vs tcpdump {} (medians); tcpdump's − podtrace's per round: {} points ({}){cut}",
                     med(Config::Capture),
                     med(Config::Tcpdump),
                     s.show(|x| format!("{x:+.1}")),
@@ -182,6 +192,28 @@ pub fn evaluate(
             .unwrap_or_else(|| "not measured".into()),
         met: d.map(|s| s.median > 0.0),
     });
+    let whole = |c: Config| {
+        let pct = o.stat(c, overhead::Results::whole_pct)?;
+        let n = o.stat(c, |r| {
+            r.capture
+                .as_ref()
+                .map(|x| x.captured.saturating_sub(x.cut) as f64)
+        })?;
+        Some(format!(
+            "{:.0} % ({} packets)",
+            pct.median,
+            super::report::count(n.median)
+        ))
+    };
+    if let (Some(p), Some(t)) = (whole(Config::Capture), whole(Config::Tcpdump)) {
+        goals.push(Goal {
+            figure: "`capture`, whole packets: packets in the files whole, of those the hops saw"
+                .into(),
+            goal: "– (reported)".into(),
+            measured: format!("podtrace {p} vs tcpdump {t} (medians)"),
+            met: None,
+        });
+    }
     let times: Vec<f64> = o
         .ratios(Config::Capture)
         .iter()
@@ -482,6 +514,16 @@ mod tests {
         let lost = find(&g, "`capture`, whole packets: lost");
         assert_eq!(lost.met, Some(true));
         assert!(lost.measured.contains("2/3 rounds"), "{}", lost.measured);
+        assert!(!lost.measured.contains("cut"), "nothing was cut");
+        // Whole: podtrace 90 %, 50 %, 80 % of what the hops saw; tcpdump 70 % each round.
+        let whole = find(&g, "`capture`, whole packets: packets in the files whole");
+        assert_eq!(whole.met, None);
+        assert!(
+            whole.measured.starts_with("podtrace 80 % (")
+                && whole.measured.contains("tcpdump 70 % ("),
+            "{}",
+            whole.measured
+        );
         // Throughput over tcpdump's: 0.5/0.2, 0.4/0.2, 0.5/0.2 → 2.5, 2, 2.5.
         assert_eq!(find(&g, "`capture`, whole packets: its").met, Some(true));
         // -s 128: 0.9× each round, but one run lost a packet.

@@ -239,6 +239,22 @@ impl Results {
         Stat::of(&self.runs(c).iter().filter_map(f).collect::<Vec<_>>())
     }
 
+    /// Of the packets the hops saw (written + lost), the share kept whole (written, not cut
+    /// for want of room), in %.
+    pub fn whole_pct(r: &Run) -> Option<f64> {
+        r.capture.as_ref().map(|c| {
+            100.0 * c.captured.saturating_sub(c.cut) as f64
+                / ((c.captured + c.lost) as f64).max(1.0)
+        })
+    }
+
+    /// Of the packets the hops saw (written + lost), the share cut for want of room, in %.
+    pub fn cut_pct(r: &Run) -> Option<f64> {
+        r.capture
+            .as_ref()
+            .map(|c| 100.0 * c.cut as f64 / ((c.captured + c.lost) as f64).max(1.0))
+    }
+
     /// Lost share (%) of a capture run: lost / (captured + lost).
     pub fn lost_pct(r: &Run) -> Option<f64> {
         r.capture

@@ -30,7 +30,7 @@ fn mib(kb: u64) -> String {
     format!("{:.1} MiB", kb as f64 / 1024.0)
 }
 
-fn count(x: f64) -> String {
+pub(super) fn count(x: f64) -> String {
     let n = x.round() as u64;
     let s = n.to_string();
     let mut out = String::new();
@@ -317,7 +317,7 @@ impl Results {
         let o = &self.overhead;
         let _ = writeln!(
             s,
-            "\n## Data-path overhead\n\niperf3 TCP {POD} → {PEER}, {} s per run, {} rounds; each round runs every configuration once, in this order, with a baseline run first and after every two configurations (interleaved, so drift hits all alike). Figures: min / **median** / max over the runs; × baseline: each run over the mean of the two baseline runs around it (which cancels a steady drift), then min / median / max. Captured/lost: all hops together (podtrace: \"packets written\" / \"lost before reaching the writer\"; tcpdump: \"packets captured\" / \"dropped by kernel\", summed over its {} processes). Tool CPU during traffic: user + system seconds of the tool's processes while iperf3 ran (/proc/PID/stat, 10 ms ticks), per 10 s; total: over the tool's whole life, start and stop included (`wait4`). Capture files on tmpfs. The kernel's per-program statistics are off in these runs (they add two clock reads to each program run); the programs' own cost below comes from {} more runs of each podtrace configuration with them on (turned on with {}).\n",
+            "\n## Data-path overhead\n\niperf3 TCP {POD} → {PEER}, {} s per run, {} rounds; each round runs every configuration once, in this order, with a baseline run first and after every two configurations (interleaved, so drift hits all alike). Figures: min / **median** / max over the runs; × baseline: each run over the mean of the two baseline runs around it (which cancels a steady drift), then min / median / max. Captured/lost: all hops together (podtrace: \"packets written\" / \"lost before reaching the writer\"; tcpdump: \"packets captured\" / \"dropped by kernel\", summed over its {} processes). Cut: of the packets written, those podtrace's kernel side cut to their first 128 bytes (headers) because its ring buffer had no room for them whole (`--overload cut`, the default; tcpdump has no such mode); the % columns are of all the packets the hops saw (captured + lost). Tool CPU during traffic: user + system seconds of the tool's processes while iperf3 ran (/proc/PID/stat, 10 ms ticks), per 10 s; total: over the tool's whole life, start and stop included (`wait4`). Capture files on tmpfs. The kernel's per-program statistics are off in these runs (they add two clock reads to each program run); the programs' own cost below comes from {} more runs of each podtrace configuration with them on (turned on with {}).\n",
             o.seconds,
             o.rounds,
             self.hops.len(),
@@ -326,14 +326,15 @@ impl Results {
         );
         let _ = writeln!(
             s,
-            "| configuration | Gbit/s | × baseline | captured | lost | lost % | tool CPU per 10 s of traffic | tool CPU total | peak RSS |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "| configuration | Gbit/s | × baseline | captured | lost | lost % | cut to headers | cut % | tool CPU per 10 s of traffic | tool CPU total | peak RSS |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         let dash = || "–".to_owned();
         for c in Config::ALL.into_iter().filter(|c| !o.runs(*c).is_empty()) {
             let show = |x: Option<super::Stat>, f: &dyn Fn(f64) -> String| {
                 x.map(|x| x.show(f)).unwrap_or_else(dash)
             };
-            let (captured, lost, share) = if c.is_capture() || c == Config::Tcpdump {
+            let (captured, lost, share, cut, cut_share) = if c.is_capture() || c == Config::Tcpdump
+            {
                 (
                     show(
                         o.stat(c, |r| r.capture.as_ref().map(|x| x.captured as f64)),
@@ -346,6 +347,13 @@ impl Results {
                     show(o.stat(c, overhead::Results::lost_pct), &|x| {
                         format!("{x:.0} %")
                     }),
+                    show(
+                        o.stat(c, |r| r.capture.as_ref().map(|x| x.cut as f64)),
+                        &count,
+                    ),
+                    show(o.stat(c, overhead::Results::cut_pct), &|x| {
+                        format!("{x:.0} %")
+                    }),
                 )
             } else if c.is_follow() {
                 let runs = o.follow_runs(c);
@@ -356,13 +364,15 @@ impl Results {
                     format!("{packets} packets ({hops} hops probed)"),
                     lost.to_string(),
                     dash(),
+                    dash(),
+                    dash(),
                 )
             } else {
-                (dash(), dash(), dash())
+                (dash(), dash(), dash(), dash(), dash())
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {captured} | {lost} | {share} | {} | {} | {} |",
+                "| {} | {} | {} | {captured} | {lost} | {share} | {cut} | {cut_share} | {} | {} | {} |",
                 c.label(),
                 show(o.gbps(c), &|x| format!("{x:.2}")),
                 if c == Config::Baseline {

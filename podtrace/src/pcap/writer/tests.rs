@@ -244,7 +244,13 @@ fn read_ng(path: &Path) -> NgFile {
                 };
                 for (code, val) in options(&body[12..]) {
                     match code {
-                        1 => isb.comment = Some(text(&val)),
+                        1 => {
+                            let t = text(&val);
+                            isb.comment = Some(match isb.comment.take() {
+                                Some(c) => format!("{c}\n{t}"),
+                                None => t,
+                            });
+                        }
                         2 => isb.start = Some(ts_hl(&val)),
                         3 => isb.end = Some(ts_hl(&val)),
                         5 => isb.ifdrop = Some(u64n(&val)),
@@ -388,6 +394,7 @@ fn pcapng_records_hops_directions_lengths_and_losses() {
             files_deleted: 0,
             packets_written: 4,
             packets_truncated: 1,
+            packets_cut_for_room: 0,
             bytes_written: fs::metadata(&path).unwrap().len(),
             lost: 8,
             packets_per_hop: vec![2, 2],
@@ -734,7 +741,8 @@ fn size_rotation_fills_each_file_up_to_the_limit() {
     let limit = 3000;
     let (header, rec) = measure(CaptureFormat::PcapNg, 2, 200);
     let trailer = 2 * ISB_FIXED_LEN;
-    let reserve = trailer + option_len(lost_comment(u64::MAX).len()) as u64;
+    let reserve =
+        trailer + 2 * cut_comment_reserve() + option_len(lost_comment(u64::MAX).len()) as u64;
     let per_file = (limit - header - reserve) / rec;
     assert!(per_file >= 2, "test sizes: {header} {rec} {reserve}");
 
@@ -1326,7 +1334,11 @@ fn hops_added_later_are_described_before_use() {
     let mut idb = Vec::new();
     encode_idb(&mut idb, &third, w.snaplen, &w.opts);
     let fits = |w: &CaptureWriter| {
-        w.current.as_ref().unwrap().len() + idb.len() as u64 + 3 * ISB_FIXED_LEN + w.comment_reserve
+        w.current.as_ref().unwrap().len()
+            + idb.len() as u64
+            + w.trailer_reserve()
+            + ISB_FIXED_LEN
+            + cut_comment_reserve()
             <= 2500
     };
     while fits(&w) {
@@ -1913,4 +1925,74 @@ fn hand_framed_records_are_pcap_file_s() {
     }
     // Classic pcap counts seconds in 32 bits.
     assert!(RecordFrame::new(CaptureFormat::Pcap, 0, Direction::Unknown, u64::MAX, 1, 0).is_none());
+}
+
+/// Packets the kernel cut for want of room: counted apart from the snap length's, stated per
+/// interface in its statistics block (after the unattributed loss on the first), and the
+/// trailer's reserve keeps a file with those comments within -C.
+#[test]
+fn packets_cut_for_room_are_counted_and_stated_per_interface() {
+    let dir = TempDir::new("cut");
+    let path = dir.join("c.pcapng");
+    let limit = 4000;
+    let policy = RotationPolicy::none().with_max_file_bytes(limit);
+    let mut w =
+        CaptureWriter::create_with(&path, CaptureFormat::PcapNg, policy, 0, hops2(), opts())
+            .unwrap();
+    let cut = podtrace_abi::CUT_BYTES as usize;
+    let mut i = 0u32;
+    // Packets until the first file is full: every one on hop 1 cut for room, on hop 0 every
+    // third cut to the snap length.
+    while w.files().len() < 2 {
+        let hop = (i % 2) as usize;
+        w.write(
+            hop,
+            Direction::Inbound,
+            T0 + u64::from(i),
+            1500,
+            &pkt(i, cut),
+        )
+        .unwrap();
+        if hop == 1 {
+            w.note_kernel_cut(1, true);
+        } else if i.is_multiple_of(3) {
+            w.note_kernel_cut(0, false);
+        }
+        i += 1;
+    }
+    w.add_lost_unattributed(7);
+    let files = w.files().to_vec();
+    let stats = w.finish().unwrap();
+    assert_eq!(stats.packets_written, u64::from(i));
+    let on_hop1 = u64::from(i) / 2;
+    assert_eq!(stats.packets_cut_for_room, on_hop1);
+    assert_eq!(
+        stats.packets_truncated,
+        (0..i).filter(|n| n.is_multiple_of(2) && n.is_multiple_of(3)).count() as u64
+    );
+    let mut cut_stated = 0;
+    for p in &files {
+        assert!(fs::metadata(p).unwrap().len() <= limit, "{}", p.display());
+        let f = read_ng(p);
+        let cut_here = f.epbs.iter().filter(|e| e.iface == 1).count() as u64;
+        let c1 = f.isbs[1].comment.as_deref().unwrap_or_default();
+        if cut_here == 0 {
+            assert_eq!(c1, "");
+        } else {
+            let want = format!("{cut_here} packets of this interface were cut to their first 128");
+            assert!(c1.starts_with(&want), "{c1:?}");
+        }
+        cut_stated += cut_here;
+        // Hop 0's packets were cut to the snap length only: nothing to state.
+        let c0 = f.isbs[0].comment.clone().unwrap_or_default();
+        assert!(!c0.contains("cut"), "{c0:?}");
+    }
+    assert_eq!(cut_stated, on_hop1);
+    // The loss reported at the end is in the last file's first block.
+    let last = read_ng(files.last().unwrap());
+    assert!(last.isbs[0]
+        .comment
+        .as_deref()
+        .unwrap()
+        .starts_with("7 packets were lost"));
 }
