@@ -705,3 +705,74 @@ fn the_rcu_knob_a_killed_podtrace_left_set_is_put_back() {
     // it: the knob's value above is what the test judges.
     let _ = run.wait(30);
 }
+
+/// Raw tracepoint links (the tp_btf hooks) the process holds.
+fn raw_tp_links(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| {
+                    std::fs::read_to_string(e.path())
+                        .is_ok_and(|s| s.contains("link_type:\traw_tracepoint"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// The route lookup and transmit hooks (tp_btf links, run for every packet of the machine)
+/// go after 5 s without a packet of the conversation and come back with its next one; the
+/// packets after that have their lookups and transmits again. The drop hook stays. With
+/// `--keep-hooks` nothing goes.
+#[test]
+fn idle_route_lookup_and_transmit_hooks_go_and_come_back() {
+    let lab = Lab::up("fidle", "flannel");
+    let run = follow(&lab, "pod-a1", "10.244.1.5", &[]);
+    let ready = json_lines(&run.seen)
+        .into_iter()
+        .find(|o| o["type"] == "ready")
+        .expect("a ready line");
+    let idle: Vec<&str> = ready["kernel_hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["idle_detach"] == true)
+        .map(|h| h["evidence"].as_str().unwrap())
+        .collect();
+    assert_eq!(idle, ["fib", "xmit"], "{ready:#}");
+    let pid = run.pid();
+    assert_eq!(raw_tp_links(pid), 3, "drops, route lookups, transmits");
+    wait_until(20, "the idle hooks to go", || raw_tp_links(pid) == 1);
+    ping(&lab, "pod-a1", "10.244.1.5", 4);
+    wait_until(5, "the hooks to come back", || raw_tp_links(pid) == 3);
+    run.signal(nix::sys::signal::Signal::SIGINT);
+    let (code, objs, summary) = finish(run);
+    assert_eq!(code, Some(0), "{summary:#}");
+    let packets: Vec<&Value> = objs.iter().filter(|o| o["type"] == "packet").collect();
+    assert_eq!(packets.len(), 8, "{objs:#?}");
+    // The last echo request (0.6 s after the first): its lookups on the way and its
+    // transmits out of pod-a1 and node-a are there again.
+    let last = packets
+        .iter()
+        .rfind(|p| p["hops"][0]["name"] == "pod-a1/eth0")
+        .unwrap();
+    let xmit: Vec<&str> = last["xmit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x.as_str())
+        .collect();
+    assert!(
+        xmit.contains(&"pod-a1/eth0") && xmit.contains(&"node-a/eth0"),
+        "{last:#}"
+    );
+    assert!(!last["fib"].as_array().unwrap().is_empty(), "{last:#}");
+
+    let run = follow(&lab, "pod-a1", "10.244.1.5", &["--keep-hooks"]);
+    std::thread::sleep(std::time::Duration::from_secs(7));
+    assert_eq!(raw_tp_links(run.pid()), 3, "--keep-hooks");
+    run.signal(nix::sys::signal::Signal::SIGINT);
+    let (code, _, summary) = finish(run);
+    assert_eq!(summary["verdict"], "not_seen");
+    assert_eq!(code, Some(1));
+}

@@ -170,6 +170,7 @@ pub fn run(args: CaptureArgs) -> Result<ExitCode> {
             // What the kernel can check of EXPR: packets that cannot match never leave it.
             expression,
             overload: args.out.overload,
+            keep_hooks: false,
         },
         args.duration,
     )?;

@@ -138,6 +138,11 @@ pub struct FollowArgs {
     pub out: OutputArgs,
     #[command(flatten)]
     pub hooks: crate::cli::HookArgs,
+    /// Keep the route lookup and transmit hooks attached while the conversation is idle. By
+    /// default they go after 5 s without a packet of it (they run for every packet of the
+    /// machine) and come back at its next packet, whose own lookups and transmits they miss.
+    #[arg(long)]
+    pub keep_hooks: bool,
     #[command(flatten)]
     pub remote: RemoteArgs,
 }
@@ -219,6 +224,7 @@ pub fn run(args: FollowArgs) -> Result<ExitCode> {
             snaplen: args.out.write.is_some().then(|| args.out.kernel_snaplen()),
             mechanism: args.hooks.hooks,
             overload: args.out.overload,
+            keep_hooks: args.keep_hooks,
             ..TraceOptions::default()
         },
         args.duration,

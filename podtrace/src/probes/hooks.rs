@@ -250,6 +250,10 @@ pub struct HookReport {
     pub drop_reason: Option<bool>,
     /// Why an earlier choice was passed over, or why nothing could attach.
     pub notes: Vec<String>,
+    /// Attached only while the conversation is active: detached after
+    /// [`super::idle::IDLE_AFTER`] without a packet of it, back at its next one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub idle_detach: bool,
 }
 
 impl HookReport {
@@ -259,6 +263,10 @@ impl HookReport {
             Some(a) if self.drop_reason == Some(false) => {
                 format!("{what} via {a} (this kernel reports no drop reasons: 5.17+ does)")
             }
+            Some(a) if self.idle_detach => format!(
+                "{what} via {a} (off after {} s without a packet)",
+                super::idle::IDLE_AFTER.as_secs()
+            ),
             Some(a) => format!("{what} via {a}"),
             None => format!("{what}: none ({})", self.notes.join("; ")),
         }

@@ -15,6 +15,7 @@
 pub mod btf;
 pub mod clsact;
 pub mod hooks;
+pub mod idle;
 pub mod nat;
 pub mod rcu;
 
@@ -535,6 +536,10 @@ pub struct Probes {
     /// The hop programs carry packet bytes and check a capture expression (from the filter
     /// set before the first hop is attached: the copies are loaded with it).
     capture: bool,
+    /// Evidence whose tp_btf hooks go while the conversation is idle ([`idle`]).
+    idle_detach: Vec<hooks::Evidence>,
+    /// Those hooks, attached by podtrace itself, until [`Probes::take_idle_hooks`].
+    idle_hooks: Vec<idle::Hook>,
 }
 
 /// Makes `EbpfLoader::new()` cheap on the calling thread, which must be a thread of
@@ -829,6 +834,8 @@ impl Probes {
             facts,
             hook_plan: None,
             capture: false,
+            idle_detach: Vec::new(),
+            idle_hooks: Vec::new(),
         };
         let mut off: Array<_, KernelOffsets> = Array::try_from(probes.map_mut("OFFSETS")?)?;
         off.set(0, offsets, 0)?;
@@ -1217,10 +1224,13 @@ impl Probes {
                 attached: None,
                 drop_reason: None,
                 notes,
+                idle_detach: false,
             };
             for v in &variants {
-                match self.attach_variant(v) {
+                let own = self.idle_detach.contains(&evidence);
+                match self.attach_variant(v, own) {
                     Ok(()) => {
+                        report.idle_detach = own && v.mechanism == hooks::Mechanism::TpBtf;
                         report.mechanism = Some(v.mechanism);
                         report.attached = Some(v.describe());
                         if evidence == hooks::Evidence::Drop {
@@ -1242,8 +1252,36 @@ impl Probes {
         Ok(reports)
     }
 
-    /// Loads and attaches the programs of one variant (all or nothing).
-    fn attach_variant(&mut self, v: &hooks::Variant) -> Result<()> {
+    /// Has [`Probes::attach_kernel_hooks`] attach these kinds of evidence, where it uses their
+    /// tracepoints, so that they can go while the conversation is idle: see [`idle`] and
+    /// [`Probes::take_idle_hooks`].
+    pub fn detach_when_idle(&mut self, evidence: &[hooks::Evidence]) {
+        self.idle_detach = evidence.to_vec();
+    }
+
+    /// The hooks [`Probes::detach_when_idle`] asked for, with what says when the
+    /// conversation is idle (`None`: no such hook was attached through a tracepoint).
+    pub fn take_idle_hooks(&mut self) -> Result<Option<idle::IdleHooks>> {
+        if self.idle_hooks.is_empty() {
+            return Ok(None);
+        }
+        let fd = match self.map("HOP_LAST")? {
+            aya::maps::Map::Array(m) => m.fd().as_fd().try_clone_to_owned(),
+            _ => bail!("eBPF map HOP_LAST is not an array"),
+        }
+        .context("duplicating the HOP_LAST map's fd")?;
+        let data = MapData::from_fd(fd).context("opening the HOP_LAST map")?;
+        let hop_last = Array::try_from(aya::maps::Map::Array(data))?;
+        Ok(Some(idle::IdleHooks::new(
+            std::mem::take(&mut self.idle_hooks),
+            hop_last,
+            idle::IDLE_AFTER,
+        )))
+    }
+
+    /// Loads and attaches the programs of one variant (all or nothing). `own`: a tp_btf
+    /// program's link is made here and kept in `idle_hooks`, not by aya.
+    fn attach_variant(&mut self, v: &hooks::Variant, own: bool) -> Result<()> {
         match v.mechanism {
             hooks::Mechanism::TpBtf => {
                 let (name, tracepoint) = v.programs[0];
@@ -1256,6 +1294,21 @@ impl Probes {
                 if prog.fd().is_err() {
                     prog.load(tracepoint, btf)
                         .with_context(|| format!("loading tp_btf {tracepoint}"))?;
+                }
+                if own {
+                    let fd = prog
+                        .fd()?
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .context("duplicating a program's fd")?;
+                    let link = idle::raw_tracepoint_open(fd.as_fd())
+                        .with_context(|| format!("attaching tp_btf {tracepoint}"))?;
+                    self.idle_hooks.push(idle::Hook {
+                        tracepoint,
+                        prog: fd,
+                        link: Some(link),
+                    });
+                    return Ok(());
                 }
                 prog.attach()
                     .with_context(|| format!("attaching tp_btf {tracepoint}"))?;

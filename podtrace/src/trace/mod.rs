@@ -34,7 +34,10 @@ use aya::maps::{MapData, RingBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::probes::{
-    hooks::HookReport, nat::NatFlows, CounterReader, FilterSpec, HopTarget, Probes,
+    hooks::{Evidence, HookReport},
+    idle::IdleHooks,
+    nat::NatFlows,
+    CounterReader, FilterSpec, HopTarget, Probes,
 };
 pub use event::{Counters, TraceEvent};
 pub use plan::{Overload, Plan, TraceOptions};
@@ -149,6 +152,9 @@ impl Engine {
             })
             .collect();
         probes.prepare_kernel_hooks(opts.mechanism, &opts.evidence);
+        if !opts.keep_hooks {
+            probes.detach_when_idle(&[Evidence::Fib, Evidence::Xmit]);
+        }
         probes.attach_hops(&targets).map_err(|e| {
             // Name the hop as the plan does when the error names its interface.
             match plan
@@ -163,6 +169,7 @@ impl Engine {
         })?;
         crate::signals::check()?;
         let hooks = probes.attach_kernel_hooks(opts.mechanism, &opts.evidence)?;
+        let idle = probes.take_idle_hooks()?;
         let settled = probes.settle();
         let tc_mode = probes.tc_mode();
         let decoder = decode::Decoder::new(
@@ -187,7 +194,7 @@ impl Engine {
                         let _ = h.join();
                     }
                     let ring = RingBuf::try_from(ring).context("mapping the event ring")?;
-                    read_loop(ring, counters, decoder, tx, stop)
+                    read_loop(ring, counters, decoder, idle, tx, stop)
                 })
                 .context("starting the event reader")?
         };
@@ -274,6 +281,7 @@ fn read_loop(
     mut ring: RingBuf<MapData>,
     counters: CounterReader,
     decoder: decode::Decoder,
+    mut idle: Option<IdleHooks>,
     tx: tokio::sync::mpsc::Sender<Vec<TraceEvent>>,
     stop: Arc<AtomicBool>,
 ) -> Result<Counters> {
@@ -313,6 +321,10 @@ fn read_loop(
             if full && !send(&mut batch, &mut batch_bytes) {
                 return counters.read();
             }
+        }
+        if let Some(Err(e)) = idle.as_mut().map(IdleHooks::tick) {
+            eprintln!("podtrace: {e:#}; route lookups and transmits are not traced from now on");
+            idle = None;
         }
         let now = Instant::now();
         let due = now.duration_since(last_counters) >= COUNTERS_EVERY;

@@ -260,6 +260,10 @@ pub struct TraceOptions {
     /// ring buffer.
     #[serde(default)]
     pub overload: Overload,
+    /// Keep the route lookup and transmit hooks attached while the conversation is idle
+    /// (otherwise they go after `probes::idle::IDLE_AFTER` without a packet of it).
+    #[serde(default)]
+    pub keep_hooks: bool,
 }
 
 /// `--overload`: what a capture does with a packet the kernel's ring buffer has no room for
@@ -283,6 +287,7 @@ impl Default for TraceOptions {
             mechanism: None,
             expression: crate::probes::KernelExpr::default(),
             overload: Overload::default(),
+            keep_hooks: false,
         }
     }
 }

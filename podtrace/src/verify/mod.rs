@@ -172,6 +172,8 @@ fn eni(args: EniArgs) -> Result<ExitCode> {
         &plan,
         &TraceOptions {
             mechanism: args.hooks.hooks,
+            // The verdict rests on the node's route lookups, whenever the traffic comes.
+            keep_hooks: true,
             ..TraceOptions::default()
         },
         Some(args.duration),

@@ -140,6 +140,10 @@ pub fn evaluate(
             Config::FollowOtherPortClsact,
             "for reference: idle `follow --port 9` with clsact filters (`PODTRACE_TC=clsact`): throughput",
         ),
+        (
+            Config::FollowOtherPortKeepHooks,
+            "for reference: idle `follow --port 9 --keep-hooks` (route lookup and transmit hooks kept while idle): throughput",
+        ),
     ] {
         if !o.runs(c).is_empty() {
             goals.push(Goal {

@@ -34,6 +34,9 @@ pub enum Config {
     /// The same with clsact filters instead of TCX links (`PODTRACE_TC=clsact`; kernels with
     /// TCX only, where podtrace uses TCX links). Reported, not a goal.
     FollowOtherPortClsact,
+    /// The same with the route lookup and transmit hooks kept while idle (`--keep-hooks`).
+    /// Reported, not a goal.
+    FollowOtherPortKeepHooks,
     /// A TCX program that does nothing on both directions of every hop ([`tchook`]): the
     /// floor of the idle configurations (kernels with TCX).
     TcxHookAlone,
@@ -54,11 +57,12 @@ impl Config {
         matches!(self, Config::Capture | Config::CaptureHeaders)
     }
 
-    pub const ALL: [Config; 9] = [
+    pub const ALL: [Config; 10] = [
         Config::Baseline,
         Config::FollowOtherPeer,
         Config::FollowOtherPort,
         Config::FollowOtherPortClsact,
+        Config::FollowOtherPortKeepHooks,
         Config::TcxHookAlone,
         Config::TcHookAlone,
         Config::Capture,
@@ -78,7 +82,10 @@ impl Config {
     pub fn is_follow(self) -> bool {
         matches!(
             self,
-            Config::FollowOtherPeer | Config::FollowOtherPort | Config::FollowOtherPortClsact
+            Config::FollowOtherPeer
+                | Config::FollowOtherPort
+                | Config::FollowOtherPortClsact
+                | Config::FollowOtherPortKeepHooks
         )
     }
 
@@ -94,6 +101,7 @@ impl Config {
             Config::FollowOtherPeer => "follow_idle_other_peer",
             Config::FollowOtherPort => "follow_idle_other_port",
             Config::FollowOtherPortClsact => "follow_idle_other_port_clsact",
+            Config::FollowOtherPortKeepHooks => "follow_idle_other_port_keep_hooks",
             Config::TcxHookAlone => "tcx_hook_alone",
             Config::TcHookAlone => "tc_hook_alone",
             Config::Capture => "podtrace_capture",
@@ -113,6 +121,9 @@ impl Config {
             }
             Config::FollowOtherPortClsact => format!(
                 "PODTRACE_TC=clsact podtrace follow {POD} --dst {DST_IP} --port 9 (idle: all hops, clsact filters)"
+            ),
+            Config::FollowOtherPortKeepHooks => format!(
+                "podtrace follow {POD} --dst {DST_IP} --port 9 --keep-hooks (idle: all hops, route lookup and transmit hooks kept)"
             ),
             Config::TcxHookAlone => {
                 "a TCX program that does nothing, on both directions of every hop (TCX's hook alone)"
@@ -432,6 +443,7 @@ fn attach(ctx: &Ctx, c: Config) -> Result<Attached<'_>> {
             |l| l.contains("\"type\":\"ready\""),
             Duration::from_secs(60),
         )?;
+        settle_idle(&p)?;
         Ok(Attached::Follow(p))
     };
     Ok(match c {
@@ -441,6 +453,7 @@ fn attach(ctx: &Ctx, c: Config) -> Result<Attached<'_>> {
         Config::FollowOtherPortClsact => {
             follow(DST_IP, &["--port", "9"], &[("PODTRACE_TC", "clsact")])?
         }
+        Config::FollowOtherPortKeepHooks => follow(DST_IP, &["--port", "9", "--keep-hooks"], &[])?,
         Config::TcxHookAlone => Attached::Links(tchook::NoopLinks::attach(&ctx.lab, &ctx.hops)?),
         Config::TcHookAlone => Attached::Filters(tchook::NoopFilters::attach(&ctx.lab, &ctx.hops)?),
         Config::Capture => Attached::Capture(capture::start(ctx, Tool::Podtrace, None, None)?),
@@ -452,6 +465,48 @@ fn attach(ctx: &Ctx, c: Config) -> Result<Attached<'_>> {
         )?),
         Config::Tcpdump => Attached::Capture(capture::start(ctx, Tool::Tcpdump, None, None)?),
     })
+}
+
+/// An idle session as it is left on: waits until the kernel hooks that go while the
+/// conversation is idle (the ready line's `idle_detach` ones) have gone, as the process's
+/// raw tracepoint links say.
+fn settle_idle(p: &Proc) -> Result<()> {
+    let out = p.text(Stream::Out);
+    let ready: Value = out
+        .lines()
+        .find(|l| l.contains("\"type\":\"ready\""))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .context("no ready line")?;
+    let idle = ready["kernel_hooks"]
+        .as_array()
+        .map_or(0, |h| h.iter().filter(|h| h["idle_detach"] == true).count());
+    if idle == 0 {
+        return Ok(());
+    }
+    let links = || raw_tracepoint_links(p.pid);
+    let at_start = links();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while links() + idle > at_start {
+        if Instant::now() > deadline {
+            bail!("podtrace follow kept its idle hooks for 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Raw tracepoint links (tp_btf hooks) the process holds.
+fn raw_tracepoint_links(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| {
+                    std::fs::read_to_string(e.path())
+                        .is_ok_and(|s| s.contains("link_type:\traw_tracepoint"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 impl Attached<'_> {

@@ -409,7 +409,7 @@ impl Results {
             });
         let _ = writeln!(
             s,
-            "\nIdle `follow`: `--dst {OTHER_PEER_IP}` (pod-a2) probes that path's hops ({}), {on_path} of them on the iperf3 path; `--port 9` keeps {PEER} as the peer, so every hop of the iperf3 path is probed ({}) and the filter rejects every packet. Both keep the kernel hooks (drops, FIB lookups, device transmits), which see every packet of the machine. podtrace's \"lost\" counts ring-buffer events of every kind (hop packet records and FIB/transmit/drop events), not only packets.",
+            "\nIdle `follow`: `--dst {OTHER_PEER_IP}` (pod-a2) probes that path's hops ({}), {on_path} of them on the iperf3 path; `--port 9` keeps {PEER} as the peer, so every hop of the iperf3 path is probed ({}) and the filter rejects every packet. Each session is left idle after its ready line until its route lookup and transmit hooks, which see every packet of the machine, have gone (5 s without a packet of its conversation; they come back with its next packet), as a session left on to wait for a fault is; then the traffic starts. The drop hook stays. The `--keep-hooks` row keeps those two hooks: the cost of having them. podtrace's \"lost\" counts ring-buffer events of every kind (hop packet records and FIB/transmit/drop events), not only packets.",
             probed(Config::FollowOtherPeer),
             probed(Config::FollowOtherPort)
         );

@@ -1968,7 +1968,9 @@ fn packets_cut_for_room_are_counted_and_stated_per_interface() {
     assert_eq!(stats.packets_cut_for_room, on_hop1);
     assert_eq!(
         stats.packets_truncated,
-        (0..i).filter(|n| n.is_multiple_of(2) && n.is_multiple_of(3)).count() as u64
+        (0..i)
+            .filter(|n| n.is_multiple_of(2) && n.is_multiple_of(3))
+            .count() as u64
     );
     let mut cut_stated = 0;
     for p in &files {
