@@ -333,6 +333,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// `1234567` → `1 234 567`.
+pub fn count(x: f64) -> String {
+    let n = x.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -206,7 +206,7 @@ pub fn evaluate(
         Some(format!(
             "{:.0} % ({} packets)",
             pct.median,
-            super::report::count(n.median)
+            super::count(n.median)
         ))
     };
     if let (Some(p), Some(t)) = (whole(Config::Capture), whole(Config::Tcpdump)) {

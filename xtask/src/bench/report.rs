@@ -8,7 +8,7 @@ use super::{
     attach::Attach,
     bpfstats,
     capture::Tool,
-    goals,
+    count, goals,
     lab::Hop,
     machine::Machine,
     overhead::{self, Config, Run},
@@ -28,19 +28,6 @@ pub struct Results {
 
 fn mib(kb: u64) -> String {
     format!("{:.1} MiB", kb as f64 / 1024.0)
-}
-
-pub(super) fn count(x: f64) -> String {
-    let n = x.round() as u64;
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(' ');
-        }
-        out.push(c);
-    }
-    out
 }
 
 impl Results {
