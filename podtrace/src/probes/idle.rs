@@ -88,9 +88,6 @@ pub struct IdleHooks {
     start_ns: u64,
     idle_after: Duration,
     attached: bool,
-    /// How many times the hooks went and came back.
-    pub detached: u64,
-    pub reattached: u64,
 }
 
 impl IdleHooks {
@@ -102,13 +99,7 @@ impl IdleHooks {
             hop_last,
             start_ns: monotonic_ns(),
             idle_after,
-            detached: 0,
-            reattached: 0,
         }
-    }
-
-    pub fn attached(&self) -> bool {
-        self.attached
     }
 
     /// Closes or makes the links as the conversation went idle or came back.
@@ -127,13 +118,11 @@ impl IdleHooks {
                     );
                 }
             }
-            self.reattached += 1;
             log::debug!("a hop probe emitted: route lookup and transmit hooks attached again");
         } else {
             for h in &mut self.hooks {
                 h.link = None;
             }
-            self.detached += 1;
             log::debug!(
                 "no hop probe emitted for {:?}: route lookup and transmit hooks detached",
                 self.idle_after
