@@ -22,6 +22,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{Array, MapData};
 
+use super::monotonic_ns;
+
 /// How long without a packet from a hop probe before the hooks go.
 pub const IDLE_AFTER: Duration = Duration::from_secs(5);
 
@@ -87,14 +89,12 @@ pub struct IdleHooks {
     hop_last: Array<MapData, u64>,
     start_ns: u64,
     idle_after: Duration,
-    attached: bool,
 }
 
 impl IdleHooks {
     /// `hooks` attached now; `hop_last` the `HOP_LAST` map.
     pub fn new(hooks: Vec<Hook>, hop_last: Array<MapData, u64>, idle_after: Duration) -> Self {
         Self {
-            attached: hooks.iter().all(|h| h.link.is_some()),
             hooks,
             hop_last,
             start_ns: monotonic_ns(),
@@ -106,7 +106,7 @@ impl IdleHooks {
     pub fn tick(&mut self) -> Result<()> {
         let last = self.hop_last.get(&0, 0).context("reading HOP_LAST")?;
         let want = wanted(last, self.start_ns, monotonic_ns(), self.idle_after);
-        if want == self.attached {
+        if want == self.hooks.iter().all(|h| h.link.is_some()) {
             return Ok(());
         }
         if want {
@@ -128,16 +128,8 @@ impl IdleHooks {
                 self.idle_after
             );
         }
-        self.attached = want;
         Ok(())
     }
-}
-
-/// The kernel's `bpf_ktime_get_ns` clock.
-fn monotonic_ns() -> u64 {
-    let ts =
-        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
-    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
 #[cfg(test)]

@@ -65,6 +65,13 @@ pub fn ring_bytes(snaplen: Option<u32>) -> u32 {
     }
 }
 
+/// The kernel's monotonic clock, `bpf_ktime_get_ns`'s: the probes' timestamps.
+pub fn monotonic_ns() -> u64 {
+    let ts =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
 /// The oldest kernel podtrace runs on: the BPF ring buffer came in 5.8.
 pub const MIN_KERNEL: (u32, u32) = (5, 8);
 

@@ -157,9 +157,4 @@ pub fn drive(
     })
 }
 
-/// The monotonic clock the eBPF programs stamp events with (ns).
-pub fn monotonic_ns() -> u64 {
-    let ts =
-        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
-    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
-}
+pub use crate::probes::monotonic_ns;
