@@ -10,8 +10,11 @@
 //!    in interleaved rounds; each run's ratio against the baselines around it; then the
 //!    kernel's own cost of each podtrace program, from more runs with its statistics on
 //!    (they slow every program run) ([`overhead`], [`bpfstats`]).
-//! 4. Lossless capture rate: a stepped UDP rate sweep for podtrace and tcpdump ([`sweep`]).
-//! 5. Peak RSS of the capturing processes (from all of the above), and the goals met or not
+//! 4. Idle cost at a fixed rate: the machine's CPU per GB of a fixed-rate flow with an idle
+//!    `follow` (and the floor) beside it, in windows that take turns with baselines
+//!    ([`idlecost`]).
+//! 5. Lossless capture rate: a stepped UDP rate sweep for podtrace and tcpdump ([`sweep`]).
+//! 6. Peak RSS of the capturing processes (from all of the above), and the goals met or not
 //!    ([`goals`]).
 //!
 //! Every figure over runs is given as min / median / max. `--quick` is a smoke check (2 runs,
@@ -25,6 +28,7 @@ mod attach;
 mod bpfstats;
 mod capture;
 mod goals;
+mod idlecost;
 mod lab;
 mod machine;
 mod overhead;
@@ -70,6 +74,13 @@ pub struct BenchArgs {
     /// Seconds per iperf3 run [default: 10; --quick: 3].
     #[arg(long)]
     tcp_seconds: Option<u32>,
+    /// Cycles of the fixed-rate idle-cost windows (each: the idle `follow`s and the floor,
+    /// a baseline window between every two) [default: 8; --quick: 1].
+    #[arg(long)]
+    idle_cycles: Option<usize>,
+    /// Seconds per fixed-rate idle-cost window [default: 6; --quick: 2].
+    #[arg(long)]
+    idle_seconds: Option<u32>,
     /// Seconds of traffic per step of the lossless-rate sweep [default: 3; --quick: 1].
     #[arg(long)]
     step_seconds: Option<f64>,
@@ -220,8 +231,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let tcp_seconds = args.tcp_seconds.unwrap_or(if q { 3 } else { 10 });
     let step_seconds = args.step_seconds.unwrap_or(if q { 1.0 } else { 3.0 });
     let agent_runs = args.agent_runs.unwrap_or(if q { 2 } else { 7 });
-    if attach_runs == 0 || tcp_runs == 0 || tcp_seconds == 0 || agent_runs == 0 {
-        bail!("--attach-runs, --tcp-runs, --tcp-seconds and --agent-runs must be at least 1");
+    let idle_cycles = args.idle_cycles.unwrap_or(if q { 1 } else { 8 });
+    let idle_seconds = args.idle_seconds.unwrap_or(if q { 2 } else { 6 });
+    if [
+        attach_runs,
+        tcp_runs,
+        tcp_seconds as usize,
+        agent_runs,
+        idle_cycles,
+        idle_seconds as usize,
+    ]
+    .contains(&0)
+    {
+        bail!("--attach-runs, --tcp-runs, --tcp-seconds, --agent-runs, --idle-cycles and --idle-seconds must be at least 1");
     }
     if !(step_seconds > 0.0 && step_seconds.is_finite()) {
         bail!("--step-seconds must be positive");
@@ -296,6 +318,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // The programs' own cost: two more runs of each podtrace configuration (one in --quick).
     let stats_runs = if q { 1 } else { 2 };
     let overhead = overhead::measure(&ctx, tcp_runs, stats_runs, tcp_seconds)?;
+    let idle = idlecost::measure(&ctx, idle_cycles, idle_seconds)?;
     let sweep = sweep::measure(&ctx, step_seconds)?;
     let hops = ctx.hops.clone();
     let loadavg_end = machine::loadavg();
@@ -310,6 +333,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         attach,
         agents,
         overhead,
+        idle,
         sweep,
         elapsed,
     };

@@ -8,6 +8,7 @@ use super::{
     agents::Agents,
     attach::Attach,
     capture::Tool,
+    idlecost,
     overhead::{self, Config, Run},
     sweep::Sweep,
     Stat,
@@ -88,6 +89,7 @@ pub fn evaluate(
     attach: &Attach,
     agents: &Agents,
     o: &overhead::Results,
+    idle: &idlecost::Results,
     sweep: &Sweep,
 ) -> Vec<Goal> {
     let mut goals = Vec::new();
@@ -125,6 +127,31 @@ pub fn evaluate(
             measured: show(cpu, &|x| format!("{x:.2} s")),
             met: cpu.map(|s| s.median <= 0.2),
         });
+        if let Some(extra) = idle.extra(c) {
+            let floor = idle
+                .floor()
+                .and_then(|f| Some((f, idle.extra(f)?)))
+                .map(|(f, x)| {
+                    format!(
+                        "; {} the same way: {}",
+                        match f {
+                            Config::TcxHookAlone => "TCX's hook alone",
+                            _ => "clsact's hook alone",
+                        },
+                        x.show(|x| format!("{x:+.1} %"))
+                    )
+                })
+                .unwrap_or_default();
+            goals.push(Goal {
+                figure: format!(
+                    "{what}: the machine's CPU per GB of a flow at a fixed {} Gbit/s, over the baseline windows around it (see \"Idle cost at a fixed rate\")",
+                    idlecost::RATE_GBPS
+                ),
+                goal: "– (reported)".into(),
+                measured: format!("{}{floor}", extra.show(|x| format!("{x:+.1} %"))),
+                met: None,
+            });
+        }
     }
 
     for (c, what) in [
@@ -500,7 +527,40 @@ mod tests {
                 sender_bound: false,
             }],
         };
-        let g = evaluate(&a, &ag, &o, &sw);
+        let win = |config: Config, busy_s: f64| idlecost::Window {
+            config,
+            secs: 6.0,
+            busy_s,
+            steal_s: 0.0,
+            bytes: 3_000_000_000,
+        };
+        let idle = idlecost::Results {
+            window_s: 6,
+            cycles: 1,
+            configs: vec![Config::FollowOtherPort, Config::TcxHookAlone],
+            windows: vec![
+                win(Config::Baseline, 6.0),
+                win(Config::FollowOtherPort, 6.06),
+                win(Config::Baseline, 6.0),
+                win(Config::TcxHookAlone, 6.03),
+                win(Config::Baseline, 6.0),
+            ],
+        };
+        let g = evaluate(&a, &ag, &o, &idle, &sw);
+        let per_gb = g
+            .iter()
+            .find(|g| g.figure.contains("--port 9") && g.figure.contains("CPU per GB"))
+            .unwrap();
+        assert_eq!(per_gb.met, None);
+        assert_eq!(
+            per_gb.measured,
+            "+1.0 %; TCX's hook alone the same way: +0.5 %"
+        );
+        assert!(
+            !g.iter()
+                .any(|g| g.figure.contains("other peer") && g.figure.contains("CPU per GB")),
+            "no windows of the other peer"
+        );
         assert_eq!(find(&g, "start → probes live").met, Some(true));
         let idle = find(&g, "idle `follow`, every hop");
         assert_eq!(idle.met, Some(true));

@@ -425,7 +425,7 @@ fn round3(x: f64) -> f64 {
 }
 
 /// What runs beside iperf3 in one configuration.
-enum Attached<'a> {
+pub enum Attached<'a> {
     Nothing,
     Follow(Proc),
     Capture(capture::Running),
@@ -433,7 +433,7 @@ enum Attached<'a> {
     Links(tchook::NoopLinks),
 }
 
-fn attach(ctx: &Ctx, c: Config) -> Result<Attached<'_>> {
+pub fn attach(ctx: &Ctx, c: Config) -> Result<Attached<'_>> {
     let follow = |dst: &str, extra: &[&str], env: &[(&str, &str)]| -> Result<Attached> {
         let mut args = vec!["follow", POD, "--dst", dst, "--json"];
         args.extend(extra);
@@ -521,7 +521,7 @@ impl Attached<'_> {
 }
 
 /// Stops what was attached; fills the run's capture or follow figures.
-fn detach(a: Attached, run: &mut Run) -> Result<()> {
+pub fn detach(a: Attached, run: &mut Run) -> Result<()> {
     match a {
         Attached::Nothing => {}
         Attached::Filters(f) => drop(f),
@@ -610,8 +610,8 @@ fn iperf(ctx: &Ctx, seconds: u32) -> Result<(f64, u64)> {
     bail!("{}", last_err.unwrap_or_default())
 }
 
-pub fn measure(ctx: &Ctx, rounds: usize, stats_rounds: usize, seconds: u32) -> Result<Results> {
-    eprintln!("bench: data-path overhead, iperf3 TCP {POD} → {PEER}, {rounds} × {seconds} s per configuration");
+/// The iperf3 server in the peer pod, listening (it stops when dropped).
+pub fn iperf_server(ctx: &Ctx) -> Result<Proc> {
     let mut server = ctx.lab.spawn_in(
         "iperf3 server",
         PEER,
@@ -629,6 +629,12 @@ pub fn measure(ctx: &Ctx, rounds: usize, stats_rounds: usize, seconds: u32) -> R
         |l| l.contains("Server listening"),
         Duration::from_secs(10),
     )?;
+    Ok(server)
+}
+
+pub fn measure(ctx: &Ctx, rounds: usize, stats_rounds: usize, seconds: u32) -> Result<Results> {
+    eprintln!("bench: data-path overhead, iperf3 TCP {POD} → {PEER}, {rounds} × {seconds} s per configuration");
+    let server = iperf_server(ctx)?;
     let mut results = Results {
         seconds,
         rounds,

@@ -8,7 +8,7 @@ use super::{
     attach::Attach,
     bpfstats,
     capture::Tool,
-    count, goals,
+    count, goals, idlecost,
     lab::Hop,
     machine::Machine,
     overhead::{self, Config, Run},
@@ -22,6 +22,7 @@ pub struct Results {
     pub attach: Attach,
     pub agents: Agents,
     pub overhead: overhead::Results,
+    pub idle: idlecost::Results,
     pub sweep: Sweep,
     pub elapsed: Duration,
 }
@@ -58,13 +59,20 @@ impl Results {
             "attach_latency": self.attach.to_json(),
             "agents": self.agents.to_json(),
             "overhead": self.overhead.to_json(),
+            "idle_cost": self.idle.to_json(),
             "lossless_rate": self.sweep.to_json(),
             "peak_rss_kb": self.memory().iter().map(|(k, _, kb)| (k.to_string(), json!(kb))).collect::<serde_json::Map<_, _>>(),
         })
     }
 
     pub fn goals(&self) -> Vec<goals::Goal> {
-        goals::evaluate(&self.attach, &self.agents, &self.overhead, &self.sweep)
+        goals::evaluate(
+            &self.attach,
+            &self.agents,
+            &self.overhead,
+            &self.idle,
+            &self.sweep,
+        )
     }
 
     /// (key, label, peak RSS in kB) of every measured process kind.
@@ -460,6 +468,7 @@ impl Results {
                 );
             }
         }
+        s.push_str(&self.idle.markdown());
         // Lossless rate.
         let w = &self.sweep;
         let _ = writeln!(

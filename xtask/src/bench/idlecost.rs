@@ -1,0 +1,407 @@
+//! Idle cost at a fixed rate: what a session left on costs the machine, as CPU time per GB of
+//! traffic, rather than as throughput.
+//!
+//! The throughput ratios of [`super::overhead`] are the goals' figures, but on a 2-core VM a
+//! full-speed iperf3 run wanders by ±10 % from one run to the next (the host's load), more
+//! than the few % an idle session may cost, and the path is not CPU-bound (its CPUs idle a
+//! quarter of the time), so a cost shows in throughput only in part. Here one iperf3 flow runs
+//! at a fixed rate the path carries with room to spare, for the whole section, and the
+//! configurations take turns beside it in windows, a baseline window (nothing attached)
+//! between every two: each window's figure is the machine's busy CPU time (user, nice, system,
+//! irq, softirq of all CPUs, from /proc/stat; the host's steal left out) per GB the peer
+//! received, and each configuration's window is compared with the mean of the baseline
+//! windows on either side of it. The traffic does not stop between windows (no slow start,
+//! no connection set-up in a window), and a session's window starts only after it has settled
+//! as a session left on does (its idle hooks gone).
+use std::{
+    os::fd::AsRawFd as _,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use serde_json::{json, Value};
+
+use super::{
+    overhead::{self, Config},
+    proc::{self, Stream},
+    Ctx, Stat, DST_IP, PEER, POD,
+};
+
+/// The fixed rate, in Gbit/s: well below what the path carries with nothing attached
+/// (9–12 Gbit/s here), so that no configuration slows it.
+pub const RATE_GBPS: f64 = 4.0;
+
+/// One window of traffic beside one configuration.
+#[derive(Debug, Clone)]
+pub struct Window {
+    pub config: Config,
+    /// Its length (s).
+    pub secs: f64,
+    /// CPU seconds the machine was busy in it, all CPUs together, the host's steal left out.
+    pub busy_s: f64,
+    /// CPU seconds the host took from the machine's CPUs in it (steal).
+    pub steal_s: f64,
+    /// Bytes the peer's eth0 received in it.
+    pub bytes: u64,
+}
+
+impl Window {
+    pub fn gbps(&self) -> f64 {
+        self.bytes as f64 * 8.0 / 1e9 / self.secs.max(1e-9)
+    }
+
+    /// The machine's busy CPU seconds per GB received.
+    pub fn cpu_s_per_gb(&self) -> f64 {
+        self.busy_s / (self.bytes as f64 / 1e9).max(1e-9)
+    }
+}
+
+pub struct Results {
+    pub window_s: u32,
+    pub cycles: usize,
+    /// The configurations compared with the baseline, in their order within a cycle.
+    pub configs: Vec<Config>,
+    /// Every window, in the order they ran (a baseline between every two others).
+    pub windows: Vec<Window>,
+}
+
+/// For each window of `c`: its CPU per GB over the mean of the baseline windows next to it,
+/// as the extra CPU in %.
+pub fn extra_pcts(windows: &[Window], c: Config) -> Vec<f64> {
+    windows
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.config == c)
+        .filter_map(|(i, w)| {
+            let around: Vec<f64> = [i.checked_sub(1), Some(i + 1)]
+                .into_iter()
+                .flatten()
+                .filter_map(|j| windows.get(j))
+                .filter(|b| b.config == Config::Baseline)
+                .map(Window::cpu_s_per_gb)
+                .collect();
+            if around.is_empty() {
+                return None;
+            }
+            let base = around.iter().sum::<f64>() / around.len() as f64;
+            Some((w.cpu_s_per_gb() / base - 1.0) * 100.0)
+        })
+        .collect()
+}
+
+/// The order of the windows: a baseline, then each configuration followed by a baseline,
+/// `cycles` times.
+pub fn window_order(configs: &[Config], cycles: usize) -> Vec<Config> {
+    let mut order = vec![Config::Baseline];
+    for _ in 0..cycles {
+        for c in configs {
+            order.push(*c);
+            order.push(Config::Baseline);
+        }
+    }
+    order
+}
+
+impl Results {
+    fn of(&self, c: Config) -> impl Iterator<Item = &Window> {
+        self.windows.iter().filter(move |w| w.config == c)
+    }
+
+    /// The extra CPU per GB of `c`'s windows over the baselines around them (%).
+    pub fn extra(&self, c: Config) -> Option<Stat> {
+        Stat::of(&extra_pcts(&self.windows, c))
+    }
+
+    pub fn cpu_per_gb(&self, c: Config) -> Option<Stat> {
+        Stat::of(&self.of(c).map(Window::cpu_s_per_gb).collect::<Vec<_>>())
+    }
+
+    pub fn gbps(&self, c: Config) -> Option<Stat> {
+        Stat::of(&self.of(c).map(Window::gbps).collect::<Vec<_>>())
+    }
+
+    pub fn steal(&self, c: Config) -> Option<Stat> {
+        Stat::of(&self.of(c).map(|w| w.steal_s).collect::<Vec<_>>())
+    }
+
+    /// The floor measured here (TCX's hook alone, or clsact's where TCX is missing).
+    pub fn floor(&self) -> Option<Config> {
+        self.configs
+            .iter()
+            .copied()
+            .find(|c| matches!(c, Config::TcxHookAlone | Config::TcHookAlone))
+    }
+
+    pub fn to_json(&self) -> Value {
+        let st = |x: Option<Stat>, d: i32| x.map(|s| s.to_json(d));
+        let configs: Vec<Value> = [Config::Baseline]
+            .iter()
+            .chain(&self.configs)
+            .map(|c| {
+                json!({
+                    "config": c.key(),
+                    "command": c.label(),
+                    "gbps": st(self.gbps(*c), 3),
+                    "cpu_s_per_gb": st(self.cpu_per_gb(*c), 4),
+                    "extra_cpu_pct_over_baseline": st(self.extra(*c), 2),
+                    "steal_s": st(self.steal(*c), 2),
+                })
+            })
+            .collect();
+        json!({
+            "rate_gbps": RATE_GBPS,
+            "window_s": self.window_s,
+            "cycles": self.cycles,
+            "method": "one iperf3 TCP flow at a fixed rate for the whole section; the configurations take turns beside it in windows, a baseline window between every two; per window the machine's busy CPU seconds (user+nice+system+irq+softirq of all CPUs, /proc/stat, steal left out) per GB the peer's eth0 received; each window of a configuration over the mean of the baseline windows on either side of it",
+            "configs": configs,
+            "windows": self.windows.iter().map(|w| json!({
+                "config": w.config.key(),
+                "secs": (w.secs * 1000.0).round() / 1000.0,
+                "busy_s": (w.busy_s * 100.0).round() / 100.0,
+                "steal_s": (w.steal_s * 100.0).round() / 100.0,
+                "bytes": w.bytes,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// The report's section.
+    pub fn markdown(&self) -> String {
+        let mut s = format!(
+            "\n## Idle cost at a fixed rate\n\nThe throughput ratios above wander with the machine (a baseline run moves by ±10 % between runs) by more than an idle session's cost, and the path is not CPU-bound, so a cost shows in its throughput only in part. Here the cost itself: one iperf3 TCP flow {POD} → {PEER} at a fixed {RATE_GBPS} Gbit/s runs through the whole section, and the configurations take turns beside it in {} s windows, a baseline window (nothing attached) between every two, {} cycle(s). Per window: the machine's busy CPU time (user, nice, system, irq and softirq of all CPUs, from /proc/stat; the host's steal left out) per GB {PEER}'s eth0 received. Extra CPU: each window of a configuration over the mean of the baseline windows on either side of it, then min / **median** / max. A session's window starts once it has settled as one left on does (its route lookup and transmit hooks gone); a floor's a second after its hooks are on.\n\n| configuration | windows | Gbit/s | CPU s per GB | extra CPU per GB over the baselines around it | steal (s per window) |\n|---|---:|---:|---:|---:|---:|\n",
+            self.window_s, self.cycles
+        );
+        let show = |x: Option<Stat>, f: &dyn Fn(f64) -> String| {
+            x.map(|s| s.show(f)).unwrap_or_else(|| "–".into())
+        };
+        for c in [Config::Baseline].iter().chain(&self.configs) {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                c.label(),
+                self.of(*c).count(),
+                show(self.gbps(*c), &|x| format!("{x:.2}")),
+                show(self.cpu_per_gb(*c), &|x| format!("{x:.3}")),
+                if *c == Config::Baseline {
+                    "–".into()
+                } else {
+                    show(self.extra(*c), &|x| format!("{x:+.1} %"))
+                },
+                show(self.steal(*c), &|x| format!("{x:.2}")),
+            ));
+        }
+        let slow: Vec<&Window> = self
+            .windows
+            .iter()
+            .filter(|w| w.gbps() < RATE_GBPS * 0.95)
+            .collect();
+        if !slow.is_empty() {
+            s.push_str(&format!(
+                "\n{} of the {} windows carried less than 95 % of the rate (their CPU per GB is still their cost; the path was slower then): {}.\n",
+                slow.len(),
+                self.windows.len(),
+                slow.iter()
+                    .map(|w| format!("{} {:.2} Gbit/s", w.config.key(), w.gbps()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        s
+    }
+}
+
+/// The machine's (busy, steal) CPU seconds since boot, all CPUs together, from /proc/stat.
+fn cpu_times() -> Result<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    parse_cpu_line(stat.lines().next().unwrap_or_default())
+        .context("/proc/stat has no cpu line")
+        .map(|(busy, steal)| {
+            // SAFETY: sysconf has no preconditions.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+            (busy as f64 / hz, steal as f64 / hz)
+        })
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal guest guest_nice` → (user + nice +
+/// system + irq + softirq, steal) in ticks (guest time is part of user already).
+pub fn parse_cpu_line(line: &str) -> Option<(u64, u64)> {
+    let mut it = line.split_whitespace();
+    if it.next()? != "cpu" {
+        return None;
+    }
+    let v: Vec<u64> = it.map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    if v.len() < 8 {
+        return None;
+    }
+    Some((v[0] + v[1] + v[2] + v[5] + v[6], v[7]))
+}
+
+/// The bytes `dev` received, from `/proc/net/dev` as seen from the network namespace at
+/// `ns` (read on a thread of its own that enters it).
+fn rx_bytes(ns: &str, dev: &str) -> Result<u64> {
+    let (ns, dev) = (ns.to_owned(), dev.to_owned());
+    std::thread::spawn(move || -> Result<u64> {
+        let f = std::fs::File::open(&ns).with_context(|| format!("opening {ns}"))?;
+        // SAFETY: setns on a namespace file this thread holds open; the thread ends after.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("entering {ns}: {}", std::io::Error::last_os_error());
+        }
+        let text = std::fs::read_to_string("/proc/thread-self/net/dev")
+            .context("reading /proc/thread-self/net/dev")?;
+        parse_rx_bytes(&text, &dev).with_context(|| format!("{dev} is not in {ns}"))
+    })
+    .join()
+    .map_err(|_| anyhow!("the thread reading {} panicked", "/proc/net/dev"))?
+}
+
+/// A device's received bytes in the text of `/proc/net/dev`.
+pub fn parse_rx_bytes(text: &str, dev: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (name, rest) = l.split_once(':')?;
+        (name.trim() == dev).then(|| rest.split_whitespace().next()?.parse().ok())?
+    })
+}
+
+pub fn measure(ctx: &Ctx, cycles: usize, window_s: u32) -> Result<Results> {
+    let floor = if Config::TcxHookAlone.runs_here() {
+        Config::TcxHookAlone
+    } else {
+        Config::TcHookAlone
+    };
+    let configs = vec![Config::FollowOtherPort, floor, Config::FollowOtherPeer];
+    let order = window_order(&configs, cycles);
+    eprintln!(
+        "bench: idle cost at a fixed rate, iperf3 TCP {POD} → {PEER} at {RATE_GBPS} Gbit/s, {} windows of {window_s} s",
+        order.len()
+    );
+    let _server = overhead::iperf_server(ctx)?;
+    let mut client = ctx.lab.spawn_in(
+        "iperf3 client (fixed rate)",
+        POD,
+        &[
+            "iperf3".into(),
+            "-c".into(),
+            DST_IP.into(),
+            "-t".into(),
+            "86400".into(),
+            "-b".into(),
+            format!("{RATE_GBPS}G"),
+        ],
+    )?;
+    let ns = format!("/run/netns/{}{PEER}", ctx.lab.prefix);
+    // The flow's start (connection, slow start) before the first window.
+    proc::sleep(Duration::from_secs(2))?;
+    let mut windows = Vec::new();
+    for (i, c) in order.iter().enumerate() {
+        ctx.scratch.clear()?;
+        let attached =
+            overhead::attach(ctx, *c).with_context(|| format!("starting {}", c.key()))?;
+        proc::sleep(Duration::from_secs(1))?;
+        if let Some(exit) = client.try_reap() {
+            bail!(
+                "the fixed-rate iperf3 client ended ({}): {}",
+                exit.describe(),
+                proc::last_lines(&client.text(Stream::Err), 3)
+            );
+        }
+        let (busy0, steal0) = cpu_times()?;
+        let rx0 = rx_bytes(&ns, "eth0")?;
+        let t0 = Instant::now();
+        proc::sleep(Duration::from_secs(window_s as u64))?;
+        let (busy1, steal1) = cpu_times()?;
+        let rx1 = rx_bytes(&ns, "eth0")?;
+        let w = Window {
+            config: *c,
+            secs: t0.elapsed().as_secs_f64(),
+            busy_s: busy1 - busy0,
+            steal_s: steal1 - steal0,
+            bytes: rx1.saturating_sub(rx0),
+        };
+        let mut run = overhead::Run::default();
+        overhead::detach(attached, &mut run).with_context(|| format!("stopping {}", c.key()))?;
+        eprintln!(
+            "bench:   window {}/{} {:<26} {:5.2} Gbit/s, {:.3} CPU s per GB, steal {:.2} s",
+            i + 1,
+            order.len(),
+            c.key(),
+            w.gbps(),
+            w.cpu_s_per_gb(),
+            w.steal_s
+        );
+        windows.push(w);
+    }
+    drop(client);
+    Ok(Results {
+        window_s,
+        cycles,
+        configs,
+        windows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(config: Config, busy_s: f64, gb: f64) -> Window {
+        Window {
+            config,
+            secs: 8.0,
+            busy_s,
+            steal_s: 0.0,
+            bytes: (gb * 1e9) as u64,
+        }
+    }
+
+    #[test]
+    fn a_window_is_judged_against_the_baseline_windows_around_it() {
+        let b = Config::Baseline;
+        let x = Config::FollowOtherPort;
+        let ws = [
+            w(b, 10.0, 5.0), // 2.0 s/GB
+            w(x, 11.0, 5.0), // 2.2: over (2.0 + 2.4) / 2
+            w(b, 12.0, 5.0), // 2.4
+            w(Config::TcxHookAlone, 2.4, 1.0),
+            w(b, 12.0, 5.0),
+            w(x, 4.4, 2.0), // 2.2 over 2.4, no baseline after it
+        ];
+        let e = extra_pcts(&ws, x);
+        assert_eq!(e.len(), 2);
+        assert!(e[0].abs() < 1e-9, "{e:?}");
+        assert!((e[1] - (2.2 / 2.4 - 1.0) * 100.0).abs() < 1e-9, "{e:?}");
+        assert_eq!(extra_pcts(&ws, Config::TcxHookAlone), vec![0.0]);
+        assert!(extra_pcts(&ws, Config::FollowOtherPeer).is_empty());
+    }
+
+    #[test]
+    fn every_window_has_a_baseline_on_each_side() {
+        let configs = [Config::FollowOtherPort, Config::TcxHookAlone];
+        let order = window_order(&configs, 3);
+        assert_eq!(order.len(), 1 + 3 * 2 * 2);
+        for (i, c) in order.iter().enumerate() {
+            if *c != Config::Baseline {
+                assert_eq!(order[i - 1], Config::Baseline);
+                assert_eq!(order[i + 1], Config::Baseline);
+            }
+        }
+        assert_eq!(
+            order
+                .iter()
+                .filter(|c| **c == Config::FollowOtherPort)
+                .count(),
+            3
+        );
+    }
+
+    #[test]
+    fn proc_parsers() {
+        assert_eq!(
+            parse_cpu_line("cpu  100 5 50 1000 7 3 20 9 4 0"),
+            Some((178, 9))
+        );
+        assert_eq!(parse_cpu_line("cpu0 1 2 3 4 5 6 7 8"), None);
+        assert_eq!(parse_cpu_line("cpu  1 2 x"), None);
+        let dev = "Inter-|   Receive\n face |bytes    packets\n    lo:       0       0    0    0\n  eth0: 123456789  4242    0    0\n";
+        assert_eq!(parse_rx_bytes(dev, "eth0"), Some(123_456_789));
+        assert_eq!(parse_rx_bytes(dev, "lo"), Some(0));
+        assert_eq!(parse_rx_bytes(dev, "eth1"), None);
+    }
+}
