@@ -10,9 +10,10 @@
 //!    in interleaved rounds; each run's ratio against the baselines around it; then the
 //!    kernel's own cost of each podtrace program, from more runs with its statistics on
 //!    (they slow every program run) ([`overhead`], [`bpfstats`]).
-//! 4. Idle cost at a fixed rate: the machine's CPU per GB of a fixed-rate flow with an idle
-//!    `follow` (and the floor) beside it, in windows that take turns with baselines
-//!    ([`idlecost`]).
+//! 4. Idle sessions in paired windows: an idle `follow --port 9` and the TCX floor take turns
+//!    with nothing attached beside one iperf3 flow, in many short windows; their throughput
+//!    and CPU per GB over the baseline windows around them, and the interval of the median,
+//!    on which the idle throughput goal is judged ([`idlecost`]).
 //! 5. Lossless capture rate: a stepped UDP rate sweep for podtrace and tcpdump ([`sweep`]).
 //! 6. Peak RSS of the capturing processes (from all of the above), and the goals met or not
 //!    ([`goals`]).
@@ -74,11 +75,11 @@ pub struct BenchArgs {
     /// Seconds per iperf3 run [default: 10; --quick: 3].
     #[arg(long)]
     tcp_seconds: Option<u32>,
-    /// Cycles of the fixed-rate idle-cost windows (each: the idle `follow`s and the floor,
-    /// a baseline window between every two) [default: 8; --quick: 1].
+    /// Cycles of the paired windows (each: an idle `follow --port 9` and the TCX floor, each
+    /// after a baseline window) [default: 20; --quick: 2].
     #[arg(long)]
     idle_cycles: Option<usize>,
-    /// Seconds per fixed-rate idle-cost window [default: 6; --quick: 2].
+    /// Seconds per paired window [default: 5; --quick: 2].
     #[arg(long)]
     idle_seconds: Option<u32>,
     /// Seconds of traffic per step of the lossless-rate sweep [default: 3; --quick: 1].
@@ -203,6 +204,55 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// An interval that holds a median with the confidence given.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Interval {
+    pub low: f64,
+    pub high: f64,
+    /// The probability that the interval holds the true median (0..1).
+    pub confidence: f64,
+}
+
+impl Interval {
+    /// `low–high (C %)`.
+    pub fn show(self, f: impl Fn(f64) -> String) -> String {
+        format!(
+            "{}–{} ({:.1} %)",
+            f(self.low),
+            f(self.high),
+            (self.confidence * 1000.0).floor() / 10.0
+        )
+    }
+}
+
+/// The distribution-free interval for the median of the finite values of `v` (order
+/// statistics): from the k-th smallest to the k-th largest, k the largest for which the
+/// chance that fewer than k of n samples fall below the median, 2⁻ⁿ·Σ_{i<k} C(n, i), is at most
+/// 2.5 % (so the confidence is at least 95 %), and k = 1 (the range, a lower confidence) for
+/// fewer than 6 samples. None for fewer than 2.
+pub fn median_interval(v: &[f64]) -> Option<Interval> {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    let n = v.len();
+    if n < 2 {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    // tail[k] = P(Binomial(n, ½) < k).
+    let mut tail = vec![0.0f64];
+    let mut c = 1.0f64; // C(n, i)
+    let half_n = 0.5f64.powi(n as i32);
+    for i in 0..n {
+        tail.push(tail[i] + c * half_n);
+        c = c * (n - i) as f64 / (i + 1) as f64;
+    }
+    let k = (1..=n / 2).rev().find(|k| tail[*k] <= 0.025).unwrap_or(1);
+    Some(Interval {
+        low: v[k - 1],
+        high: v[n - k],
+        confidence: 1.0 - 2.0 * tail[k],
+    })
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.helper {
         Some(Helper::UdpSend {
@@ -231,8 +281,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let tcp_seconds = args.tcp_seconds.unwrap_or(if q { 3 } else { 10 });
     let step_seconds = args.step_seconds.unwrap_or(if q { 1.0 } else { 3.0 });
     let agent_runs = args.agent_runs.unwrap_or(if q { 2 } else { 7 });
-    let idle_cycles = args.idle_cycles.unwrap_or(if q { 1 } else { 8 });
-    let idle_seconds = args.idle_seconds.unwrap_or(if q { 2 } else { 6 });
+    let idle_cycles = args.idle_cycles.unwrap_or(if q { 2 } else { 20 });
+    let idle_seconds = args.idle_seconds.unwrap_or(if q { 2 } else { 5 });
     if [
         attach_runs,
         tcp_runs,
@@ -385,5 +435,25 @@ mod tests {
         let one = Stat::of(&[0.0, 0.0]).unwrap();
         assert_eq!(one.show(|x| format!("{x:.0}")), "0");
         assert_eq!(s.to_json(0)["median"], serde_json::json!(3.0));
+    }
+
+    #[test]
+    fn median_intervals_from_order_statistics() {
+        assert_eq!(median_interval(&[1.0]), None);
+        // 5 samples: the range, which holds the median with 1 − 2/32.
+        let i = median_interval(&[5.0, 1.0, 3.0, 2.0, 4.0]).unwrap();
+        assert_eq!((i.low, i.high), (1.0, 5.0));
+        assert!((i.confidence - 0.9375).abs() < 1e-12);
+        // 10 samples: P(B(10, ½) < 2) = 11/1024 ≤ 2.5 % < P(< 3) = 56/1024: the 2nd and 9th.
+        let v: Vec<f64> = (1..=10).map(f64::from).rev().collect();
+        let i = median_interval(&v).unwrap();
+        assert_eq!((i.low, i.high), (2.0, 9.0));
+        assert!((i.confidence - (1.0 - 22.0 / 1024.0)).abs() < 1e-12);
+        // 20 samples: P(B(20, ½) < 6) = 21700/2^20 ≈ 2.07 %: the 6th and 15th.
+        let v: Vec<f64> = (1..=20).map(f64::from).collect();
+        let i = median_interval(&v).unwrap();
+        assert_eq!((i.low, i.high), (6.0, 15.0));
+        assert!(i.confidence >= 0.95);
+        assert_eq!(i.show(|x| format!("{x:.0}")), "6–15 (95.8 %)");
     }
 }

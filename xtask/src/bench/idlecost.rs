@@ -1,18 +1,16 @@
-//! Idle cost at a fixed rate: what a session left on costs the machine, as CPU time per GB of
-//! traffic, rather than as throughput.
+//! Idle sessions in paired windows: many more samples of what an idle `follow` costs than
+//! the interleaved runs of [`super::overhead`] give, from one iperf3 flow that runs through the
+//! whole section.
 //!
-//! The throughput ratios of [`super::overhead`] are the goals' figures, but on a 2-core VM a
-//! full-speed iperf3 run wanders by ±10 % from one run to the next (the host's load), more
-//! than the few % an idle session may cost, and the path is not CPU-bound (its CPUs idle a
-//! quarter of the time), so a cost shows in throughput only in part. Here one iperf3 flow runs
-//! at a fixed rate the path carries with room to spare, for the whole section, and the
-//! configurations take turns beside it in windows, a baseline window (nothing attached)
-//! between every two: each window's figure is the machine's busy CPU time (user, nice, system,
-//! irq, softirq of all CPUs, from /proc/stat; the host's steal left out) per GB the peer
-//! received, and each configuration's window is compared with the mean of the baseline
-//! windows on either side of it. The traffic does not stop between windows (no slow start,
-//! no connection set-up in a window), and a session's window starts only after it has settled
-//! as a session left on does (its idle hooks gone).
+//! On a 2-core VM a full-speed iperf3 figure moves by ±8 % from one 4 s window to the next,
+//! around baselines that move as much, so an idle session's cost of a few % needs tens of
+//! paired samples, not 5. Here the flow never stops (no connection set-up or slow start in a
+//! window), and the configurations take turns beside it in windows with a baseline window
+//! (nothing attached) between every two. Per window: the throughput the peer's eth0 received,
+//! and the machine's busy CPU time (user, nice, system, irq, softirq of all CPUs, from
+//! /proc/stat; the host's steal left out) per GB of it. Each configuration's window is
+//! compared with the mean of the baseline windows on either side of it. A session's window
+//! starts only once it has settled as a session left on does (its idle hooks gone).
 use std::{
     os::fd::AsRawFd as _,
     time::{Duration, Instant},
@@ -26,10 +24,6 @@ use super::{
     proc::{self, Stream},
     Ctx, Stat, DST_IP, PEER, POD,
 };
-
-/// The fixed rate, in Gbit/s: well below what the path carries with nothing attached
-/// (9–12 Gbit/s here), so that no configuration slows it.
-pub const RATE_GBPS: f64 = 4.0;
 
 /// One window of traffic beside one configuration.
 #[derive(Debug, Clone)]
@@ -65,9 +59,8 @@ pub struct Results {
     pub windows: Vec<Window>,
 }
 
-/// For each window of `c`: its CPU per GB over the mean of the baseline windows next to it,
-/// as the extra CPU in %.
-pub fn extra_pcts(windows: &[Window], c: Config) -> Vec<f64> {
+/// For each window of `c`: `f` of it over the mean of `f` of the baseline windows next to it.
+fn paired(windows: &[Window], c: Config, f: impl Fn(&Window) -> f64) -> Vec<f64> {
     windows
         .iter()
         .enumerate()
@@ -78,14 +71,28 @@ pub fn extra_pcts(windows: &[Window], c: Config) -> Vec<f64> {
                 .flatten()
                 .filter_map(|j| windows.get(j))
                 .filter(|b| b.config == Config::Baseline)
-                .map(Window::cpu_s_per_gb)
+                .map(&f)
                 .collect();
             if around.is_empty() {
                 return None;
             }
             let base = around.iter().sum::<f64>() / around.len() as f64;
-            Some((w.cpu_s_per_gb() / base - 1.0) * 100.0)
+            Some(f(w) / base)
         })
+        .collect()
+}
+
+/// For each window of `c`: its throughput over the mean of the baseline windows next to it.
+pub fn ratios(windows: &[Window], c: Config) -> Vec<f64> {
+    paired(windows, c, Window::gbps)
+}
+
+/// For each window of `c`: its CPU per GB over the mean of the baseline windows next to it,
+/// as the extra CPU in %.
+pub fn extra_pcts(windows: &[Window], c: Config) -> Vec<f64> {
+    paired(windows, c, Window::cpu_s_per_gb)
+        .into_iter()
+        .map(|r| (r - 1.0) * 100.0)
         .collect()
 }
 
@@ -105,6 +112,11 @@ pub fn window_order(configs: &[Config], cycles: usize) -> Vec<Config> {
 impl Results {
     fn of(&self, c: Config) -> impl Iterator<Item = &Window> {
         self.windows.iter().filter(move |w| w.config == c)
+    }
+
+    /// The throughput of `c`'s windows over the baselines around them.
+    pub fn ratios(&self, c: Config) -> Vec<f64> {
+        ratios(&self.windows, c)
     }
 
     /// The extra CPU per GB of `c`'s windows over the baselines around them (%).
@@ -142,6 +154,8 @@ impl Results {
                     "config": c.key(),
                     "command": c.label(),
                     "gbps": st(self.gbps(*c), 3),
+                    "ratio_of_baseline": st(Stat::of(&self.ratios(*c)), 3),
+                    "ratio_of_baseline_median_interval": super::median_interval(&self.ratios(*c)).map(|i| json!({"low": i.low, "high": i.high, "confidence": i.confidence})),
                     "cpu_s_per_gb": st(self.cpu_per_gb(*c), 4),
                     "extra_cpu_pct_over_baseline": st(self.extra(*c), 2),
                     "steal_s": st(self.steal(*c), 2),
@@ -149,10 +163,9 @@ impl Results {
             })
             .collect();
         json!({
-            "rate_gbps": RATE_GBPS,
             "window_s": self.window_s,
             "cycles": self.cycles,
-            "method": "one iperf3 TCP flow at a fixed rate for the whole section; the configurations take turns beside it in windows, a baseline window between every two; per window the machine's busy CPU seconds (user+nice+system+irq+softirq of all CPUs, /proc/stat, steal left out) per GB the peer's eth0 received; each window of a configuration over the mean of the baseline windows on either side of it",
+            "method": "one iperf3 TCP flow at full speed for the whole section; the configurations take turns beside it in windows, a baseline window between every two; per window the throughput the peer's eth0 received and the machine's busy CPU seconds (user+nice+system+irq+softirq of all CPUs, /proc/stat, steal left out) per GB of it; each window of a configuration over the mean of the baseline windows on either side of it",
             "configs": configs,
             "windows": self.windows.iter().map(|w| json!({
                 "config": w.config.key(),
@@ -167,41 +180,34 @@ impl Results {
     /// The report's section.
     pub fn markdown(&self) -> String {
         let mut s = format!(
-            "\n## Idle cost at a fixed rate\n\nThe throughput ratios above wander with the machine (a baseline run moves by ±10 % between runs) by more than an idle session's cost, and the path is not CPU-bound, so a cost shows in its throughput only in part. Here the cost itself: one iperf3 TCP flow {POD} → {PEER} at a fixed {RATE_GBPS} Gbit/s runs through the whole section, and the configurations take turns beside it in {} s windows, a baseline window (nothing attached) between every two, {} cycle(s). Per window: the machine's busy CPU time (user, nice, system, irq and softirq of all CPUs, from /proc/stat; the host's steal left out) per GB {PEER}'s eth0 received. Extra CPU: each window of a configuration over the mean of the baseline windows on either side of it, then min / **median** / max. A session's window starts once it has settled as one left on does (its route lookup and transmit hooks gone); a floor's a second after its hooks are on.\n\n| configuration | windows | Gbit/s | CPU s per GB | extra CPU per GB over the baselines around it | steal (s per window) |\n|---|---:|---:|---:|---:|---:|\n",
+            "\n## Idle sessions in paired windows\n\nA full-speed iperf3 figure on this machine moves by several % from one window to the next, around baselines that move as much: the 5 interleaved runs above cannot place an idle session's cost of a few % on either side of a goal. Here more samples: one iperf3 TCP flow {POD} → {PEER} at full speed runs through the whole section, and the configurations take turns beside it in {} s windows, a baseline window (nothing attached) between every two, {} cycle(s). Per window: the throughput {PEER}'s eth0 received, and the machine's busy CPU time (user, nice, system, irq and softirq of all CPUs, from /proc/stat; the host's steal left out) per GB of it. × baseline and extra CPU: each window of a configuration over the mean of the baseline windows on either side of it, then min / **median** / max, and the interval that holds the median with ≥ 95 % confidence (order statistics, no assumption on the noise's shape). A session's window starts once it has settled as one left on does (its route lookup and transmit hooks gone); a floor's a second after its hooks are on.\n\n| configuration | windows | Gbit/s | × baseline | median's interval | CPU s per GB | extra CPU per GB | steal (s per window) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
             self.window_s, self.cycles
         );
         let show = |x: Option<Stat>, f: &dyn Fn(f64) -> String| {
             x.map(|s| s.show(f)).unwrap_or_else(|| "–".into())
         };
         for c in [Config::Baseline].iter().chain(&self.configs) {
+            let base = *c == Config::Baseline;
+            let ratios = self.ratios(*c);
+            let paired = |v: String| if base { "–".to_owned() } else { v };
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 c.label(),
                 self.of(*c).count(),
                 show(self.gbps(*c), &|x| format!("{x:.2}")),
-                show(self.cpu_per_gb(*c), &|x| format!("{x:.3}")),
-                if *c == Config::Baseline {
-                    "–".into()
+                if base {
+                    "1".into()
                 } else {
-                    show(self.extra(*c), &|x| format!("{x:+.1} %"))
+                    show(Stat::of(&ratios), &|x| format!("{x:.3}"))
                 },
+                paired(
+                    super::median_interval(&ratios)
+                        .map(|i| i.show(|x| format!("{x:.3}")))
+                        .unwrap_or_else(|| "–".into())
+                ),
+                show(self.cpu_per_gb(*c), &|x| format!("{x:.3}")),
+                paired(show(self.extra(*c), &|x| format!("{x:+.1} %"))),
                 show(self.steal(*c), &|x| format!("{x:.2}")),
-            ));
-        }
-        let slow: Vec<&Window> = self
-            .windows
-            .iter()
-            .filter(|w| w.gbps() < RATE_GBPS * 0.95)
-            .collect();
-        if !slow.is_empty() {
-            s.push_str(&format!(
-                "\n{} of the {} windows carried less than 95 % of the rate (their CPU per GB is still their cost; the path was slower then): {}.\n",
-                slow.len(),
-                self.windows.len(),
-                slow.iter()
-                    .map(|w| format!("{} {:.2} Gbit/s", w.config.key(), w.gbps()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
             ));
         }
         s
@@ -266,15 +272,17 @@ pub fn measure(ctx: &Ctx, cycles: usize, window_s: u32) -> Result<Results> {
     } else {
         Config::TcHookAlone
     };
-    let configs = vec![Config::FollowOtherPort, floor, Config::FollowOtherPeer];
+    // The goal that the interleaved runs leave closest to its line, and its floor. (The other
+    // peer's session probes fewer hops and is judged on the runs.)
+    let configs = vec![Config::FollowOtherPort, floor];
     let order = window_order(&configs, cycles);
     eprintln!(
-        "bench: idle cost at a fixed rate, iperf3 TCP {POD} → {PEER} at {RATE_GBPS} Gbit/s, {} windows of {window_s} s",
+        "bench: idle sessions in paired windows, iperf3 TCP {POD} → {PEER}, {} windows of {window_s} s",
         order.len()
     );
     let _server = overhead::iperf_server(ctx)?;
     let mut client = ctx.lab.spawn_in(
-        "iperf3 client (fixed rate)",
+        "iperf3 client (windows)",
         POD,
         &[
             "iperf3".into(),
@@ -282,8 +290,6 @@ pub fn measure(ctx: &Ctx, cycles: usize, window_s: u32) -> Result<Results> {
             DST_IP.into(),
             "-t".into(),
             "86400".into(),
-            "-b".into(),
-            format!("{RATE_GBPS}G"),
         ],
     )?;
     let ns = format!("/run/netns/{}{PEER}", ctx.lab.prefix);
@@ -297,7 +303,7 @@ pub fn measure(ctx: &Ctx, cycles: usize, window_s: u32) -> Result<Results> {
         proc::sleep(Duration::from_secs(1))?;
         if let Some(exit) = client.try_reap() {
             bail!(
-                "the fixed-rate iperf3 client ended ({}): {}",
+                "the iperf3 client of the windows ended ({}): {}",
                 exit.describe(),
                 proc::last_lines(&client.text(Stream::Err), 3)
             );
@@ -318,13 +324,18 @@ pub fn measure(ctx: &Ctx, cycles: usize, window_s: u32) -> Result<Results> {
         let mut run = overhead::Run::default();
         overhead::detach(attached, &mut run).with_context(|| format!("stopping {}", c.key()))?;
         eprintln!(
-            "bench:   window {}/{} {:<26} {:5.2} Gbit/s, {:.3} CPU s per GB, steal {:.2} s",
+            "bench:   window {}/{} {:<26} {:5.2} Gbit/s, {:.3} CPU s per GB, steal {:.2} s{}",
             i + 1,
             order.len(),
             c.key(),
             w.gbps(),
             w.cpu_s_per_gb(),
-            w.steal_s
+            w.steal_s,
+            windows
+                .last()
+                .filter(|_| *c != Config::Baseline)
+                .map(|b: &Window| format!(" ({:.3}× the baseline before it)", w.gbps() / b.gbps()))
+                .unwrap_or_default()
         );
         windows.push(w);
     }
