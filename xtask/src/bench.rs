@@ -10,10 +10,10 @@
 //!    in interleaved rounds; each run's ratio against the baselines around it; then the
 //!    kernel's own cost of each podtrace program, from more runs with its statistics on
 //!    (they slow every program run) ([`overhead`], [`bpfstats`]).
-//! 4. Idle sessions in paired windows: an idle `follow --port 9` and the TCX floor take turns
+//! 4. Idle sessions in paired windows: the two idle `follow`s and the TCX floor take turns
 //!    with nothing attached beside one iperf3 flow, in many short windows; their throughput
 //!    and CPU per GB over the baseline windows around them, and the interval of the median,
-//!    on which the idle throughput goal is judged ([`idlecost`]).
+//!    on which the idle throughput goals are judged ([`idlecost`]).
 //! 5. Lossless capture rate: a stepped UDP rate sweep for podtrace and tcpdump ([`sweep`]).
 //! 6. Peak RSS of the capturing processes (from all of the above), and the goals met or not
 //!    ([`goals`]).
@@ -75,8 +75,8 @@ pub struct BenchArgs {
     /// Seconds per iperf3 run [default: 10; --quick: 3].
     #[arg(long)]
     tcp_seconds: Option<u32>,
-    /// Cycles of the paired windows (each: an idle `follow --port 9` and the TCX floor, each
-    /// after a baseline window) [default: 20; --quick: 2].
+    /// Cycles of the paired windows (each: the idle `follow --port 9`, the TCX floor and the
+    /// idle `follow` of another peer, each after a baseline window) [default: 20; --quick: 2].
     #[arg(long)]
     idle_cycles: Option<usize>,
     /// Seconds per paired window [default: 5; --quick: 2].

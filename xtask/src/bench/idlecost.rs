@@ -272,9 +272,8 @@ pub fn measure(ctx: &Ctx, cycles: usize, window_s: u32) -> Result<Results> {
     } else {
         Config::TcHookAlone
     };
-    // The goal that the interleaved runs leave closest to its line, and its floor. (The other
-    // peer's session probes fewer hops and is judged on the runs.)
-    let configs = vec![Config::FollowOtherPort, floor];
+    // The two idle goals, and the floor under them.
+    let configs = vec![Config::FollowOtherPort, floor, Config::FollowOtherPeer];
     let order = window_order(&configs, cycles);
     eprintln!(
         "bench: idle sessions in paired windows, iperf3 TCP {POD} → {PEER}, {} windows of {window_s} s",

@@ -193,7 +193,7 @@ impl Results {
         // Goals.
         let _ = writeln!(
             s,
-            "## Goals (issue 14; the agent's from issue 15)\n\nFigures are min / **median** / max over the runs; a goal is judged on the median (comparisons with tcpdump round by round, then the median over the rounds).\n\n| figure | goal | measured | |\n|---|---|---|---|"
+            "## Goals (issue 14; the agent's from issue 15)\n\nFigures are min / **median** / max over the runs; a goal is judged on the median (comparisons with tcpdump round by round, then the median over the rounds), except the idle throughput goals: they are judged on the interval that holds the median of the paired windows (see \"Idle sessions in paired windows\"): met when it lies at or above the goal, not met when below, undecided (–) when it holds the goal.\n\n| figure | goal | measured | |\n|---|---|---|---|"
         );
         for g in self.goals() {
             let _ = writeln!(
